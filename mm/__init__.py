@@ -1,0 +1,1 @@
+"""Unified multimodal models: understanding + generation in one autoregressive LLM."""

@@ -1,0 +1,223 @@
+"""Typed configuration schemas.
+
+Every field has a type and a default here; YAML files in ``configs/`` and
+``a.b=c`` command-line overrides only change values. OmegaConf's structured
+mode rejects unknown keys and wrong types at load time, naming the key, so a
+typo fails at start instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+
+
+@dataclass
+class UndEncoderConfig:
+    """Understanding encoder: a vision tower + aligner into the LLM width."""
+
+    kind: str = "open_clip"  # key of mm.model.vision.UND_ENCODERS
+    # open_clip: either an architecture built from the fields below, or a named
+    # open_clip architecture (``open_clip_arch``) with weights from a local file.
+    open_clip_arch: str = ""
+    weights: str = ""  # local path (open_clip checkpoint file or HF directory); "" = random init
+    image_size: int = 8
+    patch_size: int = 2
+    width: int = 64
+    layers: int = 2
+    heads: int = 2
+    mlp_ratio: float = 2.0
+    in_channels: int = 3
+    mean: float = 0.5  # per-channel pixel normalisation applied to [0,1] images
+    std: float = 0.5
+    aligner_layers: int = 2  # 1 = Linear (JanusFlow), 2 = Linear-GELU-Linear (Janus)
+    freeze: bool = False
+
+
+@dataclass
+class AutoencoderConfig:
+    """Latent autoencoder of the generation path (frozen)."""
+
+    kind: str = "identity"  # key of mm.model.autoencoder.AUTOENCODERS
+    path: str = ""  # local diffusers AutoencoderKL directory for kind=diffusers_kl
+    image_size: int = 8  # pixel size of generated images
+    image_channels: int = 1
+    latent_channels: int = 1
+    downsample: int = 1  # pixels per latent cell
+    scaling_factor: float = 1.0  # overridden by the VAE's own config when loaded
+    dtype: str = "float32"  # SDXL-VAE overflows in fp16: use bfloat16 or float32
+
+
+@dataclass
+class GenCodecConfig:
+    """ConvNeXt-v2 generation encoder/decoder with FiLM time conditioning."""
+
+    channels: int = 64
+    patch_size: int = 2
+    encoder_blocks: int = 1
+    decoder_blocks: int = 1
+    time_freq_dim: int = 64  # sinusoidal embedding width of t*1000
+
+
+@dataclass
+class LLMConfig:
+    """Autoregressive backbone from ``transformers``."""
+
+    pretrained: str = ""  # local directory for from_pretrained; "" = from_config
+    model_type: str = "llama"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    vocab_size: int = 0  # embedding rows; 0 = the tokenizer's size (must be >= it otherwise)
+    attn_implementation: str = "sdpa"  # "sdpa" | "flash_attention_2" (GPU)
+    tokenizer: str = "configs/tokenizers/digits"  # local directory (tokenizer.json)
+
+
+@dataclass
+class FlowConfig:
+    """Rectified-flow head (t=0 noise, t=1 data, z_t = t*x1 + (1-t)*x0)."""
+
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    prompt_dropout: float = 0.1  # share of prompts replaced by pad (CFG)
+    sample_steps: int = 30
+    cfg_scale: float = 2.0
+    repa_layer: int = 2  # LLM hidden state after this many blocks
+    repa_weight: float = 1.0
+    repa_hidden: int = 256
+
+
+@dataclass
+class ModelConfig:
+    und: UndEncoderConfig = field(default_factory=UndEncoderConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    gen: GenCodecConfig = field(default_factory=GenCodecConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    text_loss_weight: float = 1.0
+    flow_loss_weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "data/shards/digits/train-{000000..000003}.tar"
+    heldout_shards: str = "data/shards/digits/heldout-000000.tar"
+    build_if_missing: bool = True  # build the bundled digits shards on first run
+    task_weights: dict[str, float] = field(default_factory=lambda: {"understanding": 1.0, "generation": 1.0})
+    seq_len: int = 128  # tokens per packed row
+    rows_per_batch: int = 8
+    shuffle_buffer: int = 512
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # key of mm.train.trainer.LR_SCHEDULES
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 disables the EMA copy
+    log_every: int = 25
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+
+
+@dataclass
+class EvalConfig:
+    vqa_limit: int = 0  # 0 = every held-out sample
+    t2i_per_digit: int = 50
+    grid_columns: int = 10
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    dir: str = ""  # "" = runs/<name>
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def run_dir(self) -> Path:
+        return resolve_path(self.run.dir or f"runs/{self.run.name}")
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or has a wrong type."""
+
+
+def resolve_path(path: str) -> Path:
+    """Relative paths in configs are relative to the repository root."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Schema defaults <- YAML file <- dotlist overrides, validated against the schema."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        layers.append(OmegaConf.load(path))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        layers.append(OmegaConf.from_dotlist(overrides))
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+    except OmegaConfBaseException as e:  # unknown key or wrong type
+        source = f" in {path}" if path else ""
+        raise ConfigError(f"invalid config{source}: {e}") from None
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field rules that types alone cannot express."""
+    m = cfg.model
+    und_grid = m.und.image_size // m.und.patch_size
+    gen_grid = m.autoencoder.image_size // m.autoencoder.downsample // m.gen.patch_size
+    if m.flow.repa_weight > 0 and und_grid != gen_grid:
+        raise ConfigError(
+            f"REPA needs the understanding grid ({und_grid}x{und_grid}) to equal the "
+            f"generation token grid ({gen_grid}x{gen_grid})"
+        )
+    if not 0 < m.flow.repa_layer <= m.llm.num_layers:
+        raise ConfigError(f"model.flow.repa_layer={m.flow.repa_layer} outside 1..{m.llm.num_layers}")
+    if m.llm.hidden_size % m.llm.num_heads:
+        raise ConfigError("model.llm.hidden_size must be divisible by model.llm.num_heads")
+    weights = cfg.data.task_weights
+    unknown = set(weights) - {"understanding", "generation"}
+    if unknown or sum(weights.values()) <= 0:
+        raise ConfigError(f"data.task_weights: unknown tasks {sorted(unknown)} or no positive weight")
+    if cfg.train.max_steps < 1:
+        raise ConfigError("train.max_steps must be >= 1")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,64 @@
+"""The LLM backbone: any ``transformers`` causal LM, driven through ``inputs_embeds``."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from mm.config import LLMConfig, resolve_path
+
+
+def build_llm(cfg: LLMConfig, vocab_size: int) -> PreTrainedModel:
+    """``from_pretrained`` a local directory, or ``from_config`` the shape fields.
+
+    ``vocab_size`` is the tokenizer's length (special tokens included); the
+    embedding table has max(vocab_size, cfg.vocab_size) rows.
+    """
+    if cfg.vocab_size and cfg.vocab_size < vocab_size:
+        raise ValueError(f"model.llm.vocab_size={cfg.vocab_size} < tokenizer size {vocab_size}")
+    vocab_size = max(vocab_size, cfg.vocab_size)
+    if cfg.pretrained:
+        path = resolve_path(cfg.pretrained)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model.llm.pretrained: no such directory {path}")
+        llm = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, attn_implementation=cfg.attn_implementation
+        )
+    else:
+        hf_cfg = AutoConfig.for_model(
+            cfg.model_type, vocab_size=vocab_size, hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+            tie_word_embeddings=False,
+        )  # fmt: skip
+        llm = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=cfg.attn_implementation)
+    if llm.get_input_embeddings().num_embeddings < vocab_size:  # special tokens were added
+        llm.resize_token_embeddings(vocab_size)
+    return llm
+
+
+def _cache_kwarg(decoder: torch.nn.Module) -> str:
+    # transformers renamed ``past_key_values`` to ``cache`` (5.2x); support both.
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def run_decoder(
+    decoder: torch.nn.Module,
+    embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    attn_kwargs: dict,
+    cache=None,
+    output_hidden_states: bool = False,
+):
+    """One decoder pass with explicit positions and attention inputs (never inferred)."""
+    kwargs = dict(attn_kwargs)
+    if cache is not None:
+        kwargs[_cache_kwarg(decoder)] = cache
+        kwargs["use_cache"] = True
+    else:
+        kwargs["use_cache"] = False
+    return decoder(inputs_embeds=embeds, position_ids=position_ids, output_hidden_states=output_hidden_states, **kwargs)

@@ -1,0 +1,266 @@
+"""The unified model: one LLM that reads images (text out) and draws them (rectified flow).
+
+Training forward on a packed batch (data/pack.py):
+  text ids -> token embeddings
+  und images -> understanding encoder -> aligner -> scattered at <image_placeholder>
+  gen images -> frozen autoencoder -> z_t = t*x1 + (1-t)*x0 -> gen encoder (FiLM t)
+             -> scattered at <gen_placeholder>; time embedding at <begin_of_generation>
+  -> LLM (block-diagonal causal attention over samples)
+  -> text CE on answer targets | gen decoder (long skip) -> velocity MSE | REPA cosine
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data.pack import collate
+from data.stream import SampleShapes
+from kernels.attention import block_causal_mask, packed_attention_inputs
+from mm.config import FlowConfig, ModelConfig
+from mm.model.autoencoder import build_autoencoder
+from mm.model.backbone import build_llm, run_decoder
+from mm.model.flow import cfg_combine, euler_sample, interpolate, sample_t, target_velocity
+from mm.model.gen_codec import GenDecoder, GenEncoder, TimeEmbedding
+from mm.model.vision import UnderstandingEncoder, mlp
+from mm.sequence import IGNORE, Vocab, generation_sample, scatter_placeholders, understanding_sample
+
+
+class UnifiedModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab: Vocab):
+        super().__init__()
+        self.cfg, self.vocab = cfg, vocab
+        self.llm = build_llm(cfg.llm, len(vocab))
+        d = self.llm.config.hidden_size
+        self.und = UnderstandingEncoder(cfg.und, d)
+        self.autoencoder = build_autoencoder(cfg.autoencoder)
+        ae = cfg.autoencoder
+        self.latent_shape = (ae.latent_channels, ae.image_size // ae.downsample, ae.image_size // ae.downsample)
+        self.time_embed = TimeEmbedding(cfg.gen.time_freq_dim, d)
+        self.gen_encoder = GenEncoder(cfg.gen, ae.latent_channels, d)
+        self.gen_decoder = GenDecoder(cfg.gen, ae.latent_channels, d)
+        self.repa_proj = mlp([d, cfg.flow.repa_hidden, cfg.flow.repa_hidden, self.und.tower.width])
+
+    # ---- shapes -----------------------------------------------------------------
+    @property
+    def gen_tokens_per_image(self) -> int:
+        return (self.latent_shape[1] // self.cfg.gen.patch_size) ** 2
+
+    def sample_shapes(self) -> SampleShapes:
+        u, ae = self.cfg.und, self.cfg.autoencoder
+        return SampleShapes(
+            und_size=u.image_size, und_channels=u.in_channels, und_tokens=self.und.tokens_per_image,
+            gen_size=ae.image_size, gen_channels=ae.image_channels, gen_tokens=self.gen_tokens_per_image,
+        )  # fmt: skip
+
+    @property
+    def backend(self) -> str:
+        return self.cfg.llm.attn_implementation
+
+    # ---- training -----------------------------------------------------------------
+    def add_flow_inputs(self, batch: dict, generator: torch.Generator) -> dict:
+        """Draw t, noise and prompt dropout for the batch's generation samples (seeded)."""
+        batch = dict(batch)
+        n = len(batch["gen_sample_ids"])
+        if n == 0:
+            return batch
+        f: FlowConfig = self.cfg.flow
+        batch["gen_t"] = sample_t(n, f.logit_normal_mean, f.logit_normal_std, generator)
+        batch["gen_noise"] = torch.randn((n, *self.latent_shape), generator=generator)
+        drop = torch.rand(n, generator=generator) < f.prompt_dropout
+        dropped = batch["gen_sample_ids"][drop]
+        if len(dropped):
+            hit = batch["prompt_mask"] & torch.isin(batch["sample_ids"], dropped)
+            batch["input_ids"] = batch["input_ids"].masked_fill(hit, self.vocab.pad)
+        return batch
+
+    def _embed(self, input_ids: torch.Tensor, und_images: torch.Tensor | None) -> torch.Tensor:
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        image_mask = input_ids == self.vocab.image
+        if und_images is not None or image_mask.any():
+            feats = self.und(und_images) if und_images is not None else embeds.new_zeros(0, embeds.shape[-1])
+            embeds = scatter_placeholders(embeds, image_mask, feats.flatten(0, 1), "understanding images")
+        return embeds
+
+    def _embed_gen(
+        self, embeds: torch.Tensor, input_ids: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        temb = self.time_embed(t)
+        tokens, skip = self.gen_encoder(z_t, temb)
+        embeds = scatter_placeholders(embeds, input_ids == self.vocab.gen, tokens.flatten(0, 1), "generation images")
+        embeds = scatter_placeholders(embeds, input_ids == self.vocab.bog, temb, "time tokens")
+        return embeds, skip, temb
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Losses of a packed batch. Per-token/per-image losses are returned too (packing tests)."""
+        ids = batch["input_ids"]
+        embeds = self._embed(ids, batch.get("und_images"))
+        has_gen = "gen_images" in batch
+        if has_gen:
+            with torch.no_grad():
+                x1 = self.autoencoder.encode(batch["gen_images"])
+            x0, t = batch["gen_noise"], batch["gen_t"]
+            embeds, skip, temb = self._embed_gen(embeds, ids, interpolate(x1, x0, t), t)
+        elif (ids == self.vocab.gen).any():
+            raise ValueError("batch has generation placeholders but no gen_images")
+
+        need_repa = has_gen and self.cfg.flow.repa_weight > 0
+        h_in, pos_in, attn = packed_attention_inputs(self.backend, embeds, batch["position_ids"], batch["sample_ids"])
+        out = run_decoder(self.llm.get_decoder(), h_in, pos_in, attn, output_hidden_states=need_repa)
+        hidden = out.last_hidden_state.reshape(embeds.shape)
+
+        zero = embeds.new_zeros(())
+        losses = {"text": zero, "flow": zero, "repa": zero}
+        targets = batch["targets"]
+        text_mask = targets != IGNORE
+        if text_mask.any():
+            logits = self.llm.get_output_embeddings()(hidden[text_mask]).float()
+            per_token = F.cross_entropy(logits, targets[text_mask], reduction="none")
+            losses["text"] = per_token.mean()
+            losses["text_per_token"] = per_token.detach()
+        if has_gen:
+            gen_mask = ids == self.vocab.gen
+            n, m = x1.shape[0], self.gen_tokens_per_image
+            v = self.gen_decoder(hidden[gen_mask].view(n, m, -1), skip, temb)
+            per_image = (v.float() - target_velocity(x1, x0)).pow(2).flatten(1).mean(1)
+            losses["flow"] = per_image.mean()
+            losses["flow_per_image"] = per_image.detach()
+            if need_repa:
+                layer_h = out.hidden_states[self.cfg.flow.repa_layer].reshape(embeds.shape)
+                pred = self.repa_proj(layer_h[gen_mask].view(n, m, -1))
+                with torch.no_grad():
+                    target = self.und.features(self._to_und_images(batch["gen_images"]))
+                losses["repa"] = -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
+        c = self.cfg
+        losses["loss"] = (
+            c.text_loss_weight * losses["text"] + c.flow_loss_weight * losses["flow"]
+            + c.flow.repa_weight * losses["repa"]
+        )  # fmt: skip
+        return losses
+
+    def _to_und_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Generation-space images -> the understanding encoder's size and channels (REPA)."""
+        u = self.cfg.und
+        if images.shape[-1] != u.image_size:
+            images = F.interpolate(images, size=(u.image_size, u.image_size), mode="bilinear", antialias=True)
+        if images.shape[1] != u.in_channels:
+            images = images.mean(1, keepdim=True).expand(-1, u.in_channels, -1, -1)
+        return images
+
+    # ---- inference --------------------------------------------------------------
+    def _left_padded(self, samples: list) -> dict[str, torch.Tensor]:
+        """Right-align prompts of different lengths so generation continues at the same column."""
+        L = max(len(s) for s in samples)
+        rows = []
+        for s in samples:
+            pad = L - len(s)
+            rows.append(collate([[s]], L, self.vocab.pad))
+            for k in ("input_ids", "targets", "position_ids", "sample_ids"):
+                rows[-1][k] = rows[-1][k].roll(pad, dims=1)
+        batch = {k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "position_ids", "sample_ids")}
+        batch["sample_ids"] = batch["sample_ids"].clamp(max=0)  # one sample per row; padding stays -1
+        return batch
+
+    @torch.no_grad()
+    def answer(self, images: torch.Tensor, questions: list[str], max_new_tokens: int = 8) -> list[str]:
+        """Greedy answers to ``questions`` about [0,1] ``images`` (one image each)."""
+        dev = next(self.parameters()).device
+        samples = [
+            understanding_sample(self.vocab, img, self.und.tokens_per_image, q, None)
+            for img, q in zip(images, questions)
+        ]
+        batch = {k: v.to(dev) for k, v in self._left_padded(samples).items()}
+        ids, pos, sid = batch["input_ids"], batch["position_ids"], batch["sample_ids"]
+        embeds = self._embed(ids, images.to(dev))  # prompt embedded once; new tokens are plain text
+        done = torch.zeros(len(samples), dtype=torch.bool, device=dev)
+        out: list[list[int]] = [[] for _ in samples]
+        for _ in range(max_new_tokens):
+            attn = {"attention_mask": block_causal_mask(sid)}
+            h = run_decoder(self.llm.get_decoder(), embeds, pos, attn).last_hidden_state[:, -1]
+            nxt = self.llm.get_output_embeddings()(h).argmax(-1)
+            for i, tok in enumerate(nxt.tolist()):
+                if not done[i]:
+                    if tok == self.vocab.eos:
+                        done[i] = True
+                    else:
+                        out[i].append(tok)
+            if done.all():
+                break
+            embeds = torch.cat([embeds, self.llm.get_input_embeddings()(nxt[:, None])], 1)
+            pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+            sid = torch.cat([sid, sid[:, -1:].clamp(min=0)], 1)
+        return [self.vocab.decode(o) for o in out]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        generator: torch.Generator | None = None,
+        cfg_scale: float | None = None,
+        steps: int | None = None,
+        use_cache: bool = True,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Text -> [0,1] images with the Euler sampler and classifier-free guidance.
+
+        The prompt prefix (conditional and unconditional rows together) runs
+        through the LLM once; each step feeds only the time token and the latent
+        tokens against a copy of that KV cache. ``use_cache=False`` recomputes
+        the whole sequence every step (the reference the cached path is tested against).
+        """
+        f = self.cfg.flow
+        cfg_scale = f.cfg_scale if cfg_scale is None else cfg_scale
+        steps = steps or f.sample_steps
+        dev = next(self.parameters()).device
+        n, m = len(prompts), self.gen_tokens_per_image
+        cond = [generation_sample(self.vocab, None, m, p) for p in prompts]
+        uncond = []
+        for s in cond:  # unconditional row: the prompt's tokens masked with pad, as in training
+            u = copy.copy(s)
+            u.input_ids = [self.vocab.pad if pm else t for t, pm in zip(s.input_ids, s.prompt_mask)]
+            uncond.append(u)
+        batch = {k: v.to(dev) for k, v in self._left_padded(cond + uncond).items()}
+        ids, pos, sid = batch["input_ids"], batch["position_ids"], batch["sample_ids"]
+        prefix = ids.shape[1] - (m + 1)  # everything before <begin_of_generation>
+        mask = block_causal_mask(sid)
+        decoder = self.llm.get_decoder()
+        text_embeds = self.llm.get_input_embeddings()(ids)
+        cache = None
+        if use_cache:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            run_decoder(
+                decoder,
+                text_embeds[:, :prefix],
+                pos[:, :prefix],
+                {"attention_mask": mask[:, :, :prefix, :prefix]},
+                cache=cache,
+            )
+
+        def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            z2, t2 = torch.cat([z, z]), torch.cat([t, t]).to(dev)
+            embeds, skip, temb = self._embed_gen(text_embeds, ids, z2, t2)
+            if use_cache:
+                step_cache = copy.deepcopy(cache)  # the step's tokens must not stay in the prefix cache
+                attn = {"attention_mask": mask[:, :, prefix:, :]}
+                h = run_decoder(decoder, embeds[:, prefix:], pos[:, prefix:], attn, cache=step_cache).last_hidden_state
+            else:
+                h = run_decoder(decoder, embeds, pos, {"attention_mask": mask}).last_hidden_state[:, prefix:]
+            v = self.gen_decoder(h[:, 1:], skip, temb)  # h[:, 0] is the time token
+            return cfg_combine(v[:n], v[n:], cfg_scale)
+
+        if noise is None:
+            noise = torch.randn((n, *self.latent_shape), generator=generator)
+        latents = euler_sample(velocity, noise.to(dev), steps)
+        return self.autoencoder.decode(latents)
+
+
+def count_parameters(module: nn.Module) -> dict[str, int]:
+    """Parameter counts per top-level part (works on the meta device)."""
+    counts = {name: sum(p.numel() for p in child.parameters()) for name, child in module.named_children()}
+    counts["total"] = sum(counts.values())
+    return counts
