@@ -195,7 +195,7 @@ class Trainer:
                 for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
                     pe.lerp_(pm, 1 - d)
         self.step += 1
-        out = {k: float(v) for k, v in losses.items() if v.ndim == 0}
+        out = {k: float(v.detach()) for k, v in losses.items() if v.ndim == 0}
         out["grad_norm"] = float(grad_norm)
         out["tokens"] = float((batch["sample_ids"] >= 0).sum())
         out["samples"] = float(int(batch["sample_ids"].max()) + 1)
@@ -210,15 +210,17 @@ class Trainer:
         dist.all_reduce(t)
         return dict(zip(keys, t.tolist()))
 
-    def train(self) -> Path:
+    def train(self, until: int | None = None) -> Path:
+        """Train to ``train.max_steps`` (or stop early at ``until``, as an interruption would)."""
         t = self.cfg.train
+        stop = min(t.max_steps, until or t.max_steps)
         if self.rank == 0:
             print(f"params: {count_parameters(self.model)}", flush=True)
             print(f"training {self.run_dir} from step {self.step} to {t.max_steps} (world {self.world})", flush=True)
         window: dict[str, float] = defaultdict(float)
         n_window, start, start_step, last_log = 0, time.time(), self.step, time.time()
         it = iter(self.stream)
-        while self.step < t.max_steps:
+        while self.step < stop:
             out = self.train_step(next(it))
             n_window += 1
             for k, v in out.items():

@@ -1,0 +1,120 @@
+"""Training end to end: exact resume, metrics, checkpoints, eval, bad input, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mm.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_gives_the_same_losses_as_uninterrupted(small_cfg, tmp_path):
+    full = replace(small_cfg, run=replace(small_cfg.run, dir=str(tmp_path / "full")))
+    Trainer(full).train()
+    cut = replace(small_cfg, run=replace(small_cfg.run, dir=str(tmp_path / "cut")))
+    Trainer(cut).train(until=3)  # "interrupted" after the step-3 checkpoint
+    (tmp_path / "cut" / "metrics.jsonl").open("a").write('{"step": 4, "loss": 123.0}\n')  # logged, not saved
+    Trainer(cut, resume="latest").train()
+    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        for k in ("loss", "text", "flow", "repa", "grad_norm", "lr"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+
+
+def test_checkpoints_are_complete_pruned_and_guarded(small_cfg):
+    run = small_cfg.run_dir()
+    Trainer(small_cfg).train()
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert steps == ["step_00000003", "step_00000006"]
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
+    ckpt = run / "checkpoints" / "step_00000006"
+    assert {p.name for p in ckpt.iterdir()} >= {"model.pt", "optim.pt", "rng.pt", "trainer.json"}
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    assert meta["step"] == 6 and len(meta["streams"]) == 1 and meta["streams"][0]["index"] > 0
+    with pytest.raises(FileExistsError, match="--resume latest"):
+        Trainer(small_cfg)
+    meta["world_size"] = 2
+    (ckpt / "trainer.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="world_size=2"):
+        Trainer(small_cfg, resume="latest")
+
+
+def test_metrics_report_every_step_with_task_losses(small_cfg):
+    Trainer(small_cfg).train()
+    recs = _metrics(small_cfg.run_dir())
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    for r in recs:
+        assert {"loss", "text", "flow", "repa", "tokens_per_s", "eta_s", "skipped", "lr"} <= set(r)
+        assert r["text"] > 0 and r["flow"] > 0
+
+
+def test_bad_samples_in_training_are_reported_in_metrics(small_cfg, shard_dir, tmp_path):
+    from tests.test_data import corrupt_shard
+
+    n_bad = corrupt_shard(f"{shard_dir}/digits/train-000000.tar", tmp_path / "bad.tar", every=3)
+    cfg = replace(small_cfg, data=replace(small_cfg.data, train_shards=str(tmp_path / "bad.tar")))
+    Trainer(cfg).train()
+    skipped = _metrics(cfg.run_dir())[-1]["skipped"]
+    assert 0 < sum(skipped.values()) <= n_bad
+
+
+def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+
+
+def _cli_overrides(small_cfg) -> list[str]:
+    from tests.conftest import SMALL
+
+    d = small_cfg.data
+    return SMALL + [f"data.train_shards={d.train_shards}", f"data.heldout_shards={d.heldout_shards}"]
+
+
+def test_cli_train_then_eval_writes_results_and_pictures(small_cfg, tmp_path):
+    run = tmp_path / "cli"
+    over = _cli_overrides(small_cfg) + [f"run.dir={run}", "train.max_steps=4", "train.log_every=2"]
+    p = _run([sys.executable, "train.py", *over])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "step 4/4" in p.stdout and "tok/s" in p.stdout and "eta" in p.stdout
+    p = _run([sys.executable, "eval.py", "--run", str(run), "eval.t2i_per_digit=4", "eval.vqa_limit=40",
+              "model.flow.sample_steps=3"])  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((run / "eval" / "results.json").read_text())
+    assert 0 <= res["digits_vqa"]["accuracy"] <= 1 and res["digits_vqa"]["n"] == 40
+    t2i = res["digits_t2i"]
+    assert {"classifier_accuracy", "fd", "fd_real_floor", "fd_noise_ceiling", "classifier_heldout_accuracy"} <= set(t2i)
+    assert t2i["fd_real_floor"] < t2i["fd_noise_ceiling"] and t2i["classifier_heldout_accuracy"] > 0.95
+    pngs = {p.name for p in (run / "eval").glob("*.png")}
+    assert {"samples_grid.png", "samples_digit_0.png", "samples_digit_9.png", "loss_curve.png"} <= pngs
+
+
+def test_cli_rejects_bad_config_at_start(tmp_path):
+    p = _run([sys.executable, "train.py", "train.max_stepz=3", f"run.dir={tmp_path}"])
+    assert p.returncode != 0 and "max_stepz" in p.stderr
+    p = _run([sys.executable, "train.py", "data.train_shards=/nonexistent/x-{0..1}.tar", f"run.dir={tmp_path}"])
+    assert p.returncode != 0 and "/nonexistent/x-0.tar" in p.stderr
+
+
+def test_torchrun_ddp_two_processes(small_cfg, tmp_path):
+    run = tmp_path / "ddp"
+    over = _cli_overrides(small_cfg) + [f"run.dir={run}", "train.max_steps=4", "train.ckpt_every=2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+    p = _run(torchrun + ["train.py", *over])
+    assert p.returncode == 0, p.stderr[-3000:]
+    meta = json.loads((run / "checkpoints" / "step_00000004" / "trainer.json").read_text())
+    assert meta["world_size"] == 2 and len(meta["streams"]) == 2
+    assert meta["streams"][0] != meta["streams"][1]
+    p = _run(torchrun + ["train.py", *over, "train.max_steps=6", "--resume", "latest"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()][-1] == 6
