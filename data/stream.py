@@ -31,7 +31,7 @@ from PIL import Image
 
 from data.pack import NextFitPacker, collate
 from mm.config import DataConfig, resolve_path
-from mm.sequence import TASK_GEN, TASK_UND, Sample, Vocab, generation_sample, understanding_sample
+from mm.sequence import TASK_UND, Sample, Vocab, generation_sample, understanding_sample
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -168,14 +168,9 @@ class PackedStream:
                 continue
             # ``sample`` closed the batch and is pending in the packer: resume from it.
             self.state = StreamState(epoch, index, dict(self.skipped))
-            batch = collate(rows, self.cfg.seq_len, self.vocab.pad)
-            batch["epoch"] = torch.tensor(epoch)
-            yield batch
+            yield collate(rows, self.cfg.seq_len, self.vocab.pad)
 
 
 def read_samples(pattern: str) -> Iterator[dict]:
-    """Every raw sample of the shards in order (evaluation): decode errors raise."""
+    """Every raw sample (member bytes by extension) of the shards, in order; a bad tar raises."""
     yield from wds.DataPipeline(wds.SimpleShardList(expand_shards(pattern)), wds.tarfile_to_samples())
-
-
-__all__ = ["PackedStream", "SampleShapes", "StreamState", "TASK_GEN", "TASK_UND", "decode_image", "fit_image"]

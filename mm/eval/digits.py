@@ -9,6 +9,7 @@ beside its real-vs-real floor and a uniform-noise ceiling.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +49,11 @@ class DigitJudge:
         return np.maximum(0.0, x @ self.clf.coefs_[0] + self.clf.intercepts_[0])
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
+    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 sqrt(C_a C_b)); eps*I keeps sqrtm defined for dead ReLU units."""
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eye = np.eye(a.shape[1]) * eps
+    cov_a, cov_b = np.cov(a, rowvar=False) + eye, np.cov(b, rowvar=False) + eye
     covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
@@ -78,8 +81,6 @@ def save_grid(images: np.ndarray, path: Path, columns: int, scale: int = 8) -> N
 def _heldout(cfg: Config) -> tuple[list[torch.Tensor], list[int]]:
     images, labels = [], []
     for raw in read_samples(cfg.data.heldout_shards):
-        import json
-
         meta = json.loads(raw["json"])
         images.append(decode_image(raw["png"]))
         labels.append(int(meta["label"]))

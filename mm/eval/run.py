@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.attention import VARLEN_BACKENDS
 from mm.config import Config, load_config
 from mm.eval.digits import EVAL_TASKS
 from mm.train.checkpoint import find_checkpoint, load_checkpoint
@@ -27,6 +28,10 @@ def load_run(run_dir: Path, checkpoint: str = "latest", overrides: list[str] | N
     if not cfg_path.is_file():
         raise FileNotFoundError(f"not a run directory (no config.yaml): {run_dir}")
     cfg = load_config(cfg_path, overrides)
+    if cfg.model.llm.attn_implementation in VARLEN_BACKENDS:
+        # inference rows are left-padded and cached: they need a mask, which flash varlen does not take
+        print(f"eval: using sdpa instead of {cfg.model.llm.attn_implementation} for inference", flush=True)
+        cfg.model.llm.attn_implementation = "sdpa"
     ckpt = find_checkpoint(run_dir, checkpoint)
     tensors, meta = load_checkpoint(ckpt)
     model, _ = build_model(cfg)
