@@ -86,3 +86,17 @@ def test_grn_is_identity_at_init_and_time_embedding_distinguishes_t():
     te = TimeEmbedding(32, 16)
     e = te(torch.tensor([0.1, 0.9]))
     assert not torch.allclose(e[0], e[1])
+
+
+def test_named_open_clip_arch_loads_a_local_checkpoint_file(tmp_path):
+    import open_clip
+
+    ref = open_clip.create_model("ViT-S-32", pretrained=None, load_weights=False)
+    torch.save(ref.state_dict(), tmp_path / "vit_s32.pt")
+    cfg = UndEncoderConfig(open_clip_arch="ViT-S-32", weights=str(tmp_path / "vit_s32.pt"), image_size=224,
+                           patch_size=32)  # fmt: skip
+    enc = UnderstandingEncoder(cfg, llm_width=16)
+    x = torch.rand(1, 3, 224, 224)
+    ref.visual.output_tokens = True
+    torch.testing.assert_close(enc.tower(x), ref.visual(x)[1])
+    assert enc(x).shape == (1, 49, 16) and enc.tower.width == 384

@@ -27,6 +27,11 @@ class OpenClipTower(nn.Module):
             if weights and not Path(weights).is_file():
                 raise FileNotFoundError(f"model.und.weights: no such file {weights}")
             model = open_clip.create_model(cfg.open_clip_arch, pretrained=weights, load_weights=bool(weights))
+            if not hasattr(model.visual, "transformer"):  # timm-backed towers (open_clip's SigLIP)
+                raise ValueError(
+                    f"open_clip arch {cfg.open_clip_arch!r} has no native VisionTransformer tower that returns "
+                    "patch tokens; use model.und.kind=hf_siglip for SigLIP weights"
+                )
             self.visual = model.visual
             self.visual.output_tokens = True
         else:
@@ -39,7 +44,7 @@ class OpenClipTower(nn.Module):
             if cfg.weights:
                 state = torch.load(resolve_path(cfg.weights), map_location="cpu", weights_only=True)
                 self.visual.load_state_dict(state)
-        self.width = cfg.width
+        self.width = self.visual.transformer.width
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         _, tokens = self.visual(images)
