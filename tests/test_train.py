@@ -106,9 +106,16 @@ def test_cli_rejects_bad_config_at_start(tmp_path):
     assert p.returncode != 0 and "/nonexistent/x-0.tar" in p.stderr
 
 
-def test_torchrun_ddp_two_processes(small_cfg, tmp_path):
+def test_torchrun_ddp_two_processes(small_cfg, shard_dir, tmp_path):
+    from tests.test_data import corrupt_shard
+
+    # one corrupt shard: ranks meet different bad samples and must still agree on the skip report
+    corrupt_shard(f"{shard_dir}/digits/train-000000.tar", tmp_path / "mixed-0.tar", every=4)
+    (tmp_path / "mixed-1.tar").write_bytes((shard_dir / "digits" / "train-000001.tar").read_bytes())
     run = tmp_path / "ddp"
-    over = _cli_overrides(small_cfg) + [f"run.dir={run}", "train.max_steps=4", "train.ckpt_every=2"]
+    over = _cli_overrides(small_cfg) + [
+        f"run.dir={run}", "train.max_steps=4", "train.ckpt_every=2", f"data.train_shards={tmp_path}/mixed-{{0..1}}.tar"
+    ]  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
     p = _run(torchrun + ["train.py", *over])
     assert p.returncode == 0, p.stderr[-3000:]
@@ -117,4 +124,6 @@ def test_torchrun_ddp_two_processes(small_cfg, tmp_path):
     assert meta["streams"][0] != meta["streams"][1]
     p = _run(torchrun + ["train.py", *over, "train.max_steps=6", "--resume", "latest"])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()][-1] == 6
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    assert sum(recs[-1]["skipped"].values()) > 0

@@ -17,7 +17,7 @@ import os
 import random
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
@@ -210,6 +210,18 @@ class Trainer:
         dist.all_reduce(t)
         return dict(zip(keys, t.tolist()))
 
+    def _total_skipped(self) -> dict[str, int]:
+        """Skip counts by reason, summed over ranks (ranks may have met different reasons)."""
+        local = dict(self.stream.skipped)
+        if self.world == 1:
+            return local
+        per_rank: list = [None] * self.world
+        dist.all_gather_object(per_rank, local)
+        total: Counter[str] = Counter()
+        for counts in per_rank:
+            total.update(counts)
+        return dict(total)
+
     def train(self, until: int | None = None) -> Path:
         """Train to ``train.max_steps`` (or stop early at ``until``, as an interruption would)."""
         t = self.cfg.train
@@ -235,12 +247,7 @@ class Trainer:
                 rec["tokens_per_s"] = sums["tokens"] / (now - last_log)
                 rec["samples_per_s"] = sums["samples"] / (now - last_log)
                 rec["epoch"] = self.stream.state.epoch
-                skipped = (
-                    self._reduce({k: float(v) for k, v in self.stream.skipped.items()})
-                    if self.world > 1
-                    else dict(self.stream.skipped)
-                )
-                rec["skipped"] = {k: int(v) for k, v in skipped.items()}
+                rec["skipped"] = self._total_skipped()
                 elapsed = now - start
                 eta = elapsed / (self.step - start_step) * (t.max_steps - self.step)
                 rec["elapsed_s"], rec["eta_s"] = round(elapsed, 1), round(eta, 1)
