@@ -88,7 +88,7 @@ class StreamState:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def build_sample(raw: dict, vocab: Vocab, shapes: SampleShapes, task: str, rng: random.Random) -> Sample:
+def build_sample(raw: dict, vocab: Vocab, shapes: SampleShapes, task: str) -> Sample:
     """Raw webdataset sample (bytes) -> template-built Sample for ``task``."""
     image_key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in raw), None)
     if image_key is None or "json" not in raw:
@@ -115,8 +115,15 @@ class PackedStream:
         self.shards = expand_shards(cfg.train_shards)
         self.state = state or StreamState()
         self.skipped: Counter[str] = Counter(self.state.skipped)
+        self.first_errors: dict[str, str] = {}  # reason -> first message, for the reports
         tasks = [(t, w) for t, w in cfg.task_weights.items() if w > 0]
         self.tasks, self.task_weights = [t for t, _ in tasks], [w for _, w in tasks]
+
+    def _skip(self, reason: str, message: str) -> None:
+        self.skipped[reason] += 1
+        if reason not in self.first_errors:
+            self.first_errors[reason] = message
+            print(f"data: skipping ({reason}) {message[:300]} (further skips are only counted)", flush=True)
 
     def _raw_epoch(self, epoch: int) -> Iterator[dict]:
         """Raw samples of one epoch in the seeded order (same on every rank)."""
@@ -125,7 +132,7 @@ class PackedStream:
         rng.shuffle(shards)
 
         def count_and_continue(exn: Exception) -> bool:
-            self.skipped["unreadable"] += 1
+            self._skip("unreadable", repr(exn))
             return True
 
         pipeline = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=count_and_continue))
@@ -140,24 +147,37 @@ class PackedStream:
     def _samples(self) -> Iterator[tuple[int, int, Sample]]:
         epoch, start = self.state.epoch, self.state.index
         while True:
-            n_seen = 0
+            n_seen = n_kept = 0
+            # Replaying up to ``start`` re-meets unreadable members the saved counts already hold.
+            unreadable_at_save = self.skipped.get("unreadable", 0) if start else None
             for index, raw in enumerate(self._raw_epoch(epoch)):
                 n_seen += 1
-                if index < start or index % self.world != self.rank:
+                if index < start:
                     continue
-                rng = random.Random(f"{self.cfg.seed}-sample-{epoch}-{index}")
+                if unreadable_at_save is not None:
+                    self.skipped.pop("unreadable", None)
+                    if unreadable_at_save:
+                        self.skipped["unreadable"] = unreadable_at_save
+                    unreadable_at_save = None
+                if index % self.world != self.rank:
+                    continue
+                rng = random.Random(f"{self.cfg.seed}-sample-{epoch}-{index}")  # order-independent draw
                 task = rng.choices(self.tasks, self.task_weights)[0]
                 try:
-                    sample = build_sample(raw, self.vocab, self.shapes, task, rng)
-                except Exception:  # noqa: BLE001 - any undecodable sample is skipped and counted
-                    self.skipped[f"bad_sample_{task}"] += 1
+                    sample = build_sample(raw, self.vocab, self.shapes, task)
+                except Exception as exc:  # noqa: BLE001 - any undecodable sample is skipped and counted
+                    self._skip(f"bad_sample_{task}", f"{raw.get('__key__')}: {exc!r}")
                     continue
                 if len(sample) > self.cfg.seq_len:
-                    self.skipped["too_long"] += 1
+                    self._skip("too_long", f"{sample.key}: {len(sample)} tokens > data.seq_len={self.cfg.seq_len}")
                     continue
+                n_kept += 1
                 yield epoch, index, sample
-            if n_seen == 0:
-                raise RuntimeError(f"no readable samples in {self.cfg.train_shards}")
+            if n_kept == 0:  # skipping everything would loop forever: a bug or unusable data
+                raise RuntimeError(
+                    f"epoch {epoch} of {self.cfg.train_shards} gave no usable sample for rank {self.rank} "
+                    f"({n_seen} read; skipped {dict(self.skipped)}; first errors {self.first_errors})"
+                )
             epoch, start = epoch + 1, 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -110,3 +110,37 @@ def test_corrupt_images_are_skipped_and_counted(small_cfg, vocab, shard_dir, tmp
     assert len(kept) == n_all - n_bad and n_bad > 0  # every good sample once, every bad one skipped
     # counted by reason (the count may already include bad samples at the start of epoch 1)
     assert sum(v for k, v in stream.skipped.items() if k.startswith("bad_sample")) >= n_bad
+
+
+def test_truncated_tar_is_counted_once_even_across_a_resume(small_cfg, vocab, shard_dir, tmp_path):
+    src = shard_dir / "digits" / "train-000001.tar"
+    good = src.read_bytes()
+    with tarfile.open(src) as tar:
+        members = tar.getmembers()
+    # Cut inside a member's data. (Python < 3.11.10 can hang on a pax header cut in half: CVE-2024-6232.)
+    mid = members[len(members) // 2]
+    (tmp_path / "part-0.tar").write_bytes(good[: mid.offset_data + mid.size // 2])
+    (tmp_path / "part-1.tar").write_bytes(good)
+    cfg = replace(small_cfg.data, train_shards=f"{tmp_path}/part-{{0..1}}.tar", shuffle_buffer=8)
+    shapes = _shapes(small_cfg, vocab)
+    a = PackedStream(cfg, vocab, shapes)
+    it = iter(a)
+    for _ in range(3):
+        next(it)
+    saved = StreamState(**vars(a.state))
+    while a.state.epoch == 0:
+        next(it)
+    whole = dict(a.skipped)
+    assert whole.get("unreadable", 0) >= 1
+    b = PackedStream(cfg, vocab, shapes, state=saved)
+    it = iter(b)
+    while b.state.epoch == 0:
+        next(it)
+    assert dict(b.skipped) == whole
+
+
+def test_a_stream_where_every_sample_is_bad_fails_loudly(small_cfg, vocab, shard_dir, tmp_path):
+    corrupt_shard(f"{shard_dir}/digits/train-000000.tar", tmp_path / "allbad.tar", every=1)
+    cfg = replace(small_cfg.data, train_shards=str(tmp_path / "allbad.tar"))
+    with pytest.raises(RuntimeError, match="no usable sample.*bad_sample"):
+        next(iter(PackedStream(cfg, vocab, _shapes(small_cfg, vocab))))
