@@ -19,6 +19,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def test_resume_gives_the_same_losses_as_uninterrupted(small_cfg, tmp_path):
+    small_cfg = replace(small_cfg, train=replace(small_cfg.train, ema_decay=0.9))
     full = replace(small_cfg, run=replace(small_cfg.run, dir=str(tmp_path / "full")))
     Trainer(full).train()
     cut = replace(small_cfg, run=replace(small_cfg.run, dir=str(tmp_path / "cut")))
@@ -30,6 +31,19 @@ def test_resume_gives_the_same_losses_as_uninterrupted(small_cfg, tmp_path):
     for ra, rb in zip(a, b):
         for k in ("loss", "text", "flow", "repa", "grad_norm", "lr"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+    # the EMA weights carried over too, and evaluation loads them
+    import torch
+
+    from mm.eval.run import load_run
+
+    ema = [torch.load(tmp_path / r / "checkpoints/step_00000006/ema.pt") for r in ("full", "cut")]
+    model = torch.load(tmp_path / "full/checkpoints/step_00000006/model.pt")
+    for k in ema[0]:
+        torch.testing.assert_close(ema[0][k], ema[1][k], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(ema[0][k], model[k]) for k in model)
+    _, loaded, _, step = load_run(tmp_path / "full")
+    assert step == 6
+    assert all(torch.equal(v, ema[0][k]) for k, v in loaded.state_dict().items())
 
 
 def test_checkpoints_are_complete_pruned_and_guarded(small_cfg):
