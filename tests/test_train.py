@@ -58,6 +58,11 @@ def test_checkpoints_are_complete_pruned_and_guarded(small_cfg):
     assert meta["step"] == 6 and len(meta["streams"]) == 1 and meta["streams"][0]["index"] > 0
     with pytest.raises(FileExistsError, match="--resume latest"):
         Trainer(small_cfg)
+    short = replace(small_cfg, train=replace(small_cfg.train, max_steps=2, ckpt_every=1))
+    Trainer(short, overwrite=True).train()  # starting over leaves no stale step_00000006 behind
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000001", "step_00000002"]
+    assert [r["step"] for r in _metrics(run)] == [1, 2]
+    Trainer(small_cfg, overwrite=True).train()
     meta["world_size"] = 2
     (ckpt / "trainer.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="world_size=2"):

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -106,11 +107,17 @@ class Trainer:
         stream_state = None
         if resume:
             stream_state = self._load(find_checkpoint(self.run_dir, resume))
-        elif (self.run_dir / "checkpoints" / "latest").exists() and not overwrite:
-            raise FileExistsError(
-                f"{self.run_dir} already has checkpoints: pass --resume latest to continue, "
-                "--overwrite to start over, or run.name=<new> for a new run"
-            )
+        elif (self.run_dir / "checkpoints").exists():
+            if not overwrite:
+                raise FileExistsError(
+                    f"{self.run_dir} already has checkpoints: pass --resume latest to continue, "
+                    "--overwrite to start over, or run.name=<new> for a new run"
+                )
+            if self.rank == 0:  # asked for explicitly; said out loud
+                print(f"--overwrite: deleting {self.run_dir / 'checkpoints'} and metrics.jsonl", flush=True)
+                shutil.rmtree(self.run_dir / "checkpoints")
+            if self.world > 1:
+                dist.barrier()
         self.stream = PackedStream(
             cfg.data, self.vocab, self.model.sample_shapes(), self.rank, self.world, stream_state
         )
