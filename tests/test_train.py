@@ -74,7 +74,7 @@ def test_metrics_report_every_step_with_task_losses(small_cfg):
     recs = _metrics(small_cfg.run_dir())
     assert [r["step"] for r in recs] == list(range(1, 7))
     for r in recs:
-        assert {"loss", "text", "flow", "repa", "tokens_per_s", "eta_s", "skipped", "lr"} <= set(r)
+        assert {"loss", "text", "flow", "repa", "tokens_per_s", "tflops_per_device", "eta_s", "skipped", "lr"} <= set(r)
         assert r["text"] > 0 and r["flow"] > 0
 
 

@@ -32,6 +32,7 @@ from mm.config import Config, resolve_path, to_yaml
 from mm.model.unified import UnifiedModel, count_parameters
 from mm.sequence import Vocab, load_vocab
 from mm.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from mm.train.flops import device_peak_tflops, llm_train_flops_per_token
 
 
 def constant_schedule(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -84,6 +85,7 @@ class Trainer:
         threads = cfg.train.threads or (max(1, (os.cpu_count() or 1) // self.world) if self.world > 1 else 0)
         if threads:
             torch.set_num_threads(threads)
+        self.peak_tflops = device_peak_tflops(self.device)
         self.run_dir = cfg.run_dir()
         if self.rank == 0:
             ensure_digit_shards(cfg)
@@ -206,6 +208,10 @@ class Trainer:
         out["grad_norm"] = float(grad_norm)
         out["tokens"] = float((batch["sample_ids"] >= 0).sum())
         out["samples"] = float(int(batch["sample_ids"].max()) + 1)
+        # a token attends within its own sample: the token-weighted mean sample length is sum(n^2) / sum(n)
+        lengths = torch.bincount(batch["sample_ids"][batch["sample_ids"] >= 0].flatten()).float()
+        context = float((lengths**2).sum() / lengths.sum())
+        out["flops"] = float(lengths.sum()) * llm_train_flops_per_token(self.model.llm, context)
         return out
 
     def _reduce(self, sums: dict[str, float]) -> dict[str, float]:
@@ -253,6 +259,9 @@ class Trainer:
                 rec["lr"] = self.scheduler.get_last_lr()[0]
                 rec["tokens_per_s"] = sums["tokens"] / (now - last_log)
                 rec["samples_per_s"] = sums["samples"] / (now - last_log)
+                rec["tflops_per_device"] = sums["flops"] / (now - last_log) / self.world / 1e12
+                if self.peak_tflops:
+                    rec["mfu"] = rec["tflops_per_device"] / self.peak_tflops
                 rec["epoch"] = self.stream.state.epoch
                 rec["skipped"] = self._total_skipped()
                 elapsed = now - start
@@ -262,10 +271,12 @@ class Trainer:
                     with self.metrics_path.open("a") as fh:
                         fh.write(json.dumps(rec) + "\n")
                     skip = f" | skipped {sum(rec['skipped'].values())}" if rec["skipped"] else ""
+                    mfu = f" (MFU {rec['mfu']:.1%})" if "mfu" in rec else ""
                     print(
                         f"step {self.step}/{t.max_steps} | loss {rec['loss']:.4f} text {rec['text']:.4f} "
                         f"flow {rec['flow']:.4f} repa {rec['repa']:.4f} | lr {rec['lr']:.2e} | "
-                        f"{rec['tokens_per_s']:.0f} tok/s | epoch {rec['epoch']}{skip} | "
+                        f"{rec['tokens_per_s']:.0f} tok/s {rec['tflops_per_device']:.3f} TFLOP/s{mfu} | "
+                        f"epoch {rec['epoch']}{skip} | "
                         f"eta {format_seconds(eta)}",
                         flush=True,
                     )
