@@ -93,7 +93,3 @@ def pack_all(samples: list[Sample], seq_len: int, rows_per_batch: int) -> Iterat
     tail = packer.rows + ([packer.row] if packer.row else [])
     if tail:
         yield tail
-
-
-def token_efficiency(batch: dict[str, torch.Tensor]) -> float:
-    return float((batch["sample_ids"] >= 0).float().mean())

@@ -207,6 +207,7 @@ class Trainer:
         out = {k: float(v.detach()) for k, v in losses.items() if v.ndim == 0}
         out["grad_norm"] = float(grad_norm)
         out["tokens"] = float((batch["sample_ids"] >= 0).sum())
+        out["row_slots"] = float(batch["sample_ids"].numel())
         out["samples"] = float(int(batch["sample_ids"].max()) + 1)
         # a token attends within its own sample: the token-weighted mean sample length is sum(n^2) / sum(n)
         lengths = torch.bincount(batch["sample_ids"][batch["sample_ids"] >= 0].flatten()).float()
@@ -259,6 +260,7 @@ class Trainer:
                 rec["lr"] = self.scheduler.get_last_lr()[0]
                 rec["tokens_per_s"] = sums["tokens"] / (now - last_log)
                 rec["samples_per_s"] = sums["samples"] / (now - last_log)
+                rec["pack_efficiency"] = sums["tokens"] / sums["row_slots"]  # non-padding share of the rows
                 rec["tflops_per_device"] = sums["flops"] / (now - last_log) / self.world / 1e12
                 if self.peak_tflops:
                     rec["mfu"] = rec["tflops_per_device"] / self.peak_tflops
