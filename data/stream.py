@@ -132,7 +132,8 @@ class PackedStream:
         rng.shuffle(shards)
 
         def count_and_continue(exn: Exception) -> bool:
-            self._skip("unreadable", repr(exn))
+            if self.rank == 0:  # every rank reads every shard: count a bad member once, not once per rank
+                self._skip("unreadable", repr(exn))
             return True
 
         pipeline = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=count_and_continue))

@@ -137,6 +137,12 @@ def test_truncated_tar_is_counted_once_even_across_a_resume(small_cfg, vocab, sh
     while b.state.epoch == 0:
         next(it)
     assert dict(b.skipped) == whole
+    # every rank reads the bad member; only rank 0 counts it, so the summed report counts it once
+    r1 = PackedStream(cfg, vocab, shapes, rank=1, world=2)
+    it = iter(r1)
+    while r1.state.epoch == 0:
+        next(it)
+    assert "unreadable" not in r1.skipped
 
 
 def test_a_stream_where_every_sample_is_bad_fails_loudly(small_cfg, vocab, shard_dir, tmp_path):

@@ -11,6 +11,7 @@ def test_flops_are_six_per_block_parameter_plus_causal_attention():
     llm = AutoModelForCausalLM.from_config(cfg)
     # per layer: q,k,v,o 4*64*64 + mlp 3*64*128 + 2 norms of 64; plus the final norm
     blocks = 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64
-    assert llm_train_flops_per_token(llm, 0) == 6 * blocks
-    assert llm_train_flops_per_token(llm, 100) - 6 * blocks == 12 * 2 * 64 * 100 / 2
+    flops = llm_train_flops_per_token(llm)
+    assert flops(0) == 6 * blocks
+    assert flops(100) - 6 * blocks == 12 * 2 * 64 * 100 / 2
     assert device_peak_tflops(torch.device("cpu")) is None

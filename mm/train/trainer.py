@@ -95,6 +95,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # same init on every rank
         self.model, self.vocab = build_model(cfg)
         self.model.to(self.device)
+        self.flops_per_token = llm_train_flops_per_token(self.model.llm)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.train.ema_decay > 0 else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         t = cfg.train
@@ -212,7 +213,7 @@ class Trainer:
         # a token attends within its own sample: the token-weighted mean sample length is sum(n^2) / sum(n)
         lengths = torch.bincount(batch["sample_ids"][batch["sample_ids"] >= 0].flatten()).float()
         context = float((lengths**2).sum() / lengths.sum())
-        out["flops"] = float(lengths.sum()) * llm_train_flops_per_token(self.model.llm, context)
+        out["flops"] = float(lengths.sum()) * self.flops_per_token(context)
         return out
 
     def _reduce(self, sums: dict[str, float]) -> dict[str, float]:
