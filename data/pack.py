@@ -23,6 +23,7 @@ def collate(rows: list[list[Sample]], seq_len: int, pad_id: int) -> dict[str, to
     position_ids = torch.zeros((B, seq_len), dtype=torch.float32)  # float32: V2PE-ready
     sample_ids = torch.full((B, seq_len), -1, dtype=torch.long)
     prompt_mask = torch.zeros((B, seq_len), dtype=torch.bool)
+    token_kinds = torch.zeros((B, seq_len), dtype=torch.int8)
     und, gen, gen_sample_ids = [], [], []
     sid = 0
     for b, row in enumerate(rows):
@@ -34,7 +35,8 @@ def collate(rows: list[list[Sample]], seq_len: int, pad_id: int) -> dict[str, to
                 raise ValueError(f"row {b} holds {end} tokens, more than seq_len={seq_len}")
             input_ids[b, start:end] = torch.tensor(s.input_ids)
             targets[b, start:end] = torch.tensor(s.targets)
-            position_ids[b, start:end] = torch.arange(n, dtype=torch.float32)
+            position_ids[b, start:end] = s.position_ids()
+            token_kinds[b, start:end] = torch.tensor(s.kinds(), dtype=torch.int8)
             sample_ids[b, start:end] = sid
             prompt_mask[b, start:end] = torch.tensor(s.prompt_mask, dtype=torch.bool)
             und += s.und_images
@@ -48,6 +50,7 @@ def collate(rows: list[list[Sample]], seq_len: int, pad_id: int) -> dict[str, to
         "position_ids": position_ids,
         "sample_ids": sample_ids,
         "prompt_mask": prompt_mask,
+        "token_kinds": token_kinds,
         "gen_sample_ids": torch.tensor(gen_sample_ids, dtype=torch.long),
     }
     if und:

@@ -44,6 +44,13 @@ SPECIAL_TOKENS = [
 TASK_UND = "understanding"
 TASK_GEN = "generation"
 
+# Per-token kinds: what a token carries. The position policy (V2PE) and
+# mixture-of-depths routing select tokens by kind; the templates set them.
+TOKEN_TEXT = 0
+TOKEN_UND_IMAGE = 1  # understanding-encoder features
+TOKEN_GEN_IMAGE = 2  # generation-head inputs (flow latents, band tokens)
+TOKEN_KINDS = {"text": TOKEN_TEXT, "und_image": TOKEN_UND_IMAGE, "gen_image": TOKEN_GEN_IMAGE}
+
 
 @dataclass
 class Sample:
@@ -56,9 +63,22 @@ class Sample:
     gen_images: list[torch.Tensor] = field(default_factory=list)  # [C,H,W] in [0,1]
     prompt_mask: list[bool] = field(default_factory=list)  # prompt tokens (CFG dropout)
     key: str = ""
+    token_kinds: list[int] = field(default_factory=list)  # TOKEN_* per token; [] = all text
+    positions: torch.Tensor | None = None  # float32 per token (mm.model.positions); None = 0..n-1
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def kinds(self) -> list[int]:
+        return self.token_kinds or [TOKEN_TEXT] * len(self.input_ids)
+
+    def position_ids(self) -> torch.Tensor:
+        """The sample's float32 positions (the standard 0..n-1 unless a policy set them)."""
+        if self.positions is None:
+            return torch.arange(len(self.input_ids), dtype=torch.float32)
+        if len(self.positions) != len(self.input_ids):
+            raise ValueError(f"sample {self.key!r}: {len(self.positions)} positions for {len(self)} tokens")
+        return self.positions
 
 
 class Vocab:
@@ -121,7 +141,10 @@ def understanding_sample(
     targets = [IGNORE] * len(ids)
     for i in range(prompt_len - 1, len(ids) - 1):  # logits at i predict token i+1
         targets[i] = ids[i + 1]
-    return Sample(ids, targets, TASK_UND, und_images=[image], prompt_mask=[False] * len(ids), key=key)
+    kinds = [TOKEN_UND_IMAGE if t == vocab.image else TOKEN_TEXT for t in ids]
+    return Sample(
+        ids, targets, TASK_UND, und_images=[image], prompt_mask=[False] * len(ids), key=key, token_kinds=kinds
+    )
 
 
 def generation_sample(
@@ -132,7 +155,11 @@ def generation_sample(
     ids = [vocab.bos, vocab.user] + text + [vocab.assistant, vocab.bog] + [vocab.gen] * n_gen_tokens
     prompt_mask = [False, False] + [True] * len(text) + [False] * (2 + n_gen_tokens)
     gen_images = [image] if image is not None else []
-    return Sample(ids, [IGNORE] * len(ids), TASK_GEN, gen_images=gen_images, prompt_mask=prompt_mask, key=key)
+    kinds = [TOKEN_GEN_IMAGE if t == vocab.gen else TOKEN_TEXT for t in ids]
+    return Sample(
+        ids, [IGNORE] * len(ids), TASK_GEN, gen_images=gen_images, prompt_mask=prompt_mask, key=key,
+        token_kinds=kinds,
+    )  # fmt: skip
 
 
 def scatter_placeholders(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, what: str) -> torch.Tensor:

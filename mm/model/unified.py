@@ -94,14 +94,47 @@ class UnifiedModel(nn.Module):
         embeds = scatter_placeholders(embeds, input_ids == self.vocab.bog, temb, "time tokens")
         return embeds, skip, temb
 
+    def loss_weights(self) -> dict[str, float]:
+        c = self.cfg
+        return {"text": c.text_loss_weight, "flow": c.flow_loss_weight, "repa": c.flow.repa_weight}
+
+    def loss_counts(self, batch: dict) -> dict[str, float]:
+        """Denominators of each loss in ``batch``, known before the forward pass.
+
+        The trainer sums them over ranks and accumulation steps so every loss is
+        normalised by its global count (torchtitan, BAGEL), not a per-rank mean.
+        Text: the summed per-token weights of supervised tokens (1 each for
+        token-level reduction); flow and REPA: the number of generated images.
+        """
+        mask = batch["targets"] != IGNORE
+        w = batch.get("loss_weights")
+        n_text = float(w[mask].sum()) if w is not None else float(mask.sum())
+        n_gen = float(len(batch["gen_images"])) if "gen_images" in batch else 0.0
+        repa = n_gen if self.cfg.flow.repa_weight > 0 else 0.0
+        return {"text": n_text, "flow": n_gen, "repa": repa}
+
+    def combine(self, out: dict[str, torch.Tensor], counts: dict[str, float]) -> torch.Tensor:
+        """sum_k weight_k * sum_k / count_k over the losses that have a count."""
+        total = out["text_sum"].new_zeros(())
+        for k, weight in self.loss_weights().items():
+            if counts.get(k, 0) > 0 and weight != 0:
+                total = total + weight * out[f"{k}_sum"] / counts[k]
+        return total
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Losses of a packed batch. Per-token/per-image losses are returned too (packing tests)."""
+        """Loss sums and counts of a packed batch, and ``loss`` normalised by this batch's own counts.
+
+        ``{k}_sum`` (k in text, flow, repa) are sums over supervised tokens/images;
+        the trainer divides them by global counts (:meth:`loss_counts`). Per-token
+        and per-image losses are returned too (packing tests).
+        """
         ids = batch["input_ids"]
-        embeds = self._embed(ids, batch.get("und_images"))
-        has_gen = "gen_images" in batch
+        embeds = self._embed(ids, as_unit_float(batch.get("und_images")))
+        gen_images = as_unit_float(batch.get("gen_images"))
+        has_gen = gen_images is not None
         if has_gen:
             with torch.no_grad():
-                x1 = self.autoencoder.encode(batch["gen_images"])
+                x1 = self.autoencoder.encode(gen_images)
             x0, t = batch["gen_noise"], batch["gen_t"]
             embeds, skip, temb = self._embed_gen(embeds, ids, interpolate(x1, x0, t), t)
         elif (ids == self.vocab.gen).any():
@@ -112,33 +145,35 @@ class UnifiedModel(nn.Module):
         out = run_decoder(self.llm.get_decoder(), h_in, pos_in, attn, output_hidden_states=need_repa)
         hidden = out.last_hidden_state.reshape(embeds.shape)
 
-        zero = embeds.new_zeros(())
-        losses = {"text": zero, "flow": zero, "repa": zero}
+        zero = embeds.new_zeros((), dtype=torch.float32)
+        losses = {f"{k}_{s}": zero for k in ("text", "flow", "repa") for s in ("sum", "count")}
         targets = batch["targets"]
         text_mask = targets != IGNORE
         if text_mask.any():
             logits = self.llm.get_output_embeddings()(hidden[text_mask]).float()
             per_token = F.cross_entropy(logits, targets[text_mask], reduction="none")
-            losses["text"] = per_token.mean()
+            w = batch.get("loss_weights")
+            w = w[text_mask].float() if w is not None else torch.ones_like(per_token)
+            losses["text_sum"], losses["text_count"] = (per_token * w).sum(), w.sum().detach()
             losses["text_per_token"] = per_token.detach()
         if has_gen:
             gen_mask = ids == self.vocab.gen
             n, m = x1.shape[0], self.gen_tokens_per_image
             v = self.gen_decoder(hidden[gen_mask].view(n, m, -1), skip, temb)
             per_image = (v.float() - target_velocity(x1, x0)).pow(2).flatten(1).mean(1)
-            losses["flow"] = per_image.mean()
+            losses["flow_sum"], losses["flow_count"] = per_image.sum(), zero + n
             losses["flow_per_image"] = per_image.detach()
             if need_repa:
                 layer_h = out.hidden_states[self.cfg.flow.repa_layer].reshape(embeds.shape)
                 pred = self.repa_proj(layer_h[gen_mask].view(n, m, -1))
                 with torch.no_grad():
-                    target = self.und.features(self._to_und_images(batch["gen_images"]))
-                losses["repa"] = -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
-        c = self.cfg
-        losses["loss"] = (
-            c.text_loss_weight * losses["text"] + c.flow_loss_weight * losses["flow"]
-            + c.flow.repa_weight * losses["repa"]
-        )  # fmt: skip
+                    target = self.und.features(self._to_und_images(gen_images))
+                per_image_repa = -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean(1)
+                losses["repa_sum"], losses["repa_count"] = per_image_repa.sum(), zero + n
+        counts = {k: float(losses[f"{k}_count"]) for k in ("text", "flow", "repa")}
+        for k in ("text", "flow", "repa"):  # per-batch means, for logs and tests
+            losses[k] = losses[f"{k}_sum"].detach() / max(counts[k], 1e-12)
+        losses["loss"] = self.combine(losses, counts)
         return losses
 
     def _to_und_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -257,6 +292,13 @@ class UnifiedModel(nn.Module):
             noise = torch.randn((n, *self.latent_shape), generator=generator)
         latents = euler_sample(velocity, noise.to(dev), steps)
         return self.autoencoder.decode(latents)
+
+
+def as_unit_float(images: torch.Tensor | None) -> torch.Tensor | None:
+    """Images travel as uint8 from the loader to the model; the model works on [0,1] floats."""
+    if images is None or images.is_floating_point():
+        return images
+    return images.float() / 255.0
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:
