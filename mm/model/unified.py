@@ -12,6 +12,7 @@ Training forward on a packed batch (data/pack.py):
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -200,8 +201,18 @@ class UnifiedModel(nn.Module):
         return batch
 
     @torch.no_grad()
-    def answer(self, images: torch.Tensor, questions: list[str], max_new_tokens: int = 8) -> list[str]:
-        """Greedy answers to ``questions`` about [0,1] ``images`` (one image each)."""
+    def answer(
+        self,
+        images: torch.Tensor,
+        questions: list[str],
+        max_new_tokens: int = 8,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        """Greedy answers to ``questions`` about [0,1] ``images`` (one image each).
+
+        ``on_token(row, token_id)`` is called for every new token of an unfinished
+        row as soon as it is chosen (streaming).
+        """
         dev = next(self.parameters()).device
         samples = [
             understanding_sample(self.vocab, img, self.und.tokens_per_image, q, None)
@@ -222,6 +233,8 @@ class UnifiedModel(nn.Module):
                         done[i] = True
                     else:
                         out[i].append(tok)
+                        if on_token is not None:
+                            on_token(i, tok)
             if done.all():
                 break
             embeds = torch.cat([embeds, self.llm.get_input_embeddings()(nxt[:, None])], 1)
