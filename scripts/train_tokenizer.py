@@ -74,6 +74,8 @@ class TokenizerTrainConfig:
     log_every: int = 100
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch default
+    device: str = "cpu"  # "cuda" for the real config
+    bf16: bool = False  # bf16 autocast for the convolutions (the band and codebook math stays float32)
 
 
 @dataclass
@@ -293,8 +295,11 @@ def train(cfg: TokenizerRunConfig, batches: Iterable[torch.Tensor], out_dir: Pat
     t = cfg.train
     torch.manual_seed(t.seed)
     gen = torch.Generator().manual_seed(t.seed)
-    tok = FreqTokenizer(cfg.model)
+    device = torch.device(t.device)
+    tok = FreqTokenizer(cfg.model).to(device)
     perceptual = PERCEPTUAL_NETS[cfg.perceptual.kind](cfg.perceptual.weights) if cfg.perceptual.kind else None
+    if perceptual is not None:
+        perceptual.to(device)
     opt = torch.optim.AdamW(tok.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     window = torch.zeros(cfg.model.codebook_size, dtype=torch.long)  # code use since the last log line
     sums: dict[str, float] = {}
@@ -305,17 +310,19 @@ def train(cfg: TokenizerRunConfig, batches: Iterable[torch.Tensor], out_dir: Pat
     for step, batch in zip(range(t.steps), batches):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, t)
-        out = tok(batch, single_scale_weight=t.single_scale_weight)
-        loss = out["loss"]
-        if perceptual is not None:
-            out["perceptual"] = perceptual(out["recon"], batch.float() / 255.0)
-            loss = loss + cfg.perceptual.weight * out["perceptual"]
+        batch = batch.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16):
+            out = tok(batch, single_scale_weight=t.single_scale_weight)
+            loss = out["loss"]
+            if perceptual is not None:
+                out["perceptual"] = perceptual(out["recon"], batch.float() / 255.0)
+                loss = loss + cfg.perceptual.weight * out["perceptual"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(tok.parameters(), t.grad_clip)
         opt.step()
         restarted += tok.codebook.update(out["vectors"], out["indices"], generator=gen)
-        window += torch.bincount(out["indices"], minlength=cfg.model.codebook_size)
+        window += torch.bincount(out["indices"].cpu(), minlength=cfg.model.codebook_size)
         for k in ("loss", "pixel", "feature", "ss_pixel", "ss_feature", "perceptual"):
             if k in out:
                 sums[k] = sums.get(k, 0.0) + float(out[k].detach())
@@ -349,16 +356,16 @@ def train(cfg: TokenizerRunConfig, batches: Iterable[torch.Tensor], out_dir: Pat
 def evaluate(tok: FreqTokenizer, split: Split, batch_size: int = 256) -> dict:
     """Held-out reconstruction error per number of stages used, single-scale error, codebook usage."""
     tok.eval()
+    device = tok.codebook.embed.device
     n_stages = len(tok.stages)
-    mse = torch.zeros(n_stages)
-    feat_err = torch.zeros(n_stages)
+    mse = torch.zeros(n_stages, device=device)
+    feat_err = torch.zeros(n_stages, device=device)
     ss_mse, ss_feat_err = 0.0, 0.0
     counts = torch.zeros(n_stages, tok.codebook_size, dtype=torch.long)
     ss_counts = torch.zeros(tok.codebook_size, dtype=torch.long)
     recon_nfig, recon_ss = [], []
     for i in range(0, len(split.images), batch_size):
-        images = split.images[i : i + batch_size]
-        x = images.float() / 255.0
+        x = split.images[i : i + batch_size].to(device).float() / 255.0
         f = tok.encoder(x * 2 - 1)
         codes, prefixes, _ = tok.quantize(f)
         f_energy = f.pow(2).sum((1, 2, 3))
@@ -366,16 +373,16 @@ def evaluate(tok: FreqTokenizer, split: Split, batch_size: int = 256) -> dict:
             y = tok.decode_features(prefixes[k])
             mse[k] += F.mse_loss(y, x, reduction="none").mean((1, 2, 3)).sum()
             feat_err[k] += ((f - prefixes[k]).pow(2).sum((1, 2, 3)) / f_energy).sum()
-            counts[k] += torch.bincount(codes[k].reshape(-1), minlength=tok.codebook_size)
-        recon_nfig.append(y)
+            counts[k] += torch.bincount(codes[k].reshape(-1).cpu(), minlength=tok.codebook_size)
+        recon_nfig.append(y.cpu())
         ss_codes, ss_hat = tok.quantize_single_scale(f)
         y_ss = tok.decode_features(ss_hat)
         ss_mse += float(F.mse_loss(y_ss, x, reduction="none").mean((1, 2, 3)).sum())
         ss_feat_err += float(((f - ss_hat).pow(2).sum((1, 2, 3)) / f_energy).sum())
-        ss_counts += torch.bincount(ss_codes.reshape(-1), minlength=tok.codebook_size)
-        recon_ss.append(y_ss)
+        ss_counts += torch.bincount(ss_codes.reshape(-1).cpu(), minlength=tok.codebook_size)
+        recon_ss.append(y_ss.cpu())
     n = len(split.images)
-    mse, feat_err = mse / n, feat_err / n
+    mse, feat_err = mse.cpu() / n, feat_err.cpu() / n
     total = counts.sum(0)
     return {
         "n_images": n,
@@ -430,11 +437,13 @@ def digit_classifier_report(heldout: Split, recon_nfig: torch.Tensor, recon_ss: 
 
 def save_reconstruction_grid(tok: FreqTokenizer, images: torch.Tensor, path: Path, scale: int = 8) -> None:
     """Rows: originals, decodes from the first 1..n stages, single-scale decode; one column per image."""
+    images = images.to(tok.codebook.embed.device)
     with torch.no_grad():
         codes = tok.encode(images)
         rows = [images.float() / 255.0]
         rows += [tok.decode(codes[: k + 1]) for k in range(len(codes))]
         rows.append(tok.decode(tok.encode(images, single_scale=True), single_scale=True))
+    rows = [r.cpu() for r in rows]
     n, c, h, w = rows[0].shape
     canvas = torch.full((c, len(rows) * (h + 1) + 1, n * (w + 1) + 1), 0.5)
     for r, row in enumerate(rows):

@@ -122,8 +122,6 @@ def resample(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
 
 def project(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Keep the frequencies of ``mask`` (float [h,h]) of a real map x [..., h, h]."""
-    if bool(mask.all()):
-        return x
     return torch.fft.ifft2(torch.fft.fft2(x) * mask).real
 
 
@@ -195,8 +193,8 @@ class EMACodebook(nn.Module):
             self._restart(torch.ones(self.size, dtype=torch.bool, device=vectors.device), vectors, generator)
             self.initialized.fill_(True)
             return self.size
-        onehot = F.one_hot(indices, self.size).to(vectors.dtype)  # [M,K]: a matmul beats index_add_ on CPU
-        counts, sums = onehot.sum(0), onehot.T @ vectors
+        counts = torch.bincount(indices, minlength=self.size).to(vectors.dtype)
+        sums = torch.zeros_like(self.embed).index_add_(0, indices, vectors)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         used = self.cluster_size > 0
@@ -297,10 +295,10 @@ class FreqTokenizer(nn.Module):
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.codebook = EMACodebook(cfg.codebook_size, cfg.code_dim, cfg.lookup, cfg.ema_decay, cfg.dead_code_threshold)
         h = self.feature_size
-        bands = band_masks(h, h, self.stages)
+        scopes = RESIDUAL_SCOPES[cfg.residual_scope](band_masks(h, h, self.stages))
         # Derived, not learned: non-persistent buffers (they follow .to(device); checkpoints hold weights only).
-        self.register_buffer("band_mask", bands.float(), persistent=False)
-        self.register_buffer("scope_mask", RESIDUAL_SCOPES[cfg.residual_scope](bands).float(), persistent=False)
+        self.register_buffer("scope_mask", scopes.float(), persistent=False)
+        self._full_scope = [bool(m.all()) for m in scopes]  # the last cumulative stage keeps everything: no FFT
         for i, s in enumerate(self.stages):
             self.register_buffer(f"down_{i}", spectral_resample_matrix(h, s), persistent=False)
             self.register_buffer(f"up_{i}", spectral_resample_matrix(s, h), persistent=False)
@@ -312,6 +310,14 @@ class FreqTokenizer(nn.Module):
 
     def _up(self, stage: int) -> torch.Tensor:
         return getattr(self, f"up_{stage}")
+
+    def _project(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        return x if self._full_scope[stage] else project(x, self.scope_mask[stage])
+
+    def _float32(self) -> torch.autocast:
+        """The band/codebook math runs in float32 even inside an autocast region (FFTs have no bf16; code
+        lookups in bf16 would flip nearest codes)."""
+        return torch.autocast(self.codebook.embed.device.type, enabled=False)
 
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Validate [N,C,H,W] images (uint8, or float in [0,1]) and map them to [-1,1]."""
@@ -337,12 +343,14 @@ class FreqTokenizer(nn.Module):
 
     def stage_contribution(self, codes_k: torch.Tensor, stage: int) -> torch.Tensor:
         """What stage ``stage``'s codes [N,s,s] add to the h x h map: P_i(up_i(code vectors)), [N,D,h,h]."""
-        q = self.codebook(codes_k).permute(0, 3, 1, 2)
-        return project(resample(q, self._up(stage)), self.scope_mask[stage])
+        with self._float32():
+            q = self.codebook(codes_k).permute(0, 3, 1, 2)
+            return self._project(resample(q, self._up(stage)), stage)
 
     def _grid_tokens(self, f: torch.Tensor, stage: int) -> torch.Tensor:
         """[N,D,h,h] -> its samples on stage ``stage``'s grid as tokens [N, s*s, D]."""
-        return resample(f, self._down(stage)).flatten(2).transpose(1, 2)
+        with self._float32():
+            return resample(f.float(), self._down(stage)).flatten(2).transpose(1, 2)
 
     @torch.no_grad()
     def quantize(self, f: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
@@ -354,21 +362,23 @@ class FreqTokenizer(nn.Module):
         f = f.detach().float()
         acc = torch.zeros_like(f)
         codes, prefixes, targets = [], [], []
-        for i in range(len(self.stages)):
-            target = resample(project(f - acc, self.scope_mask[i]), self._down(i))  # [N,D,s,s]
-            vectors = target.permute(0, 2, 3, 1)
-            idx = self.codebook.lookup(vectors)
-            acc = acc + self.stage_contribution(idx, i)
-            codes.append(idx)
-            prefixes.append(acc)
-            targets.append(vectors.reshape(-1, self.code_dim))
+        with self._float32():
+            for i in range(len(self.stages)):
+                target = resample(self._project(f - acc, i), self._down(i))  # [N,D,s,s]
+                vectors = target.permute(0, 2, 3, 1)
+                idx = self.codebook.lookup(vectors)
+                acc = acc + self.stage_contribution(idx, i)
+                codes.append(idx)
+                prefixes.append(acc)
+                targets.append(vectors.reshape(-1, self.code_dim))
         return codes, prefixes, torch.cat(targets)
 
     @torch.no_grad()
     def quantize_single_scale(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain VQ of every vector of f: (codes [N,h,h], f_hat [N,D,h,h])."""
-        idx = self.codebook.lookup(f.detach().float().permute(0, 2, 3, 1))
-        return idx, self.codebook(idx).permute(0, 3, 1, 2)
+        with self._float32():
+            idx = self.codebook.lookup(f.detach().float().permute(0, 2, 3, 1))
+            return idx, self.codebook(idx).permute(0, 3, 1, 2)
 
     # -- training ----------------------------------------------------------------------------------------------
 
@@ -474,7 +484,8 @@ class FreqTokenizer(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"))
         (path / "tokenizer_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
 
     @classmethod
