@@ -98,6 +98,38 @@ class FlowConfig:
 
 
 @dataclass
+class FreqTokenizerConfig:
+    """Frequency-band image tokenizer (NFIG's FR-VAE), ``mm.model.freq_tokenizer``; trained by
+    ``scripts/train_tokenizer.py``. Defaults are the tiny digits tokenizer (8x8 grey -> 4x4 map)."""
+
+    image_size: int = 8
+    image_channels: int = 1
+    channels: tuple[int, ...] = (64, 128)  # conv widths per resolution level, finest first; len - 1 = 2x downsamples
+    blocks_per_level: int = 1  # residual blocks per level (encoder and decoder)
+    code_dim: int = 16  # channels of the feature map = width of a code vector
+    codebook_size: int = 256  # one codebook shared by every stage (and by single-scale mode)
+    stages: tuple[int, ...] = (1, 2, 4)  # s_1..s_n: stage i has s_i x s_i tokens; s_n = side of the feature map
+    residual_scope: str = "cumulative"  # key of freq_tokenizer.RESIDUAL_SCOPES
+    lookup: str = "cosine"  # key of freq_tokenizer.CODE_LOOKUPS (cosine = l2-normalised matching)
+    commitment: float = 0.25  # beta of ||f - sg(f_hat_k)||^2
+    ema_decay: float = 0.99  # codebook EMA (k-means) decay
+    dead_code_threshold: float = 1.0  # EMA assignments per step below which a code is restarted
+
+    def __post_init__(self) -> None:
+        s = list(self.stages)
+        if not s or s[0] < 1 or any(b <= a for a, b in zip(s, s[1:])):
+            raise ValueError(f"tokenizer stages must be strictly increasing positive sizes, got {s}")
+        levels = len(self.channels)
+        if levels < 1 or self.image_size % 2 ** (levels - 1) or self.image_size // 2 ** (levels - 1) != s[-1]:
+            raise ValueError(
+                f"tokenizer: image_size={self.image_size} with {levels} levels ({levels - 1} 2x downsamples) gives a "
+                f"{self.image_size / 2 ** (levels - 1):g} map, but the last stage is {s[-1]}; they must be equal"
+            )
+        if self.codebook_size < 2 or self.code_dim < 1:
+            raise ValueError("tokenizer: codebook_size must be >= 2 and code_dim >= 1")
+
+
+@dataclass
 class ModelConfig:
     und: UndEncoderConfig = field(default_factory=UndEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
