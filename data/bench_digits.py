@@ -14,14 +14,15 @@ neighbours, so connected components separate the digits).
 | digits_vqa | 359 | "what digit is this ?" on each held-out digit (exact answer) |
 | digits_t2i | 10 | "draw the digit d" |
 | digits_mcq | 4 x 150 | which digit / how many digits, 4 options A-D, every rotation (CircularEval) |
-| digits_pope | 3 splits x 360 | "Is there a d in the image?" on 3-digit canvases: 3 present + 3 absent digits per canvas, absent ones drawn at random, from the most frequent digits (popular) or from the digits that look most like a present one (adversarial) |
+| digits_pope | 3 splits x 360 | "Is there a d in the image?" on 3-digit canvases: 3 present, 3 absent |
 | digits_mme | 4 x 40 images x 2 | yes/no pairs (one yes, one no per image): existence, count, position, recognition |
 | digits_geneval | 80 prompts | GenEval metadata: single object, two objects, counting, position |
 
-POPE's adversarial negatives are the objects that co-occur most with the present
-ones; digits are placed independently, so co-occurrence carries no signal here and
-the adversarial split ranks absent digits by visual similarity instead (distance
-between class-mean images of the training split).
+POPE's absent objects: drawn at random (random), from the most frequent digits (popular)
+or, for adversarial, POPE takes the objects that co-occur most with the present ones;
+digits are placed independently, so co-occurrence carries no signal here and the
+adversarial split takes the absent digits that look most like a present one instead
+(distance between class-mean images of the training split).
 
     python -m data.bench_digits [--out data/bench]                     # eval datasets
     python -m data.bench_digits --train-out DIR --train-per-kind 500   # LLaVA-style training records

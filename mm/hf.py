@@ -159,7 +159,11 @@ def build_unified(config: UnifiedMMConfig, tokenizer):
     )
     for path, spec in config.part_configs.items():
         cls = _library_class(spec["library"], spec["class"])
-        part = cls.from_config(spec["config"]) if spec["library"] == "diffusers" else cls(cls.config_class(**spec["config"]))
+        part = (
+            cls.from_config(spec["config"])
+            if spec["library"] == "diffusers"
+            else cls(cls.config_class(**spec["config"]))
+        )
         parent, _, leaf = path.rpartition(".")
         setattr(unified.get_submodule(parent), leaf, part.requires_grad_(False).eval())
     return unified

@@ -64,7 +64,9 @@ def relative_position(a: tuple, b: tuple) -> set[str]:
     return rels
 
 
-def geneval_judge(metadata: dict, detections: list[Detection], class_names: dict[int, str] | None = None) -> tuple[bool, str]:
+def geneval_judge(
+    metadata: dict, detections: list[Detection], class_names: dict[int, str] | None = None
+) -> tuple[bool, str]:
     """(correct, reason) of one image under GenEval's rules (colour rules are not supported)."""
     threshold = GENEVAL_COUNTING_THRESHOLD if metadata.get("tag") == "counting" else GENEVAL_THRESHOLD
     by_class: dict[str, list[Detection]] = defaultdict(list)
@@ -89,7 +91,8 @@ def geneval_judge(metadata: dict, detections: list[Detection], class_names: dict
                     for tgt in groups[target]:
                         if rel not in relative_position(obj.box, tgt.box):
                             matched = False
-                            reasons.append(f"expected {req['class']} {rel} target, found {sorted(relative_position(obj.box, tgt.box))}")
+                            found_rel = sorted(relative_position(obj.box, tgt.box))
+                            reasons.append(f"expected {req['class']} {rel} target, found {found_rel}")
                             break
                     if not matched:
                         break
@@ -238,7 +241,9 @@ def inception_metrics(fake: np.ndarray, real: np.ndarray, weights: str | Path) -
 
 
 @torch.no_grad()
-def clip_score(images: np.ndarray, texts: list[str], arch: str, weights: str | Path, batch_size: int = 64) -> float | str:
+def clip_score(
+    images: np.ndarray, texts: list[str], arch: str, weights: str | Path, batch_size: int = 64
+) -> float | str:
     """Mean of 100 * max(cos(image embedding, text embedding), 0) with a local open_clip checkpoint."""
     if not weights or not Path(weights).is_file():
         return skipped(weights or "<unset: eval.clip_weights>")

@@ -60,7 +60,9 @@ def ensure_bench_datasets(tasks: list[TaskConfig], build: bool) -> None:
         if path.exists() or path.parent != BENCH_ROOT or path.name not in BENCH_DATASETS:
             continue
         if not build:
-            raise FileNotFoundError(f"{path} missing: run `python -m data.bench_digits` (or eval.build_if_missing=true)")
+            raise FileNotFoundError(
+                f"{path} missing: run `python -m data.bench_digits` (or eval.build_if_missing=true)"
+            )
         print(f"building bundled benchmark dataset {path}", flush=True)
         build_bench(BENCH_ROOT, [path.name])
 
@@ -79,7 +81,13 @@ def cut_at(text: str, until: list[str] | str | None) -> str:
 
 
 def answer_all(
-    model, processor, visuals: list[list], prompts: list[str], keys: list, gen_kwargs: dict, batch_size: int,
+    model,
+    processor,
+    visuals: list[list],
+    prompts: list[str],
+    keys: list,
+    gen_kwargs: dict,
+    batch_size: int,
     desc: str = "answer",
 ) -> list[str]:
     """Greedy answers, one image per question, batched by prompt length.
@@ -203,14 +211,20 @@ def run_task(task: TaskConfig, loaded, eval_cfg: EvalConfig, out_dir: Path) -> t
         per_doc = [task.process_results(doc, imgs) for doc, imgs in zip(docs, images)]
         recipe["generation_kwargs"] = {**sampling, "images_per_prompt": per_prompt, "seed": seed}
         for i, (p, t, res) in enumerate(zip(prompts, targets, per_doc)):
-            paths = [str((layout / f"{i:05d}" / "samples" / f"{j:04d}.png").relative_to(out_dir)) for j in range(per_prompt)]
-            samples.append({"doc_id": i, "prompt": p, "target": _jsonable(t), "images": paths, "results": _jsonable(res)})
+            paths = [
+                str((layout / f"{i:05d}" / "samples" / f"{j:04d}.png").relative_to(out_dir)) for j in range(per_prompt)
+            ]
+            samples.append(
+                {"doc_id": i, "prompt": p, "target": _jsonable(t), "images": paths, "results": _jsonable(res)}
+            )
     ctx = EvalContext(task.task, out_dir, eval_cfg, seed)
     metrics = aggregate(task, per_doc, ctx)
     metrics["n"] = len(docs)
     recipe["prompt_example"] = prompts[0] if prompts else ""
     recipe["scoring"] = (task.metadata or {}).get("scoring", "") if isinstance(task.metadata, dict) else ""
-    recipe["task_file"] = str(task.yaml_path.relative_to(REPO_ROOT)) if task.yaml_path.is_relative_to(REPO_ROOT) else str(task.yaml_path)
+    recipe["task_file"] = (
+        str(task.yaml_path.relative_to(REPO_ROOT)) if task.yaml_path.is_relative_to(REPO_ROOT) else str(task.yaml_path)
+    )
     metrics["recipe"] = recipe
     metrics["examples"] = [{k: s[k] for k in ("target", "response", "images") if k in s} for s in samples[:10]]
     return metrics, samples

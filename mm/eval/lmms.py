@@ -77,7 +77,9 @@ class UnifiedMMLmms(lmms):
         return out
 
     def loglikelihood(self, requests):
-        raise NotImplementedError("unified_mm answers by generation; use generate_until tasks (multiple choice included)")
+        raise NotImplementedError(
+            "unified_mm answers by generation; use generate_until tasks (multiple choice included)"
+        )
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("unified_mm answers one question per image; multi-round chat is not supported")

@@ -149,7 +149,9 @@ def load_release(folder: Path, overrides: list[str] | None = None) -> LoadedMode
     overrides = list(overrides or [])
     bad = [o for o in overrides if not o.startswith(("eval.", "model.flow.sample_steps", "model.flow.cfg_scale"))]
     if bad:
-        raise ConfigError(f"with a release folder only eval.* and model.flow.{{sample_steps,cfg_scale}} can be overridden: {bad}")
+        raise ConfigError(
+            f"with a release folder only eval.* and model.flow.{{sample_steps,cfg_scale}} can be overridden: {bad}"
+        )
     eval_cfg = load_config(None, [o for o in overrides if o.startswith("eval.")]).eval
     model_cfg = hf.config.to_model_config()
     flow = model_cfg.flow

@@ -174,7 +174,9 @@ def mme_scores(records: Iterable[dict]) -> dict:
         images = by_cat[cat]
         bad = [k for k, v in images.items() if len(v) != 2]
         if bad:
-            raise ValueError(f"MME needs two questions per image; category {cat!r} image {bad[0]!r} has {len(images[bad[0]])}")
+            raise ValueError(
+                f"MME needs two questions per image; category {cat!r} image {bad[0]!r} has {len(images[bad[0]])}"
+            )
         q = [c for v in images.values() for c in v]
         img = [all(v) for v in images.values()]
         acc, acc_plus = sum(q) / len(q), sum(img) / len(img)
