@@ -46,6 +46,11 @@ def main() -> None:
             print(f"{name:32s} {path}")
         return
     tasks = [t for arg in args.tasks or [] for t in arg.split(",") if t] or None
+    threads = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("eval.threads=")), 0)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if args.model:
         loaded = load_release(Path(args.model), overrides)
         out = Path(args.out) if args.out else Path(args.model) / "eval"

@@ -330,25 +330,46 @@ def _features(rows: list[dict]):
     return datasets.Features(feats)
 
 
-def build_bench(out_dir: str | Path, names: list[str] | None = None, seed: int = 0) -> list[Path]:
-    """Write each dataset to ``out_dir/<name>`` (``DatasetDict.save_to_disk``, atomically)."""
+def build_bench(
+    out_dir: str | Path, names: list[str] | None = None, seed: int = 0, replace: bool = False
+) -> list[Path]:
+    """Write each dataset to ``out_dir/<name>`` (``DatasetDict.save_to_disk``).
+
+    Each is written to a private temporary folder and renamed into place, so concurrent
+    builders (parallel test runs) never see half a dataset; an existing one is kept
+    unless ``replace``.
+    """
+    import os
     import shutil
 
     import datasets
 
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name in names or list(BENCH_DATASETS):
-        splits = BENCH_DATASETS[name](seed)
-        dd = datasets.DatasetDict(
-            {k: datasets.Dataset.from_list(rows, features=_features(rows)) for k, rows in splits.items()}
-        )
-        final, tmp = out_dir / name, out_dir / f".tmp_{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        dd.save_to_disk(str(tmp))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        paths.append(final)
+    quiet = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        for name in names or list(BENCH_DATASETS):
+            final, tmp = out_dir / name, out_dir / f".tmp_{name}_{os.getpid()}"
+            paths.append(final)
+            if final.exists() and not replace:
+                continue
+            splits = BENCH_DATASETS[name](seed)
+            dd = datasets.DatasetDict(
+                {k: datasets.Dataset.from_list(rows, features=_features(rows)) for k, rows in splits.items()}
+            )
+            shutil.rmtree(tmp, ignore_errors=True)
+            dd.save_to_disk(str(tmp))
+            if replace:
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                tmp.rename(final)
+            except OSError:  # another process put it there first: theirs is identical
+                shutil.rmtree(tmp)
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
     return paths
 
 
@@ -452,7 +473,7 @@ if __name__ == "__main__":
     ap.add_argument("--train-out", default=None, help="also write LLaVA-style training records here")
     ap.add_argument("--train-per-kind", type=int, default=500)
     args = ap.parse_args()
-    for p in build_bench(args.out):
+    for p in build_bench(args.out, replace=True):
         print(p)
     if args.train_out:
         print(write_training_data(args.train_out, args.train_per_kind))

@@ -149,6 +149,7 @@ class EvalConfig:
     images_per_prompt: int = 0  # generation tasks; 0 = each task's own generation_kwargs
     batch_size: int = 64  # questions (or images) per model call
     seed: int = 0  # generation noise: torch.Generator(seed + crc32(task))
+    threads: int = 0  # torch intra-op threads; 0 = torch default (1 is faster on a CPU shared with other jobs)
     grid_columns: int = 10
     inception_weights: str = ""  # local torchvision inception_v3 state dict (FID/KID); "" or missing = skipped
     clip_arch: str = "ViT-B-32"  # open_clip architecture of clip_weights

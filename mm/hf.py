@@ -115,17 +115,26 @@ def describe_loaded_parts(model: torch.nn.Module, model_cfg: ModelConfig) -> dic
     if model_cfg.autoencoder.path and model_cfg.autoencoder.kind == "diffusers_kl":
         m = model.autoencoder.vae
         out["autoencoder.vae"] = {"library": "diffusers", "class": type(m).__name__, "config": dict(m.config)}
+    for path, spec in out.items():
+        spec["dtype"] = str(next(model.get_submodule(path).parameters()).dtype).removeprefix("torch.")
     return out
 
 
-def release_model_config(model_cfg: ModelConfig, llm_config: PreTrainedConfig) -> ModelConfig:
-    """The model config of a release: no local paths, the LLM's true shape, SDPA for inference.
+def release_model_config(model: torch.nn.Module, model_cfg: ModelConfig) -> ModelConfig:
+    """The model config of a release: no local paths, the loaded parts' true shapes, SDPA for inference.
 
     Paths are cleared because the weights they named are inside the release; the shape
-    fields are what the UnifiedModel sizes its aligners from; flash-attn varlen cannot
-    take the padded, masked rows of inference, so a release says ``sdpa``.
+    fields are what the UnifiedModel sizes its aligners and REPA projection from (a part
+    loaded from a path ignores them); flash-attn varlen cannot take the padded, masked
+    rows of inference, so a release says ``sdpa``.
     """
     cfg = copy.deepcopy(model_cfg)
+    llm_config = model.llm.config
+    if cfg.und.weights and cfg.und.kind == "hf_siglip":
+        t = model.und.tower.model.config
+        cfg.und.width, cfg.und.layers, cfg.und.heads = t.hidden_size, t.num_hidden_layers, t.num_attention_heads
+        cfg.und.mlp_ratio = t.intermediate_size / t.hidden_size
+        cfg.und.image_size, cfg.und.patch_size, cfg.und.in_channels = t.image_size, t.patch_size, t.num_channels
     cfg.und.weights = ""
     cfg.autoencoder.path = ""
     llm = cfg.llm
@@ -154,18 +163,23 @@ def build_unified(config: UnifiedMMConfig, tokenizer):
     unified = UnifiedModel(model_cfg, Vocab(tokenizer))
     # Rebuilt from the saved transformers config: exact architecture (rope, norms, ties) without the
     # original weights directory. (An ``LLMConfig`` field taking an HF config would avoid the first build.)
+    text_dtype = config.text_config.dtype if isinstance(config.text_config.dtype, torch.dtype) else None
     unified.llm = AutoModelForCausalLM.from_config(
-        config.text_config, attn_implementation=model_cfg.llm.attn_implementation
+        config.text_config, attn_implementation=model_cfg.llm.attn_implementation, dtype=text_dtype
     )
     for path, spec in config.part_configs.items():
         cls = _library_class(spec["library"], spec["class"])
-        part = (
-            cls.from_config(spec["config"])
-            if spec["library"] == "diffusers"
-            else cls(cls.config_class(**spec["config"]))
-        )
+        if spec["library"] == "diffusers":
+            part = cls.from_config(spec["config"])
+        else:
+            part = cls(cls.config_class(**spec["config"]))
         parent, _, leaf = path.rpartition(".")
-        setattr(unified.get_submodule(parent), leaf, part.requires_grad_(False).eval())
+        part = part.to(getattr(torch, spec.get("dtype", "float32"))).requires_grad_(False).eval()
+        owner = unified.get_submodule(parent)
+        setattr(owner, leaf, part)
+        if hasattr(owner, "scaling") and hasattr(part.config, "scaling_factor"):
+            # DiffusersKL copies the VAE's latent scaling at construction: copy the rebuilt VAE's
+            owner.scaling = float(part.config.scaling_factor)
     return unified
 
 
@@ -232,10 +246,27 @@ def _load_tokenizer(folder: str):
 def wrap(unified, model_cfg: ModelConfig) -> UnifiedMMModel:
     """A ``UnifiedMMModel`` around an existing ``UnifiedModel`` (shares its parameters), ready to save."""
     cfg = UnifiedMMConfig.from_model_config(
-        release_model_config(model_cfg, unified.llm.config), unified.llm.config,
-        describe_loaded_parts(unified, model_cfg),
-    )  # fmt: skip
+        release_model_config(unified, model_cfg), unified.llm.config, describe_loaded_parts(unified, model_cfg)
+    )
     return UnifiedMMModel(cfg, unified=unified)
+
+
+def image_head_recipes(model_cfg: ModelConfig) -> dict[str, dict]:
+    """Sampling recipe of each image head the model carries (today: JanusFlow's rectified flow)."""
+    f = model_cfg.flow
+    return {"flow": {"sampler": "euler", "steps": f.sample_steps, "cfg_scale": f.cfg_scale, "cfg_rule": "u + w(c - u)"}}
+
+
+def generation_config(model_cfg: ModelConfig, vocab, max_new_tokens: int = 16):
+    """``generation_config.json``: greedy text decoding, and the default image head with its recipe."""
+    from transformers import GenerationConfig
+
+    recipes = image_head_recipes(model_cfg)
+    head = next(iter(recipes))
+    return GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, bos_token_id=vocab.bos, eos_token_id=vocab.eos,
+        pad_token_id=vocab.pad, image_head=head, image_heads=recipes,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------

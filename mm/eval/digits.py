@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 from sklearn.neural_network import MLPClassifier
+from threadpoolctl import threadpool_limits
 
 from data.digits import load_digit_split
 
@@ -36,7 +37,8 @@ class DigitJudge:
         if crops:
             x_tr, x_te = normalise_frames(x_tr), normalise_frames(x_te)
         clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=600, random_state=seed)
-        clf.fit(x_tr.reshape(len(x_tr), -1), y_tr)
+        with threadpool_limits(1):  # one BLAS thread: the same judge whatever the machine's thread settings
+            clf.fit(x_tr.reshape(len(x_tr), -1), y_tr)
         return cls(clf, float(clf.score(x_te.reshape(len(x_te), -1), y_te)))
 
     def predict(self, images: np.ndarray) -> np.ndarray:

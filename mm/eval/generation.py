@@ -122,6 +122,21 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
 
 
+def image_grid(images: np.ndarray, columns: int, scale: int = 1, gap: int = 1) -> Image.Image:
+    """[N,C,H,W] (C = 1 or 3) floats in [0,1] -> one PIL image, ``columns`` per row, grey gaps, pixels x ``scale``."""
+    n, c, h, w = images.shape
+    rows = -(-n // columns)
+    canvas = np.full((rows * (h + gap) + gap, columns * (w + gap) + gap, c), 0.5, dtype=np.float32)
+    for i, img in enumerate(images):
+        r, k = divmod(i, columns)
+        y, x = gap + r * (h + gap), gap + k * (w + gap)
+        canvas[y : y + h, x : x + w] = np.clip(img, 0, 1).transpose(1, 2, 0)
+    pil = Image.fromarray(
+        np.round(canvas * 255).astype(np.uint8).squeeze(-1) if c == 1 else np.round(canvas * 255).astype(np.uint8)
+    )
+    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
+
+
 def write_geneval_layout(out_dir: Path, metadata: list[dict], images: list[list[np.ndarray]]) -> None:
     """``out_dir/<NNNNN>/metadata.jsonl`` (the prompt's metadata line) and ``samples/<SSSS>.png``."""
     for i, (meta, imgs) in enumerate(zip(metadata, images)):

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from mm.config import REPO_ROOT, EvalConfig
@@ -115,13 +116,17 @@ def answer_all(
 
 def sampling_recipe(model, gen_kwargs: dict) -> dict:
     """The image head's sampling settings a generation task runs with (task values over model defaults)."""
-    flow = model.cfg.flow
-    return {
-        "head": "flow",
-        "sampler": "euler",
-        "steps": int(gen_kwargs.get("steps") or flow.sample_steps),
-        "cfg_scale": float(gen_kwargs["cfg_scale"] if gen_kwargs.get("cfg_scale") is not None else flow.cfg_scale),
-    }
+    from mm.hf import image_head_recipes
+
+    recipes = image_head_recipes(model.cfg)
+    head = gen_kwargs.get("head") or next(iter(recipes))
+    if head not in recipes:
+        raise KeyError(f"image head {head!r} not in this model; it has {sorted(recipes)}")
+    recipe = {"head": head, **recipes[head]}
+    for k in ("steps", "cfg_scale"):
+        if gen_kwargs.get(k) is not None:
+            recipe[k] = gen_kwargs[k]
+    return recipe
 
 
 def generate_all(model, prompts: list[str], per_prompt: int, recipe: dict, seed: int, batch_size: int,
@@ -146,7 +151,12 @@ def generate_all(model, prompts: list[str], per_prompt: int, recipe: dict, seed:
 
 
 def aggregate(task: TaskConfig, per_doc: list[dict], ctx: EvalContext) -> dict[str, Any]:
-    """Each metric's aggregation over the documents that returned it."""
+    """Each metric's aggregation over the documents that returned it (one BLAS thread: see ``run_task``)."""
+    with threadpool_limits(1):
+        return _aggregate(task, per_doc, ctx)
+
+
+def _aggregate(task: TaskConfig, per_doc: list[dict], ctx: EvalContext) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for m in task.metric_list:
         name, agg = m["metric"], m.get("aggregation", "mean")
@@ -197,7 +207,8 @@ def run_task(task: TaskConfig, loaded, eval_cfg: EvalConfig, out_dir: Path) -> t
         visuals = [call_doc_fn(task.doc_to_visual, doc) for doc in docs]
         responses = answer_all(model, loaded.processor, visuals, prompts, list(range(len(docs))), gen_kwargs,
                                eval_cfg.batch_size, desc=task.task)  # fmt: skip
-        per_doc = [task.process_results(doc, [r]) for doc, r in zip(docs, responses)]
+        with threadpool_limits(1):
+            per_doc = [task.process_results(doc, [r]) for doc, r in zip(docs, responses)]
         recipe["generation_kwargs"] = {"decoding": "greedy", **gen_kwargs}
         for i, (p, t, r, res) in enumerate(zip(prompts, targets, responses, per_doc)):
             samples.append({"doc_id": i, "prompt": p, "target": t, "response": r, "results": _jsonable(res)})
@@ -208,7 +219,8 @@ def run_task(task: TaskConfig, loaded, eval_cfg: EvalConfig, out_dir: Path) -> t
         layout = out_dir / task.task
         meta = [json.loads(d["metadata"]) if "metadata" in d else {"prompt": p} for d, p in zip(docs, prompts)]
         write_geneval_layout(layout, meta, images)
-        per_doc = [task.process_results(doc, imgs) for doc, imgs in zip(docs, images)]
+        with threadpool_limits(1):  # scoring (numpy/scipy/sklearn) gives the same floats whatever the thread settings
+            per_doc = [task.process_results(doc, imgs) for doc, imgs in zip(docs, images)]
         recipe["generation_kwargs"] = {**sampling, "images_per_prompt": per_prompt, "seed": seed}
         for i, (p, t, res) in enumerate(zip(prompts, targets, per_doc)):
             paths = [

@@ -110,7 +110,8 @@ def _checkpoint_step(ckpt: Path) -> int:
     meta = ckpt / "trainer.json"
     if meta.is_file():
         return int(json.loads(meta.read_text())["step"])
-    digits = "".join(ch for ch in ckpt.name if ch.isdigit())
+    name = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else ckpt.name  # a ZeRO tag
+    digits = "".join(ch for ch in name if ch.isdigit())
     return int(digits) if digits else -1
 
 

@@ -5,7 +5,9 @@ As lmms-eval reads ``dataset_path`` + ``dataset_kwargs``:
 * ``dataset_kwargs: {load_from_disk: true}``: ``datasets.load_from_disk(dataset_path)``.
 * ``dataset_path: json | parquet | csv`` with ``dataset_kwargs: {data_files: ...}``: the
   ``datasets`` packaged builder on local files (JSONL is ``json``). A VLMEvalKit TSV is
-  ``csv`` with ``sep: "\\t"``; its base64 ``image`` column is decoded by
+  ``csv`` with ``sep: "\\t"`` and ``converters: !function mm.eval.sources.VLMEVALKIT_TEXT``
+  (text columns stay verbatim: pandas would read option "6" as 6.0 in a column with
+  empty cells); its base64 ``image`` column is decoded by
   :func:`decode_base64_image`, and rows whose ``image`` names another row's ``index``
   (VLMEvalKit's de-duplication) are resolved by :func:`resolve_tsv_image_refs`.
 
@@ -23,9 +25,11 @@ from pathlib import Path
 from PIL import Image
 
 from mm.config import REPO_ROOT
-from mm.eval.taskfile import TaskConfig, TaskFileError
+from mm.eval.taskfile import FunctionRef, TaskConfig, TaskFileError
 
 PACKAGED_BUILDERS = ("json", "parquet", "csv")
+# pandas converters that keep VLMEvalKit's text columns as written (empty cells still read as missing)
+VLMEVALKIT_TEXT = {c: str for c in ["question", "hint", "answer", "category", "l2-category", "image", *"ABCDEFGHI"]}
 
 
 def resolve_data_path(path: str, yaml_path: Path) -> Path:
@@ -50,7 +54,7 @@ def load_task_docs(cfg: TaskConfig):
     """The ``test_split`` of the task's dataset as a ``datasets.Dataset`` (``process_docs`` applied)."""
     import datasets
 
-    kwargs = dict(cfg.dataset_kwargs or {})
+    kwargs = {k: v.resolve() if isinstance(v, FunctionRef) else v for k, v in (cfg.dataset_kwargs or {}).items()}
     if kwargs.pop("load_from_disk", False):
         path = resolve_data_path(cfg.dataset_path, cfg.yaml_path)
         if not path.exists():

@@ -9,7 +9,8 @@ Keys (lmms-eval's names): ``task``, ``dataset_path``, ``dataset_kwargs``, ``test
 * ``include: other_yaml`` (or a list) loads those files first (relative to this file's
   folder) and lets this file override their keys, as lmms-eval does.
 * ``!function utils.name`` names ``name`` in ``utils.py`` next to the YAML file that
-  holds the tag; the module is imported on first use.
+  holds the tag (else in an importable module, ``!function mm.eval.sources.X``); the
+  module is imported on first use.
 * A file with ``group`` and a ``task`` list is a group of tasks.
 * Files without ``task``/``group`` (e.g. ``_default_template_yaml``) are only includes.
 
@@ -60,10 +61,16 @@ class FunctionRef:
     spec: str
 
     def resolve(self) -> Callable:
+        """The named attribute: from ``<module>.py`` next to the YAML, else from an importable module."""
         module_name, _, name = self.spec.rpartition(".")
         path = (self.folder / f"{module_name.replace('.', '/')}.py").resolve()
         if not path.is_file():
-            raise TaskFileError(f"!function {self.spec}: no file {path}")
+            try:  # lmms-eval's fallback: an absolute import (e.g. mm.eval.sources.VLMEVALKIT_TEXT)
+                return getattr(importlib.import_module(module_name), name)
+            except (ImportError, AttributeError):
+                raise TaskFileError(
+                    f"!function {self.spec}: neither {path} nor an importable {module_name!r}"
+                ) from None
         if path not in _MODULES:
             spec = importlib.util.spec_from_file_location(f"mm_eval_task_{module_name}_{abs(hash(path))}", path)
             module = importlib.util.module_from_spec(spec)
