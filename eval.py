@@ -27,7 +27,7 @@ def main() -> None:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--run", default=None, help="run directory (default: the latest under runs/)")
     src.add_argument("--model", default=None, help="release folder (config.json + model.safetensors + processor)")
-    ap.add_argument("--tasks", nargs="*", default=None, help="task or group names, comma- or space-separated")
+    ap.add_argument("--tasks", action="append", default=None, help="task or group names, comma-separated")
     ap.add_argument("--task-dir", action="append", default=[], help="another folder of task YAMLs")
     ap.add_argument("--out", default=None, help="output folder (default: <run or release>/eval)")
     ap.add_argument("--list", action="store_true", help="list the known tasks and exit")
