@@ -85,3 +85,27 @@ def test_release_folder_evaluates_to_the_same_numbers_as_its_run(tiny_run, tmp_p
     a = evaluate(loaded, tasks, cfg, tmp_path / "a")
     b = evaluate(load_release(tmp_path / "rel", ["model.flow.sample_steps=2"]), tasks, cfg, tmp_path / "b")
     assert _metrics(a) == _metrics(b)
+
+
+@pytest.mark.slow  # the default training (~5 min on 2 cores) and the whole benchmark twice
+def test_default_run_reaches_the_benchmark_floors_and_repeats_exactly(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run = tmp_path / "tiny"
+    p = subprocess.run([sys.executable, "train.py", f"run.dir={run}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=1800)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = []
+    for k in range(2):
+        args = [sys.executable, "eval.py", "--run", str(run), "--out", str(tmp_path / f"e{k}"), "eval.threads=1"]
+        p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        results.append(json.loads((tmp_path / f"e{k}" / "results.json").read_text()))
+        assert results[-1]["eval_seconds"] < 300
+    assert _metrics(results[0]) == _metrics(results[1])
+    r = results[0]
+    assert r["digits_vqa"]["accuracy"] >= 0.95 and r["digits_t2i"]["classifier_accuracy"] >= 0.9
+    assert r["digits_t2i"]["fd"] < 0.2 * r["digits_t2i"]["fd_noise_ceiling"]
+    assert (
+        r["digits_geneval"]["geneval_single_object"] >= 0.8
+        and r["digits_geneval"]["geneval_overall_judge_ceiling"] >= 0.9
+    )

@@ -293,3 +293,42 @@ def test_training_records_are_llava_conversations_with_images(tmp_path):
     assert len(gen) == counts["generation"] == 12 and all((tmp_path / g["image"]).is_file() for g in gen)
     words = {w for t in bench_texts() for w in t.lower().replace("?", " ").split()}
     assert {"yes", "no", "left", "copies"} <= words  # what a tokenizer for these formats must know
+
+
+def test_a_broken_image_fails_naming_the_task_and_document(bench_dir, tmp_path):
+    import datasets
+
+    from mm.eval.harness import _visuals
+    from mm.eval.sources import load_task_docs, write_vlmevalkit_tsv
+
+    rows = [dict(r) for r in datasets.load_from_disk(str(bench_dir / "digits_mcq"))["test"].select(range(2))]
+    write_vlmevalkit_tsv(rows, tmp_path / "bad.tsv")
+    text = (tmp_path / "bad.tsv").read_text().replace("iVBOR", "AAAA", 1)
+    (tmp_path / "bad.tsv").write_text(text)  # the first image's PNG header is corrupted
+    task = load_tasks(["digits_mcq_tsv"], [_tsv_task(tmp_path, tmp_path / "bad.tsv")])[0]
+    docs = load_task_docs(task)
+    with pytest.raises(ValueError, match=r"task digits_mcq_tsv: document 0: doc_to_visual failed"):
+        _visuals(task, docs[0], 0)
+    assert len(_visuals(task, docs[1], 1)) == 1
+
+
+def test_jsonl_and_parquet_datasets_load_through_the_packaged_builders(bench_dir, tmp_path):
+    import datasets
+
+    from mm.eval.sources import load_task_docs
+
+    ds = datasets.load_from_disk(str(bench_dir / "digits_mcq"))["test"].select(range(6))
+    ds.to_parquet(str(tmp_path / "mcq.parquet"))  # keeps the Image feature in the schema
+    ds.remove_columns("image").to_json(str(tmp_path / "mcq.jsonl"))
+    (tmp_path / "pq.yaml").write_text(
+        f"include: {TASKS / 'digits_mcq' / 'digits_mcq.yaml'}\ntask: mcq_parquet\ndataset_path: parquet\n"
+        "dataset_kwargs:\n  data_files: {test: mcq.parquet}\n"  # relative to this YAML's folder
+    )
+    (tmp_path / "js.yaml").write_text(
+        f"include: {TASKS / 'digits_mcq' / 'digits_mcq.yaml'}\ntask: mcq_jsonl\ndataset_path: json\n"
+        "dataset_kwargs:\n  data_files: {test: mcq.jsonl}\n"
+    )
+    pq, js = load_tasks(["mcq_parquet", "mcq_jsonl"], [tmp_path])
+    got_pq, got_js = load_task_docs(pq), load_task_docs(js)
+    assert got_js.to_list() == ds.remove_columns("image").to_list()
+    assert [np.asarray(r["image"]).tolist() for r in got_pq] == [np.asarray(r["image"]).tolist() for r in ds]

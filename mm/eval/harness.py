@@ -189,6 +189,14 @@ def _jsonable(v: Any) -> Any:
     return repr(v)
 
 
+def _visuals(task: TaskConfig, doc: dict, i: int) -> list:
+    """The document's images, or an error naming the task and document (a bad image is a bad dataset)."""
+    try:
+        return list(call_doc_fn(task.doc_to_visual, doc))
+    except Exception as e:  # noqa: BLE001 - re-raised with the document named
+        raise ValueError(f"task {task.task}: document {i}: doc_to_visual failed: {e!r}") from e
+
+
 def run_task(task: TaskConfig, loaded, eval_cfg: EvalConfig, out_dir: Path) -> tuple[dict, list[dict]]:
     """(metrics, per-sample records) of one task."""
     from mm.eval.generation import write_geneval_layout
@@ -203,8 +211,10 @@ def run_task(task: TaskConfig, loaded, eval_cfg: EvalConfig, out_dir: Path) -> t
     model, seed = loaded.model, task_seed(eval_cfg, task.task)
     recipe: dict = {"output_type": task.output_type, "prompt_kwargs": kw}
     samples = []
+    if task.process_results is None:
+        raise ValueError(f"{task.yaml_path}: task {task.task} has no process_results (our harness needs one)")
     if task.output_type == "generate_until":
-        visuals = [call_doc_fn(task.doc_to_visual, doc) for doc in docs]
+        visuals = [_visuals(task, doc, i) for i, doc in enumerate(docs)]
         responses = answer_all(model, loaded.processor, visuals, prompts, list(range(len(docs))), gen_kwargs,
                                eval_cfg.batch_size, desc=task.task)  # fmt: skip
         with threadpool_limits(1):
