@@ -46,11 +46,6 @@ def main() -> None:
             print(f"{name:32s} {path}")
         return
     tasks = [t for arg in args.tasks or [] for t in arg.split(",") if t] or None
-    threads = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("eval.threads=")), 0)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     if args.model:
         loaded = load_release(Path(args.model), overrides)
         out = Path(args.out) if args.out else Path(args.model) / "eval"
@@ -58,6 +53,10 @@ def main() -> None:
         run_dir = Path(args.run) if args.run else latest_run(resolve_path("runs"))
         loaded = load_run_model(run_dir, overrides)
         out = Path(args.out) if args.out else run_dir / "eval"
+    if loaded.config.eval.threads:
+        import torch
+
+        torch.set_num_threads(loaded.config.eval.threads)
     evaluate(loaded, tasks, loaded.config.eval, out)
     if not args.model and (run_dir / "metrics.jsonl").exists():
         plot_losses(run_dir, out / "loss_curve.png")

@@ -149,7 +149,8 @@ class EvalConfig:
     images_per_prompt: int = 0  # generation tasks; 0 = each task's own generation_kwargs
     batch_size: int = 64  # questions (or images) per model call
     seed: int = 0  # generation noise: torch.Generator(seed + crc32(task))
-    threads: int = 0  # torch intra-op threads; 0 = torch default (1 is faster on a CPU shared with other jobs)
+    threads: int = 1  # torch intra-op threads; 0 = torch default. 1: on 2 shared cores the tiny benchmark took
+    # 78-150 s with 1 thread and 400 s with 2 (other jobs running); raise it for big models evaluated on CPU
     grid_columns: int = 10
     inception_weights: str = ""  # local torchvision inception_v3 state dict (FID/KID); "" or missing = skipped
     clip_arch: str = "ViT-B-32"  # open_clip architecture of clip_weights
