@@ -172,9 +172,21 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    vqa_limit: int = 0  # 0 = every held-out sample
-    t2i_per_digit: int = 50
+    """Benchmark evaluation (``eval.py``, ``mm/eval/harness.py``); tasks are YAML files (``mm/eval/tasks``)."""
+
+    tasks: list[str] = field(default_factory=list)  # task or group names; [] = DEFAULT_TASKS of the harness
+    task_dirs: list[str] = field(default_factory=list)  # extra folders of task YAMLs (the bundled one is always read)
+    build_if_missing: bool = True  # build the bundled datasets (data/bench/<name>) on first use
+    limit: int = 0  # documents per task; 0 = all
+    images_per_prompt: int = 0  # generation tasks; 0 = each task's own generation_kwargs
+    batch_size: int = 64  # questions (or images) per model call
+    seed: int = 0  # generation noise: torch.Generator(seed + crc32(task))
+    threads: int = 1  # torch intra-op threads; 0 = torch default. 1: on 2 shared cores the tiny benchmark took
+    # 78-150 s with 1 thread and 400 s with 2 (other jobs running); raise it for big models evaluated on CPU
     grid_columns: int = 10
+    inception_weights: str = ""  # local torchvision inception_v3 state dict (FID/KID); "" or missing = skipped
+    clip_arch: str = "ViT-B-32"  # open_clip architecture of clip_weights
+    clip_weights: str = ""  # local open_clip checkpoint (CLIP score); "" or missing = skipped
 
 
 @dataclass

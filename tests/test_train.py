@@ -106,8 +106,8 @@ def test_cli_train_then_eval_writes_results_and_pictures(small_cfg, tmp_path):
     p = _run([sys.executable, "train.py", *over])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "step 4/4" in p.stdout and "tok/s" in p.stdout and "eta" in p.stdout
-    p = _run([sys.executable, "eval.py", "--run", str(run), "eval.t2i_per_digit=4", "eval.vqa_limit=40",
-              "model.flow.sample_steps=3"])  # fmt: skip
+    p = _run([sys.executable, "eval.py", "--run", str(run), "--tasks", "digits_vqa,digits_t2i", "eval.limit=40",
+              "eval.images_per_prompt=4", "model.flow.sample_steps=3"])  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((run / "eval" / "results.json").read_text())
     assert 0 <= res["digits_vqa"]["accuracy"] <= 1 and res["digits_vqa"]["n"] == 40

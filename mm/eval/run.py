@@ -1,18 +1,23 @@
-"""Evaluate a run's checkpoint on registered tasks; write ``<run>/eval/results.json``."""
+"""Reading what gets evaluated: a training run's checkpoint, or a release folder.
+
+``load_run`` is the one place that reads training checkpoints (eval, export and the
+CLIs go through it). It reads today's ``model.pt``/``ema.pt`` step directories and
+DeepSpeed ZeRO checkpoints (consolidated to fp32 with DeepSpeed's own
+``zero_to_fp32``). Weights of frozen parts that a checkpoint leaves out (built from
+their local paths) are allowed to be missing; any other missing or unexpected key fails.
+"""
 
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from kernels.attention import VARLEN_BACKENDS
 from mm.config import Config, load_config
-from mm.eval.digits import EVAL_TASKS
 from mm.train.checkpoint import find_checkpoint, load_checkpoint
-from mm.train.trainer import build_model
 
 
 def latest_run(runs_root: Path) -> Path:
@@ -22,21 +27,146 @@ def latest_run(runs_root: Path) -> Path:
     return max(runs, key=lambda p: (p / "checkpoints" / "latest").stat().st_mtime)
 
 
+def is_zero_checkpoint(path: Path) -> bool:
+    """A DeepSpeed checkpoint directory: ``latest`` naming a tag folder with ``*_model_states.pt``."""
+    tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else ""
+    return bool(list(path.glob("*/mp_rank_*_model_states.pt"))) and (not tag or (path / tag).is_dir())
+
+
+def read_weights(ckpt: Path, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, which weights) of a checkpoint directory; EMA when asked for and present."""
+    if is_zero_checkpoint(ckpt):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt)), "model (ZeRO, consolidated to fp32)"
+    tensors, _ = load_checkpoint(ckpt)
+    if use_ema and "ema" in tensors:
+        return tensors["ema"], "ema"
+    return tensors["model"], "model"
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Strict, except that frozen parameters may be absent (they come from their local paths)."""
+    result = model.load_state_dict(state, strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    missing = [k for k in result.missing_keys if k not in frozen]
+    if missing or result.unexpected_keys:
+        raise KeyError(
+            f"{source}: weights do not match the model: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)})"
+        )
+
+
 def load_run(run_dir: Path, checkpoint: str = "latest", overrides: list[str] | None = None, use_ema: bool = True):
     """(config, model in eval mode, checkpoint path, step) of a run directory."""
+    from mm.train.trainer import build_model
+
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"not a run directory (no config.yaml): {run_dir}")
-    cfg = load_config(cfg_path, overrides)
+    cfg = _load_run_config(cfg_path, overrides)
     if cfg.model.llm.attn_implementation in VARLEN_BACKENDS:
         # inference rows are left-padded and cached: they need a mask, which flash varlen does not take
         print(f"eval: using sdpa instead of {cfg.model.llm.attn_implementation} for inference", flush=True)
         cfg.model.llm.attn_implementation = "sdpa"
-    ckpt = find_checkpoint(run_dir, checkpoint)
-    tensors, meta = load_checkpoint(ckpt)
+    ckpt = find_checkpoint(run_dir, checkpoint) if not is_zero_checkpoint(Path(checkpoint)) else Path(checkpoint)
+    state, which = read_weights(ckpt, use_ema)
     model, _ = build_model(cfg)
-    model.load_state_dict(tensors["ema"] if use_ema and "ema" in tensors else tensors["model"])
-    return cfg, model.eval(), ckpt, meta["step"]
+    load_weights(model, state, ckpt)
+    step = _checkpoint_step(ckpt)
+    print(f"loaded {which} weights of {ckpt} (step {step})", flush=True)
+    return cfg, model.eval(), ckpt, step
+
+
+def _load_run_config(path: Path, overrides: list[str] | None) -> Config:
+    """The run's config; ``eval`` keys this version no longer has are dropped (and said), not fatal.
+
+    Evaluation settings are not part of what a run trained, and runs outlive changes to
+    ``EvalConfig``; every other section is validated strictly.
+    """
+    import tempfile
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from mm.config import EvalConfig
+
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    known = {f.name for f in fields(EvalConfig)}
+    stale = sorted(set(raw.get("eval") or {}) - known)
+    if stale:
+        print(f"eval: ignoring eval keys of {path} that this version does not have: {stale}", flush=True)
+        raw["eval"] = {k: v for k, v in raw["eval"].items() if k in known}
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(OmegaConf.to_yaml(raw))
+        try:
+            return load_config(f.name, overrides)
+        finally:
+            Path(f.name).unlink()
+    return load_config(path, overrides)
+
+
+def _checkpoint_step(ckpt: Path) -> int:
+    meta = ckpt / "trainer.json"
+    if meta.is_file():
+        return int(json.loads(meta.read_text())["step"])
+    name = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else ckpt.name  # a ZeRO tag
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return int(digits) if digits else -1
+
+
+@dataclass
+class LoadedModel:
+    """What the harness, the CLIs and the export need: model, processor, config and where it came from."""
+
+    model: torch.nn.Module  # a UnifiedModel in eval mode
+    processor: object  # mm.hf.UnifiedMMProcessor
+    config: Config
+    source: dict = field(default_factory=dict)
+
+
+def load_run_model(run_dir: Path, overrides: list[str] | None = None, checkpoint: str = "latest") -> LoadedModel:
+    from mm.hf import UnifiedMMProcessor
+
+    cfg, model, ckpt, step = load_run(run_dir, checkpoint, overrides)
+    processor = UnifiedMMProcessor.from_model_config(cfg.model, model.vocab.tokenizer)
+    return LoadedModel(model, processor, cfg, {"run": str(run_dir), "checkpoint": str(ckpt), "step": step})
+
+
+def load_release(folder: Path, overrides: list[str] | None = None) -> LoadedModel:
+    """A release folder through the Auto classes; ``eval.*`` and sampling overrides (``model.flow.*``) apply."""
+    from dataclasses import replace
+
+    from transformers import AutoModel, AutoProcessor
+
+    import mm  # noqa: F401  (registers the Auto classes)
+    from mm.config import ConfigError
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"not a release folder (no config.json): {folder}")
+    hf = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+    overrides = list(overrides or [])
+    bad = [o for o in overrides if not o.startswith(("eval.", "model.flow.sample_steps", "model.flow.cfg_scale"))]
+    if bad:
+        raise ConfigError(
+            f"with a release folder only eval.* and model.flow.{{sample_steps,cfg_scale}} can be overridden: {bad}"
+        )
+    eval_cfg = load_config(None, [o for o in overrides if o.startswith("eval.")]).eval
+    model_cfg = hf.config.to_model_config()
+    flow = model_cfg.flow
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "model.flow.sample_steps":
+            flow = replace(flow, sample_steps=int(value))
+        elif key == "model.flow.cfg_scale":
+            flow = replace(flow, cfg_scale=float(value))
+    model_cfg = replace(model_cfg, flow=flow)
+    hf.unified.cfg = model_cfg  # sampling defaults are read from the config at generate time
+    cfg = Config(model=model_cfg, eval=eval_cfg)
+    info = json.loads((folder / "release.json").read_text()) if (folder / "release.json").is_file() else {}
+    return LoadedModel(hf.unified, processor, cfg, {"release": str(folder), **info.get("source", {})})
 
 
 def plot_losses(run_dir: Path, out: Path) -> None:
@@ -56,26 +186,3 @@ def plot_losses(run_dir: Path, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     plt.close(fig)
-
-
-def evaluate(run_dir: Path, tasks: list[str] | None = None, overrides: list[str] | None = None) -> dict:
-    cfg: Config
-    cfg, model, ckpt, step = load_run(run_dir, overrides=overrides)
-    out_dir = run_dir / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tasks = tasks or list(EVAL_TASKS)
-    unknown = [t for t in tasks if t not in EVAL_TASKS]
-    if unknown:
-        raise KeyError(f"unknown eval tasks {unknown}; known: {sorted(EVAL_TASKS)}")
-    results: dict = {"checkpoint": str(ckpt), "step": step}
-    for name in tasks:
-        t0 = time.time()
-        with torch.no_grad():
-            results[name] = EVAL_TASKS[name](model, cfg, out_dir)
-        results[name]["seconds"] = round(time.time() - t0, 1)
-        print(f"{name}: { {k: v for k, v in results[name].items() if k != 'examples'} }", flush=True)
-    if (run_dir / "metrics.jsonl").exists():
-        plot_losses(run_dir, out_dir / "loss_curve.png")
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {out_dir / 'results.json'}", flush=True)
-    return results

@@ -1,0 +1,302 @@
+"""Run task YAMLs on a model: batched, with a progress bar; results.json, per-sample JSONL, report.md.
+
+For each task: documents from its local dataset -> prompts (``doc_to_text``) and images
+(``doc_to_visual``) -> ``UnifiedModel.answer`` (``generate_until``) or
+``UnifiedModel.generate`` (``generate_image``) -> ``process_results`` per document ->
+each metric's ``aggregation`` over the documents. The same functions run under
+lmms-eval (``mm/eval/lmms.py``), so both give the same numbers.
+
+Aggregations may take a ``context`` argument (output folder, eval config, seed) and
+may return a mapping of several named numbers (generation tasks compute several
+metrics from one set of images).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import statistics
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from mm.config import REPO_ROOT, EvalConfig
+from mm.eval.sources import load_task_docs, resolve_data_path
+from mm.eval.taskfile import DEFAULT_TASK_DIR, TaskConfig, call_doc_fn, load_tasks
+
+DEFAULT_TASKS = ["digits_vqa", "digits_mcq", "digits_pope", "digits_mme", "digits_t2i", "digits_geneval"]
+MODEL_NAME = "unified_mm"  # our lmms-eval model id: the key of a task's lmms_eval_specific_kwargs
+BENCH_ROOT = REPO_ROOT / "data" / "bench"
+
+
+@dataclass
+class EvalContext:
+    """What an aggregation may need besides the per-document results."""
+
+    task: str
+    out_dir: Path
+    eval: EvalConfig
+    seed: int
+
+
+def task_seed(eval_cfg: EvalConfig, task: str) -> int:
+    return eval_cfg.seed * 1_000_003 + zlib.crc32(task.encode())
+
+
+def ensure_bench_datasets(tasks: list[TaskConfig], build: bool) -> None:
+    """Build bundled datasets (``data/bench/<name>``) that a task needs and that are missing."""
+    from data.bench_digits import BENCH_DATASETS, build_bench
+
+    for t in tasks:
+        if not (t.dataset_kwargs or {}).get("load_from_disk"):
+            continue
+        path = resolve_data_path(t.dataset_path, t.yaml_path)
+        if path.exists() or path.parent != BENCH_ROOT or path.name not in BENCH_DATASETS:
+            continue
+        if not build:
+            raise FileNotFoundError(
+                f"{path} missing: run `python -m data.bench_digits` (or eval.build_if_missing=true)"
+            )
+        print(f"building bundled benchmark dataset {path}", flush=True)
+        build_bench(BENCH_ROOT, [path.name])
+
+
+# ---------------------------------------------------------------------------------
+# Model calls (shared with the lmms-eval adapter)
+# ---------------------------------------------------------------------------------
+
+
+def cut_at(text: str, until: list[str] | str | None) -> str:
+    """The answer up to the first stop string (lmms-eval's ``until``)."""
+    for stop in [until] if isinstance(until, str) else until or []:
+        if stop and stop in text:
+            text = text.split(stop)[0]
+    return text
+
+
+def answer_all(
+    model,
+    processor,
+    visuals: list[list],
+    prompts: list[str],
+    keys: list,
+    gen_kwargs: dict,
+    batch_size: int,
+    desc: str = "answer",
+) -> list[str]:
+    """Greedy answers, one image per question, batched by prompt length.
+
+    Rows are ordered by (token length, key), never by arrival order, so the same set of
+    requests forms the same batches whoever sends them (our harness or lmms-eval), and
+    batched numerics match exactly.
+    """
+    for i, v in enumerate(visuals):
+        if len(v) != 1:
+            raise ValueError(f"request {keys[i]!r}: the model takes exactly one image per question, got {len(v)}")
+    max_new = int(gen_kwargs.get("max_new_tokens", 16))
+    lengths = [len(model.vocab.encode(p)) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], str(keys[i])))
+    out: list[str] = [""] * len(prompts)
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    with torch.no_grad():
+        for chunk in tqdm(chunks, desc=desc, unit="batch", dynamic_ncols=True):
+            images = processor.und_images([visuals[i][0] for i in chunk])
+            answers = model.answer(images, [prompts[i] for i in chunk], max_new_tokens=max_new)
+            for i, a in zip(chunk, answers):
+                out[i] = cut_at(a, gen_kwargs.get("until"))
+    return out
+
+
+def sampling_recipe(model, gen_kwargs: dict) -> dict:
+    """The image head's sampling settings a generation task runs with (task values over model defaults)."""
+    from mm.hf import image_head_recipes
+
+    recipes = image_head_recipes(model.cfg)
+    head = gen_kwargs.get("head") or next(iter(recipes))
+    if head not in recipes:
+        raise KeyError(f"image head {head!r} not in this model; it has {sorted(recipes)}")
+    recipe = {"head": head, **recipes[head]}
+    for k in ("steps", "cfg_scale"):
+        if gen_kwargs.get(k) is not None:
+            recipe[k] = gen_kwargs[k]
+    return recipe
+
+
+def generate_all(model, prompts: list[str], per_prompt: int, recipe: dict, seed: int, batch_size: int,
+                 desc: str = "generate") -> list[list[np.ndarray]]:  # fmt: skip
+    """``per_prompt`` images ([C,H,W] floats in [0,1]) for each prompt, seeded, batched."""
+    flat = [i for i in range(len(prompts)) for _ in range(per_prompt)]
+    gen = torch.Generator().manual_seed(seed)
+    out: list[list[np.ndarray]] = [[] for _ in prompts]
+    chunks = [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
+    with torch.no_grad():
+        for chunk in tqdm(chunks, desc=desc, unit="batch", dynamic_ncols=True):
+            images = model.generate([prompts[i] for i in chunk], generator=gen, cfg_scale=recipe["cfg_scale"],
+                                    steps=recipe["steps"])  # fmt: skip
+            for i, img in zip(chunk, images.float().cpu().numpy()):
+                out[i].append(img)
+    return out
+
+
+# ---------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------
+
+
+def aggregate(task: TaskConfig, per_doc: list[dict], ctx: EvalContext) -> dict[str, Any]:
+    """Each metric's aggregation over the documents that returned it (one BLAS thread: see ``run_task``)."""
+    with threadpool_limits(1):
+        return _aggregate(task, per_doc, ctx)
+
+
+def _aggregate(task: TaskConfig, per_doc: list[dict], ctx: EvalContext) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in task.metric_list:
+        name, agg = m["metric"], m.get("aggregation", "mean")
+        values = [r[name] for r in per_doc if name in r]
+        if agg == "mean":
+            value = float(np.mean([float(v) for v in values])) if values else float("nan")
+        elif agg == "median":
+            value = float(statistics.median([float(v) for v in values])) if values else float("nan")
+        elif isinstance(agg, str):
+            raise ValueError(f"{task.yaml_path}: aggregation {agg!r} is neither mean, median nor a !function")
+        else:
+            fn = agg.resolve() if hasattr(agg, "resolve") else agg
+            value = fn(values, context=ctx) if "context" in inspect.signature(fn).parameters else fn(values)
+        if isinstance(value, dict):
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items() if not isinstance(x, np.ndarray | torch.Tensor)}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, str | int | float | bool) or v is None:
+        return v
+    return repr(v)
+
+
+def _visuals(task: TaskConfig, doc: dict, i: int) -> list:
+    """The document's images, or an error naming the task and document (a bad image is a bad dataset)."""
+    try:
+        return list(call_doc_fn(task.doc_to_visual, doc))
+    except Exception as e:  # noqa: BLE001 - re-raised with the document named
+        raise ValueError(f"task {task.task}: document {i}: doc_to_visual failed: {e!r}") from e
+
+
+def run_task(task: TaskConfig, loaded, eval_cfg: EvalConfig, out_dir: Path) -> tuple[dict, list[dict]]:
+    """(metrics, per-sample records) of one task."""
+    from mm.eval.generation import write_geneval_layout
+
+    docs = load_task_docs(task)
+    if eval_cfg.limit:
+        docs = docs.select(range(min(eval_cfg.limit, len(docs))))
+    kw = task.prompt_kwargs(MODEL_NAME)
+    prompts = [call_doc_fn(task.doc_to_text, doc, kw) for doc in docs]
+    targets = [call_doc_fn(task.doc_to_target, doc, kw) for doc in docs]
+    gen_kwargs = dict(task.generation_kwargs or {})
+    model, seed = loaded.model, task_seed(eval_cfg, task.task)
+    recipe: dict = {"output_type": task.output_type, "prompt_kwargs": kw}
+    samples = []
+    if task.process_results is None:
+        raise ValueError(f"{task.yaml_path}: task {task.task} has no process_results (our harness needs one)")
+    if task.output_type == "generate_until":
+        visuals = [_visuals(task, doc, i) for i, doc in enumerate(docs)]
+        responses = answer_all(model, loaded.processor, visuals, prompts, list(range(len(docs))), gen_kwargs,
+                               eval_cfg.batch_size, desc=task.task)  # fmt: skip
+        with threadpool_limits(1):
+            per_doc = [task.process_results(doc, [r]) for doc, r in zip(docs, responses)]
+        recipe["generation_kwargs"] = {"decoding": "greedy", **gen_kwargs}
+        for i, (p, t, r, res) in enumerate(zip(prompts, targets, responses, per_doc)):
+            samples.append({"doc_id": i, "prompt": p, "target": t, "response": r, "results": _jsonable(res)})
+    else:
+        per_prompt = eval_cfg.images_per_prompt or int(gen_kwargs.get("images_per_prompt", 1))
+        sampling = sampling_recipe(model, gen_kwargs)
+        images = generate_all(model, prompts, per_prompt, sampling, seed, eval_cfg.batch_size, desc=task.task)
+        layout = out_dir / task.task
+        meta = [json.loads(d["metadata"]) if "metadata" in d else {"prompt": p} for d, p in zip(docs, prompts)]
+        write_geneval_layout(layout, meta, images)
+        with threadpool_limits(1):  # scoring (numpy/scipy/sklearn) gives the same floats whatever the thread settings
+            per_doc = [task.process_results(doc, imgs) for doc, imgs in zip(docs, images)]
+        recipe["generation_kwargs"] = {**sampling, "images_per_prompt": per_prompt, "seed": seed}
+        for i, (p, t, res) in enumerate(zip(prompts, targets, per_doc)):
+            paths = [
+                str((layout / f"{i:05d}" / "samples" / f"{j:04d}.png").relative_to(out_dir)) for j in range(per_prompt)
+            ]
+            samples.append(
+                {"doc_id": i, "prompt": p, "target": _jsonable(t), "images": paths, "results": _jsonable(res)}
+            )
+    ctx = EvalContext(task.task, out_dir, eval_cfg, seed)
+    metrics = aggregate(task, per_doc, ctx)
+    metrics["n"] = len(docs)
+    recipe["prompt_example"] = prompts[0] if prompts else ""
+    recipe["scoring"] = (task.metadata or {}).get("scoring", "") if isinstance(task.metadata, dict) else ""
+    recipe["task_file"] = (
+        str(task.yaml_path.relative_to(REPO_ROOT)) if task.yaml_path.is_relative_to(REPO_ROOT) else str(task.yaml_path)
+    )
+    metrics["recipe"] = recipe
+    metrics["examples"] = [{k: s[k] for k in ("target", "response", "images") if k in s} for s in samples[:10]]
+    return metrics, samples
+
+
+def evaluate(loaded, task_names: list[str] | None, eval_cfg: EvalConfig, out_dir: Path) -> dict:
+    """Run tasks (default: the whole bundled benchmark); write results.json, samples_<task>.jsonl, report.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dirs = [DEFAULT_TASK_DIR] + [Path(d) for d in eval_cfg.task_dirs]
+    tasks = load_tasks(task_names or eval_cfg.tasks or DEFAULT_TASKS, dirs)
+    ensure_bench_datasets(tasks, eval_cfg.build_if_missing)
+    t_start = time.time()
+    results: dict = {"model": loaded.source, "eval_config": asdict(eval_cfg), "tasks": [t.task for t in tasks]}
+    results.update({k: v for k, v in loaded.source.items() if k in ("checkpoint", "step")})
+    for task in tasks:
+        t0 = time.time()
+        metrics, samples = run_task(task, loaded, eval_cfg, out_dir)
+        metrics["seconds"] = round(time.time() - t0, 1)
+        results[task.task] = metrics
+        with open(out_dir / f"samples_{task.task}.jsonl", "w") as f:
+            for s in samples:
+                f.write(json.dumps(s) + "\n")
+        shown = {k: v for k, v in metrics.items() if k not in ("examples", "recipe")}
+        print(f"{task.task}: {shown}", flush=True)
+    results["eval_seconds"] = round(time.time() - t_start, 1)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "report.md").write_text(markdown_report(results))
+    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'report.md'} ({results['eval_seconds']} s)", flush=True)
+    return results
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def markdown_report(results: dict) -> str:
+    """A short report: one table row per task and metric, then the prompts and recipes behind them."""
+    src = results.get("model", {})
+    lines = ["# Evaluation report", "", f"Model: `{src.get('release') or src.get('run', '?')}`"
+             + (f", step {src['step']}" if "step" in src else ""), "",
+             "Scoring is rule-based everywhere (no GPT judge).", "",
+             "| task | metric | value |", "| --- | --- | --- |"]  # fmt: skip
+    for name in results["tasks"]:
+        r = results[name]
+        for k, v in r.items():
+            if k not in ("recipe", "examples", "seconds") and not isinstance(v, dict | list):
+                lines.append(f"| {name} | {k} | {_fmt(v)} |")
+    lines += ["", "## Prompts and recipes", ""]
+    for name in results["tasks"]:
+        rec = results[name]["recipe"]
+        lines.append(f"- **{name}** ({rec['task_file']}, {results[name]['seconds']} s): {rec['scoring']}")
+        lines.append(f"  - prompt: `{rec['prompt_example']!r}`; generation: `{json.dumps(rec['generation_kwargs'])}`")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,73 @@
+"""Ask a released model about images; the answer streams token by token.
+
+    python scripts/chat.py RELEASE --image digit.png --question "what digit is this ?"
+    python scripts/chat.py RELEASE --image a.png --image b.png --question "..."   # one answer per image
+    python scripts/chat.py RELEASE --image digit.png                              # questions from stdin, one per line
+
+Decoding is greedy (the release's generation_config.json sets the token budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+class Streamer:
+    """Prints each row's text as it grows (decoding the whole row each time: safe for BPE merges)."""
+
+    def __init__(self, tokenizer, rows: int, live_row: int | None):
+        self.tokenizer, self.live_row = tokenizer, live_row
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.shown = ""
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids[row].append(token)
+        if row == self.live_row:
+            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True).strip()
+            print(text[len(self.shown) :] if text.startswith(self.shown) else "\n" + text, end="", flush=True)
+            self.shown = text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("release", type=Path)
+    ap.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
+    ap.add_argument("--question", default=None, help="default: read questions from stdin")
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    args = ap.parse_args()
+
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor, GenerationConfig
+
+    import mm  # noqa: F401  (registers the Auto classes)
+
+    for p in args.image:
+        if not Path(p).is_file():
+            sys.exit(f"chat: no such image {p}")
+    model = AutoModel.from_pretrained(str(args.release), local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(str(args.release), local_files_only=True)
+    gen = GenerationConfig.from_pretrained(str(args.release))
+    max_new = args.max_new_tokens or gen.max_new_tokens
+    images = processor.und_images([Image.open(p) for p in args.image])
+    questions = [args.question] if args.question else (ln.strip() for ln in sys.stdin if ln.strip())
+    for q in questions:
+        one = len(args.image) == 1
+        streamer = Streamer(processor.tokenizer, len(args.image), 0 if one else None)
+        if one:
+            print("> ", end="", flush=True)
+        answers = model.answer(images, [q] * len(images), max_new_tokens=max_new, on_token=streamer)
+        if one:
+            print(flush=True)
+        else:
+            for path, a in zip(args.image, answers):
+                print(f"{path}: {a}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
