@@ -36,14 +36,16 @@ def test_resume_gives_the_same_losses_as_uninterrupted(small_cfg, tmp_path):
 
     from mm.eval.run import load_run
 
-    ema = [torch.load(tmp_path / r / "checkpoints/step_00000006/ema.pt") for r in ("full", "cut")]
-    model = torch.load(tmp_path / "full/checkpoints/step_00000006/model.pt")
+    from mm.train.checkpoint import load_tensors
+
+    ema = [load_tensors(tmp_path / r / "checkpoints/step_00000006/ema.safetensors") for r in ("full", "cut")]
+    model = load_tensors(tmp_path / "full/checkpoints/step_00000006/model.safetensors")
     for k in ema[0]:
         torch.testing.assert_close(ema[0][k], ema[1][k], rtol=1e-5, atol=1e-7)
-    assert any(not torch.equal(ema[0][k], model[k]) for k in model)
+    assert any(not torch.equal(ema[0][k], model[k]) for k in ema[0])
     _, loaded, _, step = load_run(tmp_path / "full")
     assert step == 6
-    assert all(torch.equal(v, ema[0][k]) for k, v in loaded.state_dict().items())
+    assert all(torch.equal(v, ema[0].get(k, model.get(k))) for k, v in loaded.state_dict().items())
 
 
 def test_checkpoints_are_complete_pruned_and_guarded(small_cfg):
@@ -53,10 +55,11 @@ def test_checkpoints_are_complete_pruned_and_guarded(small_cfg):
     assert steps == ["step_00000003", "step_00000006"]
     assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
     ckpt = run / "checkpoints" / "step_00000006"
-    assert {p.name for p in ckpt.iterdir()} >= {"model.pt", "optim.pt", "rng.pt", "trainer.json"}
+    names = {p.name for p in ckpt.iterdir()}
+    assert names >= {"model.safetensors", "optimizer.pt", "rng_rank0.pt", "config.yaml", "trainer.json"}
     meta = json.loads((ckpt / "trainer.json").read_text())
-    assert meta["step"] == 6 and len(meta["streams"]) == 1 and meta["streams"][0]["index"] > 0
-    with pytest.raises(FileExistsError, match="--resume latest"):
+    assert meta["step"] == 6 and len(meta["loaders"]) == 1 and meta["loaders"][0]["index"] > 0
+    with pytest.raises(FileExistsError, match="--resume auto"):
         Trainer(small_cfg)
     short = replace(small_cfg, train=replace(small_cfg.train, max_steps=2, ckpt_every=1))
     Trainer(short, overwrite=True).train()  # starting over leaves no stale step_00000006 behind
@@ -139,8 +142,8 @@ def test_torchrun_ddp_two_processes(small_cfg, shard_dir, tmp_path):
     p = _run(torchrun + ["train.py", *over])
     assert p.returncode == 0, p.stderr[-3000:]
     meta = json.loads((run / "checkpoints" / "step_00000004" / "trainer.json").read_text())
-    assert meta["world_size"] == 2 and len(meta["streams"]) == 2
-    assert meta["streams"][0] != meta["streams"][1]
+    assert meta["world_size"] == 2 and len(meta["loaders"]) == 2
+    assert meta["loaders"][0] != meta["loaders"][1]
     p = _run(torchrun + ["train.py", *over, "train.max_steps=6", "--resume", "latest"])
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ import torch
 from kernels.attention import VARLEN_BACKENDS
 from mm.config import Config, load_config
 from mm.eval.digits import EVAL_TASKS
-from mm.train.checkpoint import find_checkpoint, load_checkpoint
+from mm.train.checkpoint import find_checkpoint, load_model_weights, read_meta
 from mm.train.trainer import build_model
 
 
@@ -33,10 +33,9 @@ def load_run(run_dir: Path, checkpoint: str = "latest", overrides: list[str] | N
         print(f"eval: using sdpa instead of {cfg.model.llm.attn_implementation} for inference", flush=True)
         cfg.model.llm.attn_implementation = "sdpa"
     ckpt = find_checkpoint(run_dir, checkpoint)
-    tensors, meta = load_checkpoint(ckpt)
     model, _ = build_model(cfg)
-    model.load_state_dict(tensors["ema"] if use_ema and "ema" in tensors else tensors["model"])
-    return cfg, model.eval(), ckpt, meta["step"]
+    model.load_state_dict(load_model_weights(ckpt, ema=use_ema))
+    return cfg, model.eval(), ckpt, read_meta(ckpt)["step"]
 
 
 def plot_losses(run_dir: Path, out: Path) -> None:

@@ -61,6 +61,13 @@ class UnifiedModel(nn.Module):
     def backend(self) -> str:
         return self.cfg.llm.attn_implementation
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute the LLM layers in backward instead of keeping their activations (the engine calls this)."""
+        if enabled:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.llm.gradient_checkpointing_disable()
+
     # ---- training -----------------------------------------------------------------
     def add_flow_inputs(self, batch: dict, generator: torch.Generator) -> dict:
         """Draw t, noise and prompt dropout for the batch's generation samples (seeded)."""
