@@ -225,7 +225,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except OmegaConfBaseException as e:  # unknown key or wrong type
             raise ConfigError(_describe(e, source)) from None
     cfg: Config = OmegaConf.to_object(merged)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"config error: {e}") from None
     return cfg
 
 

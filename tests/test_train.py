@@ -35,7 +35,6 @@ def test_resume_gives_the_same_losses_as_uninterrupted(small_cfg, tmp_path):
     import torch
 
     from mm.eval.run import load_run
-
     from mm.train.checkpoint import load_tensors
 
     ema = [load_tensors(tmp_path / r / "checkpoints/step_00000006/ema.safetensors") for r in ("full", "cut")]

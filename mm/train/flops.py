@@ -17,7 +17,8 @@ Two kinds of work, counted two ways:
 
 Backward: a module whose weights train costs one forward for weight gradients; one more when its
 input needs a gradient (something before it trains). A frozen module before every trainable one
-costs no backward at all; a frozen LLM between a trainable aligner and the loss costs one.
+costs no backward at all; a frozen LLM between a trainable aligner and the loss costs one forward
+for its linear layers and two for attention (no weights: the gradients of both operands).
 ``tests/test_flops.py`` checks the total against ``FlopCounterMode`` on a real training step.
 """
 
@@ -166,6 +167,7 @@ class ModelFlops:
             "time_embed": 2.0 if t["time_embed"] else 0.0,
             "gen_encoder": float(t["gen_encoder"]) + float(t["gen_encoder"] or t["time_embed"]),
             "llm": float(t["llm"]) + float(llm_out_needs_grad),
+            "attention": 2.0 * float(llm_out_needs_grad),  # no weights: both operands' gradients, or nothing
             "head": float(t["head"]) + float(llm_out_needs_grad),
             "gen_decoder": float(t["gen_decoder"]) + float(llm_out_needs_grad or t["gen_encoder"] or t["time_embed"]),
             "repa_proj": float(t["repa_proj"]) + float(llm_out_needs_grad),
@@ -184,7 +186,7 @@ class ModelFlops:
     def parts(self, shape: BatchShape) -> dict[str, float]:
         """Forward FLOPs of each part for one micro-batch."""
         img = self.per_image
-        llm_layers = self.llm_forward(shape.tokens_per_layer, shape.pairs_per_layer, 0)
+        llm_linear = sum(2.0 * m * n for m, n in zip(self.layer_macs, shape.tokens_per_layer))
         n_gen = shape.gen_images
         return {
             "und_tower": img["und_tower"] * shape.und_images,
@@ -192,7 +194,8 @@ class ModelFlops:
             "autoencoder": img["autoencoder"] * n_gen,
             "time_embed": img["time_embed"] * n_gen,
             "gen_encoder": img["gen_encoder"] * n_gen,
-            "llm": llm_layers,
+            "llm": llm_linear,
+            "attention": sum(2.0 * self.pair_macs * p for p in shape.pairs_per_layer),
             "head": 2.0 * self.head_macs * shape.logit_tokens,
             "gen_decoder": img["gen_decoder"] * n_gen,
             "repa_proj": img["repa_proj"] * n_gen if self.repa else 0.0,

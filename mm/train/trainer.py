@@ -161,13 +161,16 @@ def apply_stage(model: UnifiedModel, cfg: Config, allow_random_frozen: bool = Fa
     frozen = [n for n, p in params.items() if not p.requires_grad]
     random_frozen = sorted({_part(n) for n in frozen if source(n) is None})
     if random_frozen and not allow_random_frozen:
-        part = random_frozen[0]
-        n_params = sum(p.numel() for n, p in params.items() if _part(n) == part and not p.requires_grad)
-        hint = next((SOURCE_KEYS[k] for k in SOURCE_KEYS if _matches(k, part) or _matches(part, k)), None)
+        what = []
+        for part in random_frozen:
+            n_params = sum(p.numel() for n, p in params.items() if _part(n) == part and not p.requires_grad)
+            fix = [SOURCE_KEYS[k] for k in SOURCE_KEYS if _matches(part, k) or _matches(k, part)]
+            fix += ["model.und.freeze=false"] if part == "und.tower" else []
+            fix += [] if part == "autoencoder" else ["remove it from train.frozen"]
+            what.append(f"{part} ({n_params / 1e6:.1f}M; {' or '.join(fix)})")
         raise ConfigError(
-            f"frozen module {part} ({n_params / 1e6:.1f}M parameters) has no weights to load: set "
-            f"{hint + ' or ' if hint else ''}train.init_from, or train it (train.frozen"
-            f"{', model.und.freeze' if part == 'und.tower' else ''})"
+            f"frozen modules without weights to load would keep their random init: {', '.join(what)}; "
+            "train.init_from can supply any of them"
         )
     referenced = sorted({_part(n) for n in frozen if source(n) is not None})
 
@@ -231,7 +234,7 @@ class Window:
         self.local = z(len(LOSSES) + 1)  # this rank's share of the global loss sums and of the total loss
         self.counts = z(len(LOSSES))  # global counts of applied steps (equal on every rank)
         self.grad_norm, self.applied, self.steps = z(), z(), 0
-        self.nonfinite_run, self.max_nonfinite_run, self.nonfinite = z(), z(), z()
+        self.max_nonfinite_run, self.nonfinite = z(), z()
         self.host = {"tokens": 0.0, "slots": 0.0, "samples": 0.0, "flops": 0.0, "data_wait": 0.0}
         self.start = time.perf_counter()
 
@@ -277,11 +280,12 @@ class Trainer:
         self.ema = ShardedEMA(self.engine, t.ema_decay) if t.ema_decay > 0 else None
         self.loader = loader or _PackedStreamLoader(cfg.data, self.vocab, model.sample_shapes(), env.rank, env.world)
         self.step, self.nonfinite_total = 0, 0
+        self.nonfinite_run = torch.zeros((), dtype=torch.float64, device=self.device)
         if ckpt is not None:
             self._load(ckpt)
         key = self.precision.peak_key if self.precision.peak_key != "fp32" else fp32_peak_key()
         self.peak_tflops = device_peak_tflops(self.device, key)
-        self.metrics = None
+        self.metrics, self.last_plot = None, time.perf_counter()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -344,8 +348,9 @@ class Trainer:
         }
         path = commit_checkpoint(self.run_dir, self.step, meta, self.cfg.train.keep_checkpoints)
         print(f"saved {path}", flush=True)
-        if self.metrics is not None:
+        if self.metrics is not None and time.perf_counter() - self.last_plot > 300:  # matplotlib costs ~1 s
             self.metrics.plot()
+            self.last_plot = time.perf_counter()
         return path
 
     def _load(self, ckpt: Path) -> None:
@@ -425,8 +430,8 @@ class Trainer:
         window.grad_norm += torch.where(applied, result.grad_norm.to(self.device, torch.float64), 0.0)
         window.applied += applied
         window.nonfinite += ~applied
-        window.nonfinite_run = (window.nonfinite_run + 1) * ~applied
-        window.max_nonfinite_run = torch.maximum(window.max_nonfinite_run, window.nonfinite_run)
+        self.nonfinite_run = (self.nonfinite_run + 1) * ~applied  # the streak outlives log windows
+        window.max_nonfinite_run = torch.maximum(window.max_nonfinite_run, self.nonfinite_run)
         window.steps += 1
         if self.metrics is not None:  # every step: host-side timing, no device sync
             self.metrics.scalar("train/data_wait_step", wait / (time.perf_counter() - step_start), self.step)
@@ -512,11 +517,13 @@ class Trainer:
         window = Window(self.device)
         while self.step < stop:
             self.train_step(batches, window)
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            logged = self.step % t.log_every == 0 or self.step == t.max_steps
+            if logged:
                 self._log(window)
-                window = Window(self.device)
             if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
                 self.save()
+            if logged:  # after the save: throughput windows leave checkpoint time out
+                window = Window(self.device)
         if window.steps:  # an early stop between log steps still checks and reports its steps
             self._log(window)
         self.env.barrier()
