@@ -333,3 +333,42 @@ def test_deepspeed_json_may_not_set_what_the_yaml_owns(small_cfg, tmp_path):
     )
     assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 4 and ds["bf16"]["enabled"]
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+# ---- ZeRO-3 needs the same modules on every rank ---------------------------------------------------
+def test_run_every_module_runs_the_same_modules_whatever_the_batch_holds(small_cfg, vocab):
+    """Under DeepSpeed each rank runs every module in one order (ZeRO-3 gathers weights per module with a
+    collective), whether its batch holds understanding samples, generation samples or both; the
+    placeholders change neither the losses nor the gradients."""
+    from data.pack import collate
+    from mm.model.unified import UnifiedModel
+    from mm.sequence import generation_sample, understanding_sample
+
+    torch.manual_seed(0)
+    model = UnifiedModel(small_cfg.model, vocab)
+    gen = [generation_sample(vocab, torch.rand(1, 8, 8), model.gen_tokens_per_image, "draw the digit 3")]
+    und = [understanding_sample(vocab, torch.rand(3, 8, 8), model.und.tokens_per_image, "what digit is this ?", "3")]
+    batches = {name: collate([[s] for s in samples], 40, vocab.pad) for name, samples in
+               {"gen_only": gen, "und_only": und, "both": gen + und}.items()}  # fmt: skip
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n)) for n, m in model.named_modules() if n]
+
+    def run(batch, every):
+        model.run_every_module = every
+        model.zero_grad()
+        order.clear()
+        out = model(model.add_flow_inputs(batch, torch.Generator().manual_seed(0)))
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, list(order), grads
+
+    orders = {}
+    for name, batch in batches.items():
+        plain, _, plain_grads = run(batch, False)
+        out, orders[name], grads = run(batch, True)
+        assert out["loss"] == plain["loss"]
+        for n, g in grads.items():  # modules the batch does not use get zero gradients, the rest the same
+            torch.testing.assert_close(g, plain_grads.get(n, torch.zeros_like(g)), rtol=0, atol=0)
+    assert orders["gen_only"] == orders["und_only"] == orders["both"]
+    for h in hooks:
+        h.remove()

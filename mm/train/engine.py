@@ -331,6 +331,7 @@ class DeepSpeedEngine(Engine):
         super().__init__(model, groups, cfg, env, precision)
         ds_cfg = deepspeed_config(cfg, env.world, precision, env.device)
         self.stage = ds_cfg["zero_optimization"]["stage"]
+        model.run_every_module = True  # the same modules on every rank, every step (see UnifiedModel)
         model.to(env.device)
         self.ds, _, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(groups, cfg), config=ds_cfg, dist_init_required=False
@@ -362,11 +363,12 @@ class DeepSpeedEngine(Engine):
     def local_shards(self) -> list[torch.Tensor]:
         out = []
         for _, p in self.trainable:
-            start, end = shard_bounds(p.numel(), self.env.rank, self.env.world)
             if self.stage == 3:  # ZeRO-3 keeps exactly this slice (padded at the end) in ds_tensor
+                start, end = shard_bounds(p.ds_numel, self.env.rank, self.env.world)
                 out.append(p.ds_tensor.detach()[: end - start])
-            else:
-                out.append(p.detach().view(-1)[start:end])
+                continue
+            start, end = shard_bounds(p.numel(), self.env.rank, self.env.world)
+            out.append(p.detach().view(-1)[start:end])
         return out
 
     def gather_trainable(self) -> dict[str, torch.Tensor]:
