@@ -8,12 +8,13 @@ Prints one JSON object (progress goes to stderr).
         --activation-checkpointing off on engine.kind=deepspeed engine.precision=bf16 \
         engine.deepspeed_config=configs/deepspeed/zero2.json model.llm.attn_implementation=sdpa
 
-Both loops drive the same model, engine and cached batches, interleaved in blocks (trainer, bare,
-trainer, ...), so machine noise hits both alike. The bare loop is what one would write without this
-trainer: draw the flow inputs, forward, backward, clip, optimizer step (DeepSpeed: its own
-forward/backward/step). The trainer adds global loss counts (a host all-reduce), FLOPs accounting,
-the non-finite skip, the EMA if configured, and metric logging every ``train.log_every`` steps.
-Checkpoints are off. MFU counts model FLOPs (no activation recomputation) against the device's peak.
+Both loops drive the same model, engine and cached batches, interleaved in short blocks (which loop
+goes first alternates), so machine noise hits both alike; the overhead is the median over block
+pairs. The bare loop is what one would write without this trainer: draw the flow inputs, forward,
+backward, clip, optimizer step (DeepSpeed: its own forward/backward/step). The trainer adds global
+loss counts (a host all-reduce), FLOPs accounting, the non-finite skip, the EMA if configured, and
+metric logging every ``train.log_every`` steps. Checkpoints are off. MFU counts model FLOPs (no
+activation recomputation) against the device's peak.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -96,8 +98,6 @@ def measure(trainer: Trainer, steps: int, block: int, warmup: int) -> dict:
     batches = iter(trainer.loader)
     cached = trainer.loader.batches
     window = Window(dev)
-    times = {"trainer": 0.0, "bare": 0.0}
-    done = {"trainer": 0, "bare": 0}
     bare_i = 0
 
     def trainer_block(n: int) -> None:
@@ -119,26 +119,34 @@ def measure(trainer: Trainer, steps: int, block: int, warmup: int) -> dict:
     sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    blocks: dict[str, list[float]] = {"trainer": [], "bare": []}
+    runs = {"trainer": trainer_block, "bare": bare_block}
     for i in range(steps // block):
-        for name, run in (("trainer", trainer_block), ("bare", bare_block)):
+        order = ("trainer", "bare") if i % 2 == 0 else ("bare", "trainer")  # neither always goes first
+        for name in order:
             sync(dev)
             t0 = time.perf_counter()
-            run(block)
+            runs[name](block)
             sync(dev)
-            times[name] += time.perf_counter() - t0
-            done[name] += block
-        log(f"block {i + 1}/{steps // block}: trainer {times['trainer'] / done['trainer']:.4f} s/step, "
-            f"bare {times['bare'] / done['bare']:.4f} s/step")  # fmt: skip
-    out = {k: times[k] / done[k] for k in times}
-    out["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
-    return out
+            blocks[name].append((time.perf_counter() - t0) / block)
+        log(f"block {i + 1}/{steps // block}: trainer {blocks['trainer'][-1]:.4f} s/step, "
+            f"bare {blocks['bare'][-1]:.4f} s/step")  # fmt: skip
+    ratios = sorted(t / b for t, b in zip(blocks["trainer"], blocks["bare"]))
+    return {
+        # medians: a burst of load from other processes hits a few blocks, not the estimate
+        "trainer": statistics.median(blocks["trainer"]),
+        "bare": statistics.median(blocks["bare"]),
+        "overhead": statistics.median(ratios) - 1,
+        "overhead_iqr": (ratios[len(ratios) // 4] - 1, ratios[(3 * len(ratios)) // 4] - 1),
+        "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tiny.yaml")
-    ap.add_argument("--steps", type=int, default=60, help="timed steps per loop and setting")
-    ap.add_argument("--block", type=int, default=5, help="steps per interleaved block")
+    ap.add_argument("--steps", type=int, default=120, help="timed steps per loop and setting")
+    ap.add_argument("--block", type=int, default=3, help="steps per interleaved block")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batches", type=int, default=8, help="distinct cached batches")
     ap.add_argument("--digits", action="store_true", help="train on the bundled digits (built if missing)")
@@ -171,7 +179,8 @@ def main() -> None:
             "activation_checkpointing": ac == "on",
             "trainer_step_s": round(sec["trainer"], 5),
             "bare_step_s": round(sec["bare"], 5),
-            "trainer_overhead": round(sec["trainer"] / sec["bare"] - 1, 4),
+            "trainer_overhead": round(sec["overhead"], 4),  # median over interleaved block pairs
+            "trainer_overhead_iqr": [round(x, 4) for x in sec["overhead_iqr"]],
             "tokens_per_s": round(tokens / sec["trainer"], 1),
             "tflops": round(flops / sec["trainer"] / 1e12, 4),
             "peak_mem_gb": sec["peak_mem_gb"] and round(sec["peak_mem_gb"], 2),

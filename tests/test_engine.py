@@ -193,20 +193,18 @@ def _kill_during(over: list[str], log: Path, rng: random.Random, mode: str) -> s
         _torchrun() + ["train.py", *over, "--resume", "auto"], cwd=ROOT, env=_env(), stdout=log.open("w"),
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    target = rng.randrange(2, STEPS - 1, 2) if mode == "save" else rng.randint(1, STEPS - 2)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             steps = [ln for ln in log.read_text().splitlines() if ln.startswith("step ")]
-            if steps:
-                last = int(steps[-1].split()[1].split("/")[0])
-                # "save": the line of a checkpoint step (even) is printed just before the save starts
-                if (mode == "save" and last % 2 == 0) or (mode == "step" and rng.random() < 0.3):
-                    if mode == "step":
-                        time.sleep(rng.uniform(0.0, 0.2))
-                    victim = rng.choice(_workers(proc.pid))
-                    os.kill(victim, signal.SIGKILL)
-                    proc.wait(timeout=120)
-                    return f"{mode}: killed a worker after step {last}"
+            last = int(steps[-1].split()[1].split("/")[0]) if steps else 0
+            # "save": a checkpoint step's line is printed just before its save starts; kill right then
+            if last >= target and (mode == "step" or last % 2 == 0):
+                time.sleep(rng.uniform(0.0, 0.3) if mode == "step" else 0.0)
+                os.kill(rng.choice(_workers(proc.pid)), signal.SIGKILL)
+                proc.wait(timeout=120)
+                return f"{mode}: killed a worker after step {last}"
             time.sleep(0.02)
         proc.wait(timeout=120)
         return "finished before the kill"

@@ -93,6 +93,8 @@ def init_distributed(need_process_group: bool = False) -> DistEnv:
         if world > 1:
             dist.init_process_group(backend, timeout=timedelta(minutes=30))
         elif need_process_group:  # DeepSpeed wants one even alone; a private store needs no port
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(key, value)  # what a launcher would have set
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     cpu_group = None
     if dist.is_initialized() and dist.get_backend() != "gloo":

@@ -286,6 +286,7 @@ class Trainer:
         key = self.precision.peak_key if self.precision.peak_key != "fp32" else fp32_peak_key()
         self.peak_tflops = device_peak_tflops(self.device, key)
         self.metrics, self.last_plot = None, time.perf_counter()
+        self.train_start, self.start_step = time.perf_counter(), self.step
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
