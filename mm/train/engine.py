@@ -265,7 +265,7 @@ class DDPEngine(Engine):
 # Keys the YAML owns; a DeepSpeed JSON that sets them would silently disagree with it.
 DEEPSPEED_OWNED_KEYS = (
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
-    "bf16", "fp16", "optimizer", "scheduler",
+    "bf16", "fp16", "torch_autocast", "optimizer", "scheduler",
 )  # fmt: skip
 
 
@@ -290,6 +290,8 @@ def deepspeed_config(cfg: Config, world: int, precision: Precision, device: torc
         train_batch_size=a * world,
         gradient_clipping=cfg.train.grad_clip,
         bf16={"enabled": precision.weights_bf16, "check_grad_overflow": True},
+        # DeepSpeed switches an outer torch.autocast off inside its forward unless told to run it itself
+        torch_autocast={"enabled": precision.autocast_dtype is not None, "dtype": "bfloat16"},
         zero_allow_untested_optimizer=True,  # our fused torch AdamW with per-group learning rates
     )
     ds.setdefault("steps_per_print", 10**12)  # the trainer logs
@@ -358,8 +360,8 @@ class DeepSpeedEngine(Engine):
 
     def step(self) -> StepResult:
         self.ds.step()  # the accumulation boundary: clip, update or skip on overflow, zero the gradients
-        norm = self.ds.get_global_grad_norm()
-        norm = torch.as_tensor(float("nan") if norm is None else float(norm), dtype=torch.float64)
+        norm = self.ds.get_global_grad_norm()  # a device tensor or a float, depending on the stage
+        norm = torch.as_tensor(float("nan") if norm is None else norm).detach()
         return StepResult(norm, torch.tensor(bool(self.ds.was_step_applied())))
 
     def local_shards(self) -> list[torch.Tensor]:
