@@ -167,3 +167,43 @@ def test_rgb_photos_train_and_sample_through_the_generic_path(small_cfg, shard_d
     images = trainer.model.eval().generate(["a photo of a cat"], steps=2)
     assert images.shape == (1, 3, 16, 16)
     assert trainer.model.answer(images, ["what is in this photo ?"])[0] is not None
+
+
+def test_resume_auto_starts_fresh_then_skips_a_checkpoint_cut_off_mid_write(small_cfg):
+    run = small_cfg.run_dir()
+    Trainer(small_cfg, resume="auto").train(until=3)  # nothing to resume: a fresh start
+    staging = run / "checkpoints" / ".tmp_step_00000006"  # a job killed while writing step 6
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"half a file")
+    trainer = Trainer(small_cfg, resume="auto")
+    assert trainer.step == 3
+    trainer.train()
+    assert [r["step"] for r in _metrics(run)] == list(range(1, 7))
+    assert (run / "checkpoints" / "step_00000006" / "trainer.json").is_file()
+
+
+def test_next_stage_starts_from_the_previous_one_and_references_frozen_weights(small_cfg, tmp_path):
+    """Stage 2 freezes the LLM it got from stage 1 (train.init_from): its checkpoints hold no LLM weights,
+    yet load_model_weights returns them (from stage 1's checkpoint)."""
+    import torch
+
+    from mm.config import ParamGroupConfig
+    from mm.train.checkpoint import load_model_weights, load_tensors
+
+    stage1 = replace(small_cfg, run=replace(small_cfg.run, dir=str(tmp_path / "stage1")))
+    Trainer(stage1).train(until=3)
+    t = replace(
+        small_cfg.train, init_from=str(tmp_path / "stage1"), frozen=["llm"], max_steps=2,
+        param_groups=[ParamGroupConfig(modules=["und.aligner", "repa_proj"], lr=1e-4)],
+    )  # fmt: skip
+    stage2 = replace(small_cfg, run=replace(small_cfg.run, dir=str(tmp_path / "stage2")), train=t)
+    trainer = Trainer(stage2)
+    assert "llm" in trainer.stage.referenced and "(weights from train.init_from)" in trainer.stage.report
+    trainer.train()
+    rec = _metrics(tmp_path / "stage2")[-1]
+    assert rec["lr/und.aligner+repa_proj"] != rec["lr/default"]
+    ckpt = tmp_path / "stage2/checkpoints/step_00000002"
+    assert not any(k.startswith("llm.") for k in load_tensors(ckpt / "model.safetensors"))
+    full, before = load_model_weights(ckpt), load_model_weights(tmp_path / "stage1")
+    assert all(torch.equal(full[k], before[k]) for k in full if k.startswith("llm."))  # frozen: unchanged
+    assert not torch.equal(full["und.aligner.0.weight"], before["und.aligner.0.weight"])  # trained on
