@@ -424,8 +424,12 @@ class ShardedEMA:
         if not self.shards:
             return
         weight = (1.0 - self.decay) * applied.to(self.shards[0].device, torch.float32)
-        current = [s.float() for s in self.engine.local_shards()]  # no copy for fp32 parameters
-        torch._foreach_lerp_(self.shards, current, weight)
+        current = self.engine.local_shards()
+        if all(c.dtype == torch.float32 for c in current):
+            torch._foreach_lerp_(self.shards, current, weight)
+        else:  # bf16 weights: one fp32 copy at a time, not of the whole model
+            for ema, c in zip(self.shards, current):
+                ema.lerp_(c.float(), weight)
 
     def gather(self) -> dict[str, torch.Tensor]:
         """Full fp32 EMA weights on rank 0 (empty elsewhere). Collective."""

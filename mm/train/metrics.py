@@ -7,7 +7,6 @@ after the checkpoint it resumed from, so no step is logged twice (TensorBoard: `
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
@@ -87,15 +86,19 @@ class TensorBoardSink:
 SINKS = {"console": ConsoleSink, "jsonl": JsonlSink, "tensorboard": TensorBoardSink}
 
 
+def check_sinks(sinks: list[str]) -> None:
+    unknown = sorted(set(sinks) - set(SINKS))
+    if unknown:
+        from mm.config import ConfigError
+
+        raise ConfigError(f"train.metrics: unknown sinks {unknown}; known: {sorted(SINKS)}")
+
+
 class MetricsLogger:
     """Fans records out to the configured sinks; only rank 0 builds one."""
 
     def __init__(self, run_dir: Path, sinks: list[str], resume_step: int, max_steps: int):
-        unknown = sorted(set(sinks) - set(SINKS))
-        if unknown:
-            from mm.config import ConfigError
-
-            raise ConfigError(f"train.metrics: unknown sinks {unknown}; known: {sorted(SINKS)}")
+        check_sinks(sinks)
         self.run_dir = run_dir
         self.sinks = [SINKS[s](run_dir, resume_step, max_steps) for s in sinks]
 
@@ -139,7 +142,3 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     fig.savefig(tmp, dpi=80)
     plt.close(fig)
     tmp.replace(out)
-
-
-def warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

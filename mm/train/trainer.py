@@ -51,7 +51,7 @@ from mm.train.checkpoint import (
 )
 from mm.train.engine import Engine, ParamGroup, ShardedEMA, build_engine, init_distributed
 from mm.train.flops import ModelFlops, batch_shape, device_peak_tflops
-from mm.train.metrics import MetricsLogger, format_seconds, plot_loss_curve
+from mm.train.metrics import MetricsLogger, check_sinks
 from mm.train.precision import fp32_peak_key, get_precision
 
 LOSSES = ("text", "flow", "repa")
@@ -255,6 +255,7 @@ class Trainer:
         if t.schedule not in LR_SCHEDULES:
             raise ConfigError(f"train.schedule={t.schedule!r}; known: {sorted(LR_SCHEDULES)}")
         self.precision = get_precision(cfg.engine.precision)
+        check_sinks(t.metrics)  # on every rank, before any collective
         self.env = env = init_distributed(need_process_group=cfg.engine.kind == "deepspeed")
         self.rank, self.world, self.device = env.rank, env.world, env.device
         threads = t.threads or (max(1, (os.cpu_count() or 1) // env.world) if env.world > 1 else 0)
@@ -553,6 +554,3 @@ def main_cli(cfg: Config, resume: str | None, overwrite: bool) -> None:
         dist.destroy_process_group()
     if trainer.rank == 0:
         print(f"done: {trainer.run_dir} (evaluate with: python eval.py --run {trainer.run_dir})", file=sys.stderr)
-
-
-__all__ = ["Trainer", "build_model", "apply_stage", "format_seconds", "plot_loss_curve", "LR_SCHEDULES"]
