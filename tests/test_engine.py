@@ -3,7 +3,7 @@
 Tolerances (fp32 on CPU, 20 steps of the small model, per-step logged losses and grad norms):
   * 2-process DDP vs 1 process with doubled accumulation: rel 1e-4 (the same sums, reduced in another order)
   * DeepSpeed ZeRO-1/2/3 vs DDP: rel 1e-4; consolidated weights and EMA abs 1e-4
-  * DeepSpeed bf16 (fp32 master) vs fp32 DDP: rel 5e-2 on the loss (slow)
+  * DeepSpeed bf16 (fp32 master) vs fp32 DDP: rel 1e-2 on the losses (slow; measured ~1.3e-3)
 """
 
 from __future__ import annotations
@@ -126,20 +126,16 @@ def test_two_processes_equal_one_process_with_doubled_accumulation(ddp_reference
     )
 
 
-def _zero_parity(stage: int, ddp_reference: Path, shard_dir: Path, run: Path) -> float:
-    _train_2proc(
-        _overrides(
-            shard_dir, run, "engine.kind=deepspeed", f"engine.deepspeed_config=configs/deepspeed/zero{stage}.json"
-        )
-    )
+def _zero_parity(stage: int, ddp_reference: Path, shard_dir: Path, run: Path, *extra: str) -> float:
+    ds = ["engine.kind=deepspeed", f"engine.deepspeed_config=configs/deepspeed/zero{stage}.json", *extra]
+    _train_2proc(_overrides(shard_dir, run, *ds))
     worst = _assert_same_losses(_metrics(run), _metrics(ddp_reference), rel=1e-4)
     _assert_same_weights(run / "checkpoints/step_00000020", ddp_reference / "checkpoints/step_00000020", 1e-4)
     ckpt = run / "checkpoints/step_00000020"
-    for f in ckpt.rglob("*.pt"):  # DeepSpeed's own files load without arbitrary pickle
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
+    from mm.train.engine import deepspeed_safe_types
 
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+    for f in ckpt.rglob("*.pt"):  # DeepSpeed's own files load without arbitrary pickle
+        with torch.serialization.safe_globals(deepspeed_safe_types()):
             torch.load(f, weights_only=True)
     print(f"ZeRO-{stage} vs DDP: worst relative difference {worst:.2e}")
     return worst
@@ -156,6 +152,11 @@ def test_zero_stages_match_ddp(stage, ddp_reference, shard_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_zero2_with_optimizer_offload_matches_ddp(ddp_reference, shard_dir, tmp_path):
+    _zero_parity(2, ddp_reference, shard_dir, tmp_path / "offload", "engine.offload_optimizer=true")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_bf16_tracks_fp32(stage, ddp_reference, shard_dir, tmp_path):
     """bf16 weights with an fp32 master copy: close to the fp32 run, not equal."""
@@ -169,7 +170,7 @@ def test_deepspeed_bf16_tracks_fp32(stage, ddp_reference, shard_dir, tmp_path):
             "engine.precision=bf16",
         )  # fmt: skip
     )
-    worst = _assert_same_losses(_metrics(run), _metrics(ddp_reference), rel=5e-2, keys=("loss", "text", "flow"))
+    worst = _assert_same_losses(_metrics(run), _metrics(ddp_reference), rel=1e-2, keys=("loss", "text", "flow"))
     print(f"ZeRO-{stage} bf16 vs fp32 DDP: worst relative difference {worst:.2e}")
 
 

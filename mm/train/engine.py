@@ -301,18 +301,26 @@ def deepspeed_config(cfg: Config, world: int, precision: Precision, device: torc
     return ds
 
 
+def deepspeed_safe_types() -> list[type]:
+    """The DeepSpeed types its checkpoint files hold besides tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
 def _weights_only_checkpoint_engine(config_params):
     """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``.
 
     DeepSpeed unpickles its checkpoint files with ``weights_only=False`` (any object). Its files hold
-    tensors, plain containers and two DeepSpeed types; allowing exactly those keeps arbitrary pickle
-    out. DeepSpeed takes custom checkpoint engines through its ``checkpoint_engine`` attribute.
+    tensors, plain containers and a few DeepSpeed types (:func:`deepspeed_safe_types`); allowing
+    exactly those keeps arbitrary pickle out. DeepSpeed takes custom checkpoint engines through its
+    ``checkpoint_engine`` attribute.
     """
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    safe = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    safe = deepspeed_safe_types()
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
