@@ -371,3 +371,26 @@ def test_run_every_module_runs_the_same_modules_whatever_the_batch_holds(small_c
     assert orders["gen_only"] == orders["und_only"] == orders["both"]
     for h in hooks:
         h.remove()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_skips_nonfinite_steps(small_cfg, stage):
+    """DeepSpeed detects the non-finite gradient itself; the trainer counts it, and nothing moves."""
+    import torch.distributed as dist
+
+    engine = replace(small_cfg.engine, kind="deepspeed", deepspeed_config=f"configs/deepspeed/zero{stage}.json")
+    cfg = replace(small_cfg, engine=engine, train=replace(small_cfg.train, ema_decay=0.9, max_steps=4, ckpt_every=4))
+    try:
+        trainer = Trainer(cfg)
+        _poison(trainer, {2})
+        trainer.train(until=1)
+        before = [s.clone() for s in trainer.ema.shards] + [s.clone() for s in trainer.engine.local_shards()]
+        trainer.train(until=2)
+        after = [s.clone() for s in trainer.ema.shards] + [s.clone() for s in trainer.engine.local_shards()]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        trainer.train()
+        assert [r["nonfinite_steps"] for r in _metrics(cfg.run_dir())] == [0, 1, 1, 1]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
