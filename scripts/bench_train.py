@@ -157,7 +157,9 @@ def main() -> None:
 
     run_dir = tempfile.mkdtemp(prefix="bench_train_")
     overrides = (DIGITS if args.digits else []) + args.overrides
+    # stdout carries the JSON only: the metric records go to metrics.jsonl/TensorBoard (logging still costs)
     overrides += [f"run.dir={run_dir}", "train.max_steps=1000000000", "train.ckpt_every=1000000000"]
+    overrides += ["train.metrics=[jsonl,tensorboard]"]
     cfg = load_config(args.config, overrides)
     log(f"building {args.config} ({cfg.engine.kind}, {cfg.engine.precision})")
     t0 = time.time()
