@@ -32,6 +32,16 @@ KEYS = ("loss", "text", "flow", "repa", "grad_norm")
 PORTS = iter(range(29640, 29700))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process training on one thread: on a shared 2-core machine a 2-thread region waits for a
+    descheduled thread at every op of these small models (seconds per step instead of 0.1 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _overrides(shard_dir: Path, run: Path, *extra: str) -> list[str]:
     return SMALL + [
         f"data.train_shards={shard_dir}/digits/train-{{000000..000003}}.tar",
@@ -117,8 +127,7 @@ def test_two_processes_equal_one_process_with_doubled_accumulation(ddp_reference
 
     cfg = load_config(ROOT / "configs/tiny.yaml", _overrides(shard_dir, tmp_path / "accum", "train.grad_accum_steps=2"))
     model, vocab = build_model(cfg)
-    trainer = Trainer(cfg, loader=_TwoRankStreams(cfg, vocab, model.sample_shapes()))
-    trainer.train()
+    Trainer(cfg, loader=_TwoRankStreams(cfg, vocab, model.sample_shapes())).train()
     worst = _assert_same_losses(_metrics(tmp_path / "accum"), _metrics(ddp_reference), rel=1e-4)
     print(f"2-process DDP vs 1 process x 2 accumulation: worst relative difference {worst:.2e}")
     _assert_same_weights(

@@ -11,6 +11,15 @@ from mm.train.trainer import apply_stage, build_model
 from tests.conftest import ROOT, SMALL
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: on a shared 2-core machine a 2-thread region waits for a descheduled thread at every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _measured_step_flops(model, batch) -> float:
     """FlopCounterMode over forward + backward of one batch.
 

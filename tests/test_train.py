@@ -8,10 +8,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from mm.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process training on one thread: on a shared 2-core machine a 2-thread region waits for a
+    descheduled thread at every op of these small models (seconds per step instead of 0.1 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
