@@ -8,11 +8,13 @@ typo fails at start instead of being ignored.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
@@ -153,6 +155,15 @@ class DataConfig:
 
 
 @dataclass
+class ParamGroupConfig:
+    """Optimizer settings for the trainable parameters under some module prefixes (e.g. aligners vs LLM)."""
+
+    modules: list[str] = field(default_factory=list)  # prefixes of UnifiedModel parameter names: und.aligner, llm
+    lr: float = 0.0  # 0 = train.lr (the schedule scales every group alike)
+    weight_decay: float = -1.0  # < 0 = train.weight_decay
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 2000
     lr: float = 2e-3
@@ -162,12 +173,31 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    ema_decay: float = 0.0  # 0 disables the EMA copy
+    grad_accum_steps: int = 1  # micro-batches per optimizer step on each rank
+    ema_decay: float = 0.0  # 0 disables the EMA of the trainable parameters
+    # Stages: module-name prefixes of UnifiedModel to freeze (und.tower, llm, ...). A frozen module needs
+    # weights to load (a local path in model.*, or init_from); modules the model freezes itself count too.
+    frozen: list[str] = field(default_factory=list)
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)  # the rest trains at lr/weight_decay
+    init_from: str = ""  # a checkpoint (or run) directory whose weights start this run (the previous stage)
+    max_nonfinite_steps: int = 20  # NaN/inf loss or gradient: skip the step; stop after this many in a row
     log_every: int = 25
+    metrics: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])  # mm.train.metrics.SINKS
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch default
+
+
+@dataclass
+class EngineConfig:
+    """Who runs backward/step: torch DDP or DeepSpeed ZeRO (mm.train.engine.ENGINES)."""
+
+    kind: str = "ddp"  # ddp | deepspeed
+    precision: str = "fp32"  # key of mm.train.precision.PRECISIONS: fp32 | bf16_autocast | bf16 (DeepSpeed)
+    deepspeed_config: str = "configs/deepspeed/zero2.json"  # ZeRO stage and communication settings
+    offload_optimizer: bool = False  # DeepSpeed: optimizer state and fp32 master weights in CPU memory
+    activation_checkpointing: bool = False  # recompute the LLM layers in backward
 
 
 @dataclass
@@ -201,6 +231,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def run_dir(self) -> Path:
@@ -218,27 +249,60 @@ def resolve_path(path: str) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Schema defaults <- YAML file <- dotlist overrides, validated against the schema."""
-    schema = OmegaConf.structured(Config)
-    layers = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        layers.append(OmegaConf.load(path))
+    """Schema defaults <- YAML file (after its ``base`` files) <- dotlist overrides, validated.
+
+    A YAML file may start with ``base: other.yaml`` (relative to itself): that file is
+    applied first, so a stage config states only what differs from the model config.
+    A wrong key or type raises a one-line :class:`ConfigError` naming the key, the
+    file or the command line it came from, and the closest valid key.
+    """
+    merged = OmegaConf.structured(Config)
+    layers: list[tuple[str, DictConfig]] = _yaml_layers(Path(path)) if path is not None else []
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
-        layers.append(OmegaConf.from_dotlist(overrides))
-    try:
-        merged = OmegaConf.merge(schema, *layers)
-    except OmegaConfBaseException as e:  # unknown key or wrong type
-        source = f" in {path}" if path else ""
-        raise ConfigError(f"invalid config{source}: {e}") from None
+        layers.append(("the command line", OmegaConf.from_dotlist(overrides)))
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:  # unknown key or wrong type
+            raise ConfigError(_describe(e, source)) from None
     cfg: Config = OmegaConf.to_object(merged)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"config error: {e}") from None
     return cfg
+
+
+def _yaml_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The YAML file's layers, its ``base`` chain first."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (base of {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"config base loop: {' -> '.join(map(str, chain + (path,)))}")
+    layer = OmegaConf.load(path)
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"config file {path} is not a mapping of keys")
+    base = layer.pop("base", None)
+    layers = _yaml_layers(path.parent / str(base), chain + (path.resolve(),)) if base else []
+    return layers + [(str(path), layer)]
+
+
+def _describe(e: OmegaConfBaseException, source: str) -> str:
+    """One line: what is wrong with which key, where it came from, and the closest valid key."""
+    key = getattr(e, "full_key", None) or "?"
+    first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, ConfigKeyError) and dataclasses.is_dataclass(getattr(e, "object_type", None)):
+        valid = [f.name for f in dataclasses.fields(e.object_type)]
+        close = difflib.get_close_matches(str(e.key), valid, n=1, cutoff=0.5)
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        hint = f"; did you mean {parent}{close[0]}?" if close else f"; valid keys here: {', '.join(valid)}"
+        return f"config error in {source}: unknown key {key}{hint}"
+    if first_line.startswith("Merge error:"):  # a section given a plain value, e.g. model: 3
+        return f"config error in {source}: {first_line} (a section needs key: value pairs)"
+    return f"config error in {source}: {key}: {first_line}"
 
 
 def validate(cfg: Config) -> None:
@@ -259,8 +323,16 @@ def validate(cfg: Config) -> None:
     unknown = set(weights) - {"understanding", "generation"}
     if unknown or sum(weights.values()) <= 0:
         raise ConfigError(f"data.task_weights: unknown tasks {sorted(unknown)} or no positive weight")
-    if cfg.train.max_steps < 1:
+    t = cfg.train
+    if t.max_steps < 1:
         raise ConfigError("train.max_steps must be >= 1")
+    if t.grad_accum_steps < 1:
+        raise ConfigError("train.grad_accum_steps must be >= 1")
+    if t.max_nonfinite_steps < 1:
+        raise ConfigError("train.max_nonfinite_steps must be >= 1")
+    for i, group in enumerate(t.param_groups):
+        if not group.modules:
+            raise ConfigError(f"train.param_groups[{i}].modules is empty: name the module prefixes it sets")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -65,3 +65,108 @@ def test_janusflow_builds_on_meta_and_reports_parameter_counts():
     assert model.gen_tokens_per_image == model.und.tokens_per_image == 576  # 24x24 grid on both paths
     assert model.latent_shape == (4, 48, 48)
     assert model.llm.config.num_hidden_layers == 24 and model.llm.config.hidden_size == 2048
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "train.max_stepz=3",
+            "config error in the command line: unknown key train.max_stepz; did you mean train.max_steps?",
+        ),
+        ("engine.kindd=ddp", "config error in the command line: unknown key engine.kindd; did you mean engine.kind?"),
+        ("train.grad_accum_steps=two", "config error in the command line: train.grad_accum_steps: Value 'two'"),
+    ],
+)
+def test_config_errors_are_one_line_naming_key_source_and_closest_key(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/tiny.yaml", [override])
+    assert str(e.value).startswith(expected) and "\n" not in str(e.value)
+
+
+def test_yaml_errors_name_the_file_even_through_a_base_chain(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  lr: 1.0e-3\n  warmup_step: 5\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(
+        ConfigError,
+        match=rf"in {tmp_path / 'base.yaml'}: unknown key train.warmup_step; did you mean train.warmup_steps\?",
+    ):
+        load_config(tmp_path / "child.yaml")
+    (tmp_path / "base.yaml").write_text("train:\n  lr: 1.0e-3\n")
+    cfg = load_config(tmp_path / "child.yaml", ["train.lr=5e-4"])  # file order: base, child, command line
+    assert cfg.train.max_steps == 3 and cfg.train.lr == 5e-4
+
+
+def test_cli_prints_one_line_without_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "train.py", "train.lr=1e-3", "train.max_stepz=3", f"run.dir={tmp_path}"],
+        cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert lines[-1] == "config error in the command line: unknown key train.max_stepz; did you mean train.max_steps?"
+
+
+def _meta_model(path: str, *overrides: str):
+    cfg = load_config(
+        ROOT / path,
+        ["model.llm.tokenizer=configs/tokenizers/digits", "model.llm.attn_implementation=sdpa", *overrides],
+    )
+    with torch.device("meta"):
+        return cfg, UnifiedModel(cfg.model, load_vocab(ROOT / "configs/tokenizers/digits"))
+
+
+def test_a_frozen_module_without_weights_is_an_error_at_start():
+    """janusflow_1.3b.yaml freezes a tower it has no weights for: loadable and buildable, not trainable."""
+    from mm.train.trainer import apply_stage
+
+    cfg, model = _meta_model("configs/janusflow_1.3b.yaml")
+    with pytest.raises(ConfigError, match=r"und\.tower \(30\d\.\dM; model\.und\.weights") as e:
+        apply_stage(model, cfg)
+    assert "autoencoder" in str(e.value)  # the random frozen VAE too
+    cfg.model.und.weights, cfg.model.autoencoder.path = "/models/siglip", "/models/sdxl-vae"
+    stage = apply_stage(model, cfg)
+    assert stage.referenced == ["autoencoder", "und.tower"]  # checkpoints reference them, never copy them
+
+
+@pytest.mark.parametrize(
+    "stage, trains, frozen",
+    [
+        (
+            1,
+            {"und.aligner", "time_embed", "gen_encoder", "gen_decoder", "repa_proj"},
+            {"und.tower", "llm", "autoencoder"},
+        ),
+        (
+            2,
+            {"und.aligner", "time_embed", "gen_encoder", "gen_decoder", "repa_proj", "llm"},
+            {"und.tower", "autoencoder"},
+        ),
+        (
+            3,
+            {"und.tower", "und.aligner", "time_embed", "gen_encoder", "gen_decoder", "repa_proj", "llm"},
+            {"autoencoder"},
+        ),
+    ],
+)
+def test_janusflow_stages_switch_by_config(stage, trains, frozen):
+    from mm.train.trainer import _part, apply_stage
+
+    # the stage configs point at local weights that do not exist here: build the shapes instead
+    cfg, model = _meta_model(
+        f"configs/janusflow_stage{stage}.yaml", "model.und.kind=open_clip", "model.und.weights=''",
+        "model.llm.pretrained=''", "model.autoencoder.path=''",
+    )  # fmt: skip
+    cfg.train.init_from = ""  # the previous stage's run does not exist here either
+    s = apply_stage(model, cfg, allow_random_frozen=True)
+    by_part: dict[str, set[bool]] = {}
+    for n, p in model.named_parameters():
+        by_part.setdefault(_part(n), set()).add(p.requires_grad)
+    assert {k for k, v in by_part.items() if v == {True}} == trains
+    assert {k for k, v in by_part.items() if v == {False}} == frozen
+    lrs = {g.name: g.lr for g in s.groups}
+    assert all(lr == cfg.train.lr for lr in lrs.values()) and len(s.groups) >= 1

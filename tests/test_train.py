@@ -8,10 +8,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from mm.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process training on one thread: on a shared 2-core machine a 2-thread region waits for a
+    descheduled thread at every op of these small models (seconds per step instead of 0.1 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -35,15 +46,16 @@ def test_resume_gives_the_same_losses_as_uninterrupted(small_cfg, tmp_path):
     import torch
 
     from mm.eval.run import load_run
+    from mm.train.checkpoint import load_tensors
 
-    ema = [torch.load(tmp_path / r / "checkpoints/step_00000006/ema.pt") for r in ("full", "cut")]
-    model = torch.load(tmp_path / "full/checkpoints/step_00000006/model.pt")
+    ema = [load_tensors(tmp_path / r / "checkpoints/step_00000006/ema.safetensors") for r in ("full", "cut")]
+    model = load_tensors(tmp_path / "full/checkpoints/step_00000006/model.safetensors")
     for k in ema[0]:
         torch.testing.assert_close(ema[0][k], ema[1][k], rtol=1e-5, atol=1e-7)
-    assert any(not torch.equal(ema[0][k], model[k]) for k in model)
+    assert any(not torch.equal(ema[0][k], model[k]) for k in ema[0])
     _, loaded, _, step = load_run(tmp_path / "full")
     assert step == 6
-    assert all(torch.equal(v, ema[0][k]) for k, v in loaded.state_dict().items())
+    assert all(torch.equal(v, ema[0].get(k, model.get(k))) for k, v in loaded.state_dict().items())
 
 
 def test_checkpoints_are_complete_pruned_and_guarded(small_cfg):
@@ -53,10 +65,11 @@ def test_checkpoints_are_complete_pruned_and_guarded(small_cfg):
     assert steps == ["step_00000003", "step_00000006"]
     assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
     ckpt = run / "checkpoints" / "step_00000006"
-    assert {p.name for p in ckpt.iterdir()} >= {"model.pt", "optim.pt", "rng.pt", "trainer.json"}
+    names = {p.name for p in ckpt.iterdir()}
+    assert names >= {"model.safetensors", "optimizer.pt", "rng_rank0.pt", "config.yaml", "trainer.json"}
     meta = json.loads((ckpt / "trainer.json").read_text())
-    assert meta["step"] == 6 and len(meta["streams"]) == 1 and meta["streams"][0]["index"] > 0
-    with pytest.raises(FileExistsError, match="--resume latest"):
+    assert meta["step"] == 6 and len(meta["loaders"]) == 1 and meta["loaders"][0]["index"] > 0
+    with pytest.raises(FileExistsError, match="--resume auto"):
         Trainer(small_cfg)
     short = replace(small_cfg, train=replace(small_cfg.train, max_steps=2, ckpt_every=1))
     Trainer(short, overwrite=True).train()  # starting over leaves no stale step_00000006 behind
@@ -139,8 +152,8 @@ def test_torchrun_ddp_two_processes(small_cfg, shard_dir, tmp_path):
     p = _run(torchrun + ["train.py", *over])
     assert p.returncode == 0, p.stderr[-3000:]
     meta = json.loads((run / "checkpoints" / "step_00000004" / "trainer.json").read_text())
-    assert meta["world_size"] == 2 and len(meta["streams"]) == 2
-    assert meta["streams"][0] != meta["streams"][1]
+    assert meta["world_size"] == 2 and len(meta["loaders"]) == 2
+    assert meta["loaders"][0] != meta["loaders"][1]
     p = _run(torchrun + ["train.py", *over, "train.max_steps=6", "--resume", "latest"])
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
@@ -165,3 +178,43 @@ def test_rgb_photos_train_and_sample_through_the_generic_path(small_cfg, shard_d
     images = trainer.model.eval().generate(["a photo of a cat"], steps=2)
     assert images.shape == (1, 3, 16, 16)
     assert trainer.model.answer(images, ["what is in this photo ?"])[0] is not None
+
+
+def test_resume_auto_starts_fresh_then_skips_a_checkpoint_cut_off_mid_write(small_cfg):
+    run = small_cfg.run_dir()
+    Trainer(small_cfg, resume="auto").train(until=3)  # nothing to resume: a fresh start
+    staging = run / "checkpoints" / ".tmp_step_00000006"  # a job killed while writing step 6
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"half a file")
+    trainer = Trainer(small_cfg, resume="auto")
+    assert trainer.step == 3
+    trainer.train()
+    assert [r["step"] for r in _metrics(run)] == list(range(1, 7))
+    assert (run / "checkpoints" / "step_00000006" / "trainer.json").is_file()
+
+
+def test_next_stage_starts_from_the_previous_one_and_references_frozen_weights(small_cfg, tmp_path):
+    """Stage 2 freezes the LLM it got from stage 1 (train.init_from): its checkpoints hold no LLM weights,
+    yet load_model_weights returns them (from stage 1's checkpoint)."""
+    import torch
+
+    from mm.config import ParamGroupConfig
+    from mm.train.checkpoint import load_model_weights, load_tensors
+
+    stage1 = replace(small_cfg, run=replace(small_cfg.run, dir=str(tmp_path / "stage1")))
+    Trainer(stage1).train(until=3)
+    t = replace(
+        small_cfg.train, init_from=str(tmp_path / "stage1"), frozen=["llm"], max_steps=2,
+        param_groups=[ParamGroupConfig(modules=["und.aligner", "repa_proj"], lr=1e-4)],
+    )  # fmt: skip
+    stage2 = replace(small_cfg, run=replace(small_cfg.run, dir=str(tmp_path / "stage2")), train=t)
+    trainer = Trainer(stage2)
+    assert "llm" in trainer.stage.referenced and "(weights from train.init_from)" in trainer.stage.report
+    trainer.train()
+    rec = _metrics(tmp_path / "stage2")[-1]
+    assert rec["lr/und.aligner+repa_proj"] != rec["lr/default"]
+    ckpt = tmp_path / "stage2/checkpoints/step_00000002"
+    assert not any(k.startswith("llm.") for k in load_tensors(ckpt / "model.safetensors"))
+    full, before = load_model_weights(ckpt), load_model_weights(tmp_path / "stage1")
+    assert all(torch.equal(full[k], before[k]) for k in full if k.startswith("llm."))  # frozen: unchanged
+    assert not torch.equal(full["und.aligner.0.weight"], before["und.aligner.0.weight"])  # trained on

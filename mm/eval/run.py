@@ -17,7 +17,7 @@ import torch
 
 from kernels.attention import VARLEN_BACKENDS
 from mm.config import Config, load_config
-from mm.train.checkpoint import find_checkpoint, load_checkpoint
+from mm.train.checkpoint import find_checkpoint, load_model_weights, read_meta
 
 
 def latest_run(runs_root: Path) -> Path:
@@ -39,10 +39,8 @@ def read_weights(ckpt: Path, use_ema: bool = True) -> tuple[dict[str, torch.Tens
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt)), "model (ZeRO, consolidated to fp32)"
-    tensors, _ = load_checkpoint(ckpt)
-    if use_ema and "ema" in tensors:
-        return tensors["ema"], "ema"
-    return tensors["model"], "model"
+    which = "ema" if use_ema and (ckpt / "ema.safetensors").is_file() else "model"
+    return load_model_weights(ckpt, ema=use_ema), which
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
@@ -107,9 +105,8 @@ def _load_run_config(path: Path, overrides: list[str] | None) -> Config:
 
 
 def _checkpoint_step(ckpt: Path) -> int:
-    meta = ckpt / "trainer.json"
-    if meta.is_file():
-        return int(json.loads(meta.read_text())["step"])
+    if (ckpt / "trainer.json").is_file():
+        return int(read_meta(ckpt)["step"])
     name = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else ckpt.name  # a ZeRO tag
     digits = "".join(ch for ch in name if ch.isdigit())
     return int(digits) if digits else -1

@@ -31,6 +31,12 @@ from mm.sequence import IGNORE, Vocab, generation_sample, scatter_placeholders, 
 
 
 class UnifiedModel(nn.Module):
+    # ZeRO-3 gathers a module's weights with a collective each time it runs, so every rank must run the
+    # same modules in the same order. The DeepSpeed engine sets this: a batch without understanding
+    # images, generation images or text targets then runs those modules on a zero placeholder whose
+    # output enters the loss times 0 (the LLaVA-on-ZeRO-3 remedy).
+    run_every_module: bool = False
+
     def __init__(self, cfg: ModelConfig, vocab: Vocab):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
@@ -61,6 +67,13 @@ class UnifiedModel(nn.Module):
     def backend(self) -> str:
         return self.cfg.llm.attn_implementation
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute the LLM layers in backward instead of keeping their activations (the engine calls this)."""
+        if enabled:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.llm.gradient_checkpointing_disable()
+
     # ---- training -----------------------------------------------------------------
     def add_flow_inputs(self, batch: dict, generator: torch.Generator) -> dict:
         """Draw t, noise and prompt dropout for the batch's generation samples (seeded)."""
@@ -84,7 +97,31 @@ class UnifiedModel(nn.Module):
         if und_images is not None or image_mask.any():
             feats = self.und(und_images) if und_images is not None else embeds.new_zeros(0, embeds.shape[-1])
             embeds = scatter_placeholders(embeds, image_mask, feats.flatten(0, 1), "understanding images")
+        elif self.run_every_module:
+            embeds = embeds + 0.0 * self.und(self._zero_image(self.cfg.und.in_channels, self.cfg.und.image_size)).sum()
         return embeds
+
+    def _zero_image(self, channels: int, size: int) -> torch.Tensor:
+        return torch.zeros(1, channels, size, size, device=self.llm.get_input_embeddings().weight.device)
+
+    def _placeholder_gen_head(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The generation modules before the LLM on one zero image (run_every_module)."""
+        ae = self.cfg.autoencoder
+        with torch.no_grad():
+            x1 = self.autoencoder.encode(self._zero_image(ae.image_channels, ae.image_size))
+        temb = self.time_embed(x1.new_zeros(1))
+        tokens, skip = self.gen_encoder(x1, temb)
+        return tokens, skip, temb
+
+    def _placeholder_gen_tail(self, tokens: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The generation modules after the LLM, in the real path's order; a zero with their gradients."""
+        ae = self.cfg.autoencoder
+        total = self.gen_decoder(torch.zeros_like(tokens), skip, temb).float().sum()
+        if self.cfg.flow.repa_weight > 0:
+            total = total + self.repa_proj(torch.zeros_like(tokens)).float().sum()
+            with torch.no_grad():
+                self.und.features(self._to_und_images(self._zero_image(ae.image_channels, ae.image_size)))
+        return 0.0 * total
 
     def _embed_gen(
         self, embeds: torch.Tensor, input_ids: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor
@@ -140,6 +177,9 @@ class UnifiedModel(nn.Module):
             embeds, skip, temb = self._embed_gen(embeds, ids, interpolate(x1, x0, t), t)
         elif (ids == self.vocab.gen).any():
             raise ValueError("batch has generation placeholders but no gen_images")
+        elif self.run_every_module:
+            placeholder = self._placeholder_gen_head()
+            embeds = embeds + 0.0 * placeholder[0].sum()
 
         need_repa = has_gen and self.cfg.flow.repa_weight > 0
         h_in, pos_in, attn = packed_attention_inputs(self.backend, embeds, batch["position_ids"], batch["sample_ids"])
@@ -150,7 +190,7 @@ class UnifiedModel(nn.Module):
         losses = {f"{k}_{s}": zero for k in ("text", "flow", "repa") for s in ("sum", "count")}
         targets = batch["targets"]
         text_mask = targets != IGNORE
-        if text_mask.any():
+        if text_mask.any() or self.run_every_module:
             logits = self.llm.get_output_embeddings()(hidden[text_mask]).float()
             per_token = F.cross_entropy(logits, targets[text_mask], reduction="none")
             w = batch.get("loss_weights")
@@ -171,6 +211,8 @@ class UnifiedModel(nn.Module):
                     target = self.und.features(self._to_und_images(gen_images))
                 per_image_repa = -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean(1)
                 losses["repa_sum"], losses["repa_count"] = per_image_repa.sum(), zero + n
+        elif self.run_every_module:
+            losses["flow_sum"] = self._placeholder_gen_tail(*placeholder)
         counts = {k: float(losses[f"{k}_count"]) for k in ("text", "flow", "repa")}
         for k in ("text", "flow", "repa"):  # per-batch means, for logs and tests
             losses[k] = losses[f"{k}_sum"].detach() / max(counts[k], 1e-12)

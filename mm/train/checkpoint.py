@@ -1,10 +1,21 @@
-"""Atomic checkpoints: a step directory appears complete or not at all.
+"""Checkpoints that survive crashes, and the one function eval and release read them with.
 
-Layout: ``<run>/checkpoints/step_00001000/{model.pt,optim.pt,trainer.json}`` and
-``<run>/checkpoints/latest`` (a text file naming the newest complete step
-directory). Each save writes into a temporary directory, renames it into
-place, then swaps the ``latest`` pointer; a crash mid-save leaves the previous
-checkpoint intact and pointed to.
+Layout of ``<run>/checkpoints/step_00001000/``:
+
+* ``model.safetensors``: the trainable weights in fp32 (ZeRO's master copy, consolidated) and the
+  buffers. Frozen pretrained modules are not copied: ``trainer.json`` names them (``referenced``) and
+  :func:`load_model_weights` rebuilds them from the config's local paths (or ``train.init_from``).
+* ``ema.safetensors``: the EMA of the trainable weights (fp32), when ``train.ema_decay > 0``.
+* the engine's own state: ``optimizer.pt`` (DDP) or ``deepspeed/`` (DeepSpeed's ZeRO files).
+* ``rng_rank<r>.pt``: each rank's torch RNG state.
+* ``config.yaml`` and ``trainer.json`` (step, world size, every rank's data-loader position and skip
+  counts, counters), written last.
+
+Every rank writes into ``.tmp_step_*``; after a barrier rank 0 writes ``trainer.json`` and renames
+the directory into place (atomic), then points ``latest`` at it and prunes to the newest K. A job
+killed at any moment leaves either the new complete checkpoint or the previous one; a
+``step_*`` directory exists only complete. Everything is read with ``weights_only=True`` or as
+safetensors: no checkpoint can run code.
 """
 
 from __future__ import annotations
@@ -15,6 +26,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
+META = "trainer.json"
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -27,43 +41,87 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict], meta: dict, keep: int) -> Path:
-    """Save ``tensors`` (file stem -> state dict) and ``meta`` (JSON) for ``step``; prune to ``keep``."""
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return load_file(str(path), device=str(device))
+
+
+def staging_dir(run_dir: Path, step: int) -> Path:
+    return checkpoint_root(run_dir) / f".tmp_step_{step:08d}"
+
+
+def commit_checkpoint(run_dir: Path, step: int, meta: dict, keep: int) -> Path:
+    """Rank 0, after every rank has written into :func:`staging_dir`: meta last, rename, point, prune."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for stem, state in tensors.items():
-        torch.save(state, tmp / f"{stem}.pt")
-    (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+    tmp, final = staging_dir(run_dir, step), root / f"step_{step:08d}"
+    (tmp / META).write_text(json.dumps(meta, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _atomic_write_text(root / "latest", final.name)
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    steps = complete_checkpoints(run_dir)
     for old in steps[: max(0, len(steps) - keep)]:
         shutil.rmtree(old)
     return final
 
 
-def find_checkpoint(run_dir: Path, which: str = "latest") -> Path:
-    """``latest`` (via the pointer) or a path to a step directory; a clear error if absent."""
-    if which != "latest":
-        path = Path(which)
-        if not (path / "trainer.json").is_file():
-            raise FileNotFoundError(f"not a checkpoint directory (no trainer.json): {path}")
-        return path
-    pointer = checkpoint_root(run_dir) / "latest"
-    if not pointer.is_file():
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete step directories, oldest first."""
+    root = checkpoint_root(run_dir)
+    return sorted(p for p in root.glob("step_*") if (p / META).is_file())
+
+
+def find_checkpoint(run_dir: Path, which: str = "latest") -> Path | None:
+    """``auto``: the newest complete checkpoint or None (a fresh start); ``latest``: the same, but absent
+    is an error; else a path to a step directory (or a run directory: its newest)."""
+    if which in ("auto", "latest"):
+        steps = complete_checkpoints(run_dir)
+        if steps:
+            return steps[-1]
+        if which == "auto":
+            return None
         raise FileNotFoundError(f"no checkpoint to resume in {checkpoint_root(run_dir)}")
-    path = checkpoint_root(run_dir) / pointer.read_text().strip()
-    if not (path / "trainer.json").is_file():
-        raise FileNotFoundError(f"'latest' points to an incomplete checkpoint: {path}")
+    path = Path(which)
+    if not (path / META).is_file() and (checkpoint_root(path)).is_dir():
+        newest = complete_checkpoints(path)
+        if newest:
+            return newest[-1]
+    if not (path / META).is_file():
+        raise FileNotFoundError(f"not a checkpoint directory (no {META}): {path}")
     return path
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, dict], dict]:
-    tensors = {p.stem: torch.load(p, map_location="cpu", weights_only=False) for p in path.glob("*.pt")}
-    return tensors, json.loads((path / "trainer.json").read_text())
+def read_meta(ckpt: Path) -> dict:
+    return json.loads((ckpt / META).read_text())
+
+
+def load_model_weights(checkpoint_dir: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """Full weights (every key of the model's state dict) of a checkpoint written by any engine.
+
+    ``ema=True`` takes the EMA of the trainable weights where the run kept one (else the weights).
+    Frozen modules the checkpoint only references are rebuilt from the saved config's local paths.
+    """
+    ckpt = Path(checkpoint_dir)
+    if not (ckpt / META).is_file():
+        ckpt = find_checkpoint(ckpt, "latest")
+    meta = read_meta(ckpt)
+    weights = load_tensors(ckpt / "model.safetensors")
+    if ema and (ckpt / "ema.safetensors").is_file():
+        weights.update(load_tensors(ckpt / "ema.safetensors"))
+    if meta.get("referenced"):  # frozen pretrained modules: from their paths, as the run built them
+        from mm.config import load_config
+        from mm.train.trainer import build_model
+
+        cfg = load_config(ckpt / "config.yaml")
+        model, _ = build_model(cfg, init=True)
+        full = model.state_dict()
+        weights = {k: weights.get(k, v) for k, v in full.items()}
+    for alias, target in meta.get("aliases", {}).items():  # tied weights are saved once
+        weights[alias] = weights[target]
+    missing = sorted(set(meta.get("state_keys", weights)) - set(weights))
+    if missing:
+        raise KeyError(f"{ckpt} lacks {len(missing)} weights, e.g. {missing[:3]}")
+    return weights
