@@ -19,15 +19,14 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.digits import build_digit_shards
-from data.stream import PackedStream, StreamState
+from data.digits import ensure_bundled_digits
+from data.loader import build_train_loader
 from mm.config import Config, resolve_path, to_yaml
 from mm.model.unified import UnifiedModel, count_parameters
 from mm.sequence import Vocab, load_vocab
@@ -53,11 +52,9 @@ def ensure_digit_shards(cfg: Config) -> None:
     """Build the bundled digits shards when the default paths are missing."""
     if not cfg.data.build_if_missing:
         return
-    default = resolve_path("data/shards/digits")
-    wanted = [cfg.data.train_shards, cfg.data.heldout_shards]
-    if all(w.startswith("data/shards/digits/") for w in wanted) and not (default / "heldout-000000.tar").exists():
-        print(f"building bundled digits shards in {default}", flush=True)
-        build_digit_shards(default)
+    wanted = [cfg.data.train_shards, cfg.data.heldout_shards] + [s.shards for s in cfg.data.sources if s.shards]
+    if all(w.startswith("data/shards/digits/") for w in wanted):
+        ensure_bundled_digits("data/shards/digits")
 
 
 def build_model(cfg: Config) -> tuple[UnifiedModel, Vocab]:
@@ -107,9 +104,9 @@ class Trainer:
             self.optimizer, lambda s: schedule(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         )
         self.step = 0
-        stream_state = None
+        loader_state = None
         if resume:
-            stream_state = self._load(find_checkpoint(self.run_dir, resume))
+            loader_state = self._load(find_checkpoint(self.run_dir, resume))
         elif (self.run_dir / "checkpoints").exists():
             if not overwrite:
                 raise FileExistsError(
@@ -121,9 +118,9 @@ class Trainer:
                 shutil.rmtree(self.run_dir / "checkpoints")
             if self.world > 1:
                 dist.barrier()
-        self.stream = PackedStream(
-            cfg.data, self.vocab, self.model.sample_shapes(), self.rank, self.world, stream_state
-        )
+        self.loader = build_train_loader(cfg.data, self.vocab, self.model.sample_shapes(), self.rank, self.world)
+        if loader_state is not None:
+            self.loader.load_state_dict(loader_state)
         self.ddp = self.model
         if self.world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -145,7 +142,7 @@ class Trainer:
         self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
 
     def _gather_stream_states(self) -> list[dict]:
-        state = asdict(self.stream.state)
+        state = self.loader.state_dict()
         if self.world == 1:
             return [state]
         states: list = [None] * self.world
@@ -167,7 +164,7 @@ class Trainer:
         path = save_checkpoint(self.run_dir, self.step, tensors, meta, self.cfg.train.keep_checkpoints)
         print(f"saved {path}", flush=True)
 
-    def _load(self, path: Path) -> StreamState:
+    def _load(self, path: Path) -> dict:
         tensors, meta = load_checkpoint(path)
         if meta["world_size"] != self.world:
             raise ValueError(
@@ -185,7 +182,7 @@ class Trainer:
         self.step = meta["step"]
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step}", flush=True)
-        return StreamState(**meta["streams"][self.rank])
+        return meta["streams"][self.rank]
 
     # ---- training -----------------------------------------------------------------
     def train_step(self, batch: dict) -> dict[str, float]:
@@ -227,7 +224,7 @@ class Trainer:
 
     def _total_skipped(self) -> dict[str, int]:
         """Skip counts by reason, summed over ranks (ranks may have met different reasons)."""
-        local = dict(self.stream.skipped)
+        local = self.loader.skip_counts()
         if self.world == 1:
             return local
         per_rank: list = [None] * self.world
@@ -246,9 +243,12 @@ class Trainer:
             print(f"training {self.run_dir} from step {self.step} to {t.max_steps} (world {self.world})", flush=True)
         window: dict[str, float] = defaultdict(float)
         n_window, start, start_step, last_log = 0, time.time(), self.step, time.time()
-        it = iter(self.stream)
+        it = iter(self.loader)
         while self.step < stop:
-            out = self.train_step(next(it))
+            t_wait = time.perf_counter()
+            batch = next(it)
+            window["data_wait_s"] += time.perf_counter() - t_wait
+            out = self.train_step(batch)
             n_window += 1
             for k, v in out.items():
                 window[k] += v
@@ -265,7 +265,7 @@ class Trainer:
                 rec["tflops_per_device"] = sums["flops"] / (now - last_log) / self.world / 1e12
                 if self.peak_tflops:
                     rec["mfu"] = rec["tflops_per_device"] / self.peak_tflops
-                rec["epoch"] = self.stream.state.epoch
+                rec["data_wait"] = sums["data_wait_s"] / self.world / (now - last_log)  # share of step time
                 rec["skipped"] = self._total_skipped()
                 elapsed = now - start
                 eta = elapsed / (self.step - start_step) * (t.max_steps - self.step)
@@ -279,7 +279,7 @@ class Trainer:
                         f"step {self.step}/{t.max_steps} | loss {rec['loss']:.4f} text {rec['text']:.4f} "
                         f"flow {rec['flow']:.4f} repa {rec['repa']:.4f} | lr {rec['lr']:.2e} | "
                         f"{rec['tokens_per_s']:.0f} tok/s {rec['tflops_per_device']:.3f} TFLOP/s{mfu} | "
-                        f"epoch {rec['epoch']}{skip} | "
+                        f"data wait {rec['data_wait']:.1%}{skip} | "
                         f"eta {format_seconds(eta)}",
                         flush=True,
                     )
