@@ -379,7 +379,8 @@ class _Slices(IterableDataset):
         self.states, self.first = dict(loader.worker_states), first
 
     def stream(self, worker: int) -> WorkerStream:
-        set_pixel_cap(self.cfg.max_image_pixels)
+        if get_worker_info() is not None:  # PIL's cap is process-wide: set it in worker processes only
+            set_pixel_cap(self.cfg.max_image_pixels)
         return WorkerStream(
             self.specs, self.cfg, self.vocab, self.shapes, self.rank, self.world, worker, self.workers, self.salt,
             self.states.get(worker),
@@ -415,10 +416,15 @@ class TrainLoader:
                 )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self._active is not None:
-            self._active.close()  # one live DataLoader at a time: its workers stop
+        self.close()  # one live DataLoader at a time
         self._active = self._batches()
         return self._active
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the iterator is garbage-collected)."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         first = self.consumed % self.workers

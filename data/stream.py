@@ -124,11 +124,15 @@ def open_shard(url: str) -> Iterator[BinaryIO]:
         return
     cmd = url[len(SHELL_PREFIX) :]
     proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)  # noqa: S602 - opted in
+    completed = False
     try:
         yield proc.stdout
+        completed = True
     finally:
         proc.stdout.close()
-        if proc.wait() != 0:  # the tar reader has already reported a short stream; say which command failed
+        if not completed:  # we stopped reading early (resume, shutdown): the command's exit status is ours
+            proc.kill()
+        if proc.wait() != 0 and completed:  # the reader has reported a short stream; say which command failed
             raise ShardUnavailable(f"command {shlex.quote(cmd)} exited with status {proc.returncode}")
 
 
