@@ -39,6 +39,7 @@ import math
 import random
 import sys
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -264,7 +265,7 @@ class WorkerStream:
         self.rank, self.world, self.worker, self.workers, self.salt = rank, world, worker, workers, salt
         self.skip = SkipLog(f"rank {rank} worker {worker}", cfg.skip_log_every_s, (state or {}).get("skipped"))
         self.readers = [SourceReader(s, cfg, rank, world, worker, workers, salt, self.skip) for s in specs]
-        self.packer = PACKERS[cfg.packer](cfg.seq_len, cfg.pack_lookahead, cfg.min_piece)
+        self.packer = PACKERS[cfg.packer](cfg.seq_len, cfg.pack_lookahead, cfg.min_piece, cfg.pack_slack)
         weights = [s.weight for s in specs]
         self.cumulative = [sum(weights[: i + 1]) for i in range(len(weights))]
         self.draws = 0  # mixture draws so far
@@ -405,7 +406,7 @@ class TrainLoader:
         self.worker_states: dict[int, dict] = {}  # logical worker -> its state after its last consumed batch
         self.consumed = 0  # batches handed out; the next comes from logical worker consumed % workers
         self.carried_skips: Counter[str] = Counter()  # skip counts of a re-split layout
-        self._active: Iterator | None = None
+        self._active: weakref.ref | None = None
         for spec in self.specs:
             if not spec.resample and len(spec.urls) < world * self.workers and rank == 0:
                 parts = math.ceil(world * self.workers / len(spec.urls))
@@ -417,14 +418,18 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.close()  # one live DataLoader at a time
-        self._active = self._batches()
-        return self._active
+        batches = self._batches()
+        # A weak reference: the iterator refers to this loader, so a strong one would make a cycle that only the
+        # cyclic GC frees, at a random time, possibly inside a forked worker that inherited it.
+        self._active = weakref.ref(batches)
+        return batches
 
     def close(self) -> None:
-        """Stop the worker processes now (they also stop when the iterator is garbage-collected)."""
-        if self._active is not None:
-            self._active.close()
-            self._active = None
+        """Stop the worker processes now (they also stop as soon as the caller drops the iterator)."""
+        batches = self._active() if self._active is not None else None
+        if batches is not None:
+            batches.close()
+        self._active = None
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         first = self.consumed % self.workers

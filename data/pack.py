@@ -8,9 +8,10 @@ downstream infers sample boundaries from position ids.
 Packers (:data:`PACKERS`) buffer :class:`PackItem` s and hand out one row at a time:
 
 * ``best_fit`` (default): the oldest buffered item opens the row (so nothing waits
-  forever), then the subset of the other buffered items that fills the row best
-  (exact subset sum over the lookahead), then the tail is filled by cutting a
-  text-only document (never a sample with images). On a realistic mix this fills
+  forever), then the oldest-first subset of the other buffered items that fills
+  the row within ``slack`` of the best possible fill (exact subset sum over the
+  lookahead), then the tail is filled by cutting a text-only document (never a
+  sample with images). On a realistic mix this fills
   4096-token rows to ~0.99 (``scripts/bench_data.py``); whole-sample bin packing
   tops out near 0.96 there because a row holds only ~6 image samples.
 * ``next_fit``: rows in arrival order, a sample that does not fit closes the row
@@ -56,7 +57,7 @@ def as_item(s: Sample | PackItem) -> PackItem:
 class NextFitPacker:
     """Rows in arrival order; an item that does not fit closes the row."""
 
-    def __init__(self, seq_len: int, lookahead: int = 1, min_piece: int = 1):
+    def __init__(self, seq_len: int, lookahead: int = 1, min_piece: int = 1, slack: float = 0.0):
         self.seq_len = seq_len
         self.buffer: list[PackItem] = []
         self.tokens = 0
@@ -80,30 +81,35 @@ class NextFitPacker:
         return row
 
 
-def best_subset(lengths: list[int], room: int) -> list[int]:
-    """Indices of a subset of ``lengths`` with the largest total <= ``room``; earlier items win ties.
+def best_subset(lengths: list[int], room: int, slack: int = 0) -> list[int]:
+    """Indices of the oldest-first subset of ``lengths`` whose total is within ``slack`` of the best total <= room.
 
-    Exact subset sum with Python ints as bitsets (bit t of ``reach[i]``: total t is
-    reachable with the first i items): one shift-or per item, then a walk back.
+    Exact subset sum with Python ints as bitsets (bit t of ``suffix[i]``: items i.. can
+    total t). Walking the items oldest first, an item is taken whenever the rest can
+    still end within [best - slack, best]: the earliest items that pack well win, so
+    rows keep the arrival order's mix of tasks instead of grouping look-alike lengths.
     """
     mask = (1 << (room + 1)) - 1
-    reach = [1]
-    for n in lengths:
-        reach.append((reach[-1] | (reach[-1] << n)) & mask)
-    target = reach[-1].bit_length() - 1
-    chosen = []
+    suffix = [1] * (len(lengths) + 1)
     for i in range(len(lengths) - 1, -1, -1):
-        if not (reach[i] >> target) & 1:  # the target needs item i
+        suffix[i] = (suffix[i + 1] | (suffix[i + 1] << lengths[i])) & mask
+    best = suffix[0].bit_length() - 1
+    floor = max(0, best - slack)
+    chosen, total = [], 0
+    for i, n in enumerate(lengths):
+        lo, hi = max(0, floor - total - n), best - total - n
+        if hi >= 0 and (suffix[i + 1] >> lo) & ((1 << (hi - lo + 1)) - 1):
             chosen.append(i)
-            target -= lengths[i]
-    return chosen[::-1]
+            total += n
+    return chosen
 
 
 class BestFitPacker:
     """Each row: the oldest item, the subset of the buffer that fills the rest best, then a cut text document."""
 
-    def __init__(self, seq_len: int, lookahead: int = 64, min_piece: int = 16):
+    def __init__(self, seq_len: int, lookahead: int = 64, min_piece: int = 16, slack: float = 0.02):
         self.seq_len, self.lookahead, self.min_piece = seq_len, lookahead, min_piece
+        self.slack = int(slack * seq_len)
         self.buffer: list[PackItem] = []
 
     def add(self, item: PackItem) -> None:
@@ -119,7 +125,7 @@ class BestFitPacker:
             return []
         row = [self.buffer.pop(0)]  # the oldest always goes: nothing waits more than lookahead rows
         room = self.seq_len - row[0].length
-        chosen = set(best_subset([i.length for i in self.buffer], room))
+        chosen = set(best_subset([i.length for i in self.buffer], room, self.slack))
         row += [item for i, item in enumerate(self.buffer) if i in chosen]
         self.buffer = [item for i, item in enumerate(self.buffer) if i not in chosen]
         room -= sum(item.length for item in row[1:])

@@ -138,6 +138,7 @@ class DataConfig:
     packer: str = "best_fit"  # key of data.pack.PACKERS
     pack_lookahead: int = 64  # samples the packer chooses from
     min_piece: int = 16  # a text document is cut only into pieces of at least this many tokens
+    pack_slack: float = 0.02  # best_fit takes the oldest samples that fill a row within this share of the best fill
     loss_reduction: str = "token"  # token | sample (1/n) | square (1/sqrt n), per sample as InternVL
     shuffle_buffer: int = 512  # raw samples per source per worker
     num_workers: int = 2  # DataLoader worker processes per rank; 0 = read in the training process
@@ -274,6 +275,8 @@ def validate_data(d: DataConfig) -> None:
     for key in ("seq_len", "rows_per_batch", "pack_lookahead", "min_piece", "shuffle_buffer", "max_image_pixels"):
         if getattr(d, key) < 1:
             raise ConfigError(f"data.{key}={getattr(d, key)} must be >= 1")
+    if not 0 <= d.pack_slack < 1:
+        raise ConfigError(f"data.pack_slack={d.pack_slack} must be in [0, 1)")
     if d.num_workers < 0 or d.prefetch_factor < 1 or d.open_retries < 0:
         raise ConfigError("data.num_workers and data.open_retries must be >= 0, data.prefetch_factor >= 1")
 

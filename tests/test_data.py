@@ -164,6 +164,20 @@ def test_truncated_shard_is_reported_and_its_last_sample_dropped(tmp_path):
 
 
 # ---- bad samples: every kind, each skipped and counted by reason ----------------------
+def corrupt_shard(src: str, dst, every: int = 5) -> int:
+    """Copy a shard, replacing every ``every``-th PNG with truncated bytes; return how many."""
+    n_bad = 0
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for i, member in enumerate(m for m in tin.getmembers() if m.isfile()):
+            data = tin.extractfile(member).read()
+            if member.name.endswith(".png") and (i // 3) % every == 0:
+                data, n_bad = data[:20], n_bad + 1
+            info = tarfile.TarInfo(member.name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+    return n_bad
+
+
 def _bomb_png(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels (a decompression bomb's signature)."""
     png = bytearray(_png(np.zeros((1, 1), dtype=np.uint8)))
