@@ -254,6 +254,25 @@ def fetch_raw(spec: SourceSpec, shard: int, ordinals: set[int], skip: SkipLog) -
         return {}
 
 
+class EncodeMemo:
+    """The vocab with a bounded memo of ``encode`` for short texts: prompts and questions repeat a lot."""
+
+    def __init__(self, vocab: Vocab, max_entries: int = 1 << 16, max_chars: int = 512):
+        self.vocab, self.max_entries, self.max_chars = vocab, max_entries, max_chars
+        self.memo: dict[str, list[int]] = {}
+
+    def __getattr__(self, name: str) -> Any:  # pad, bos, decode, ... come from the vocab
+        return getattr(self.vocab, name)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.memo.get(text)
+        if ids is None:
+            ids = self.vocab.encode(text)
+            if len(text) <= self.max_chars and len(self.memo) < self.max_entries:
+                self.memo[text] = ids
+        return list(ids)
+
+
 class WorkerStream:
     """One slice: mixes its sources, builds samples, packs them and yields (batch, state after it)."""
 
@@ -261,7 +280,7 @@ class WorkerStream:
         self, specs: list[SourceSpec], cfg: DataConfig, vocab: Vocab, shapes: SampleShapes, rank: int, world: int,
         worker: int, workers: int, salt: str = "", state: dict | None = None,
     ):  # fmt: skip
-        self.specs, self.cfg, self.vocab, self.shapes = specs, cfg, vocab, shapes
+        self.specs, self.cfg, self.vocab, self.shapes = specs, cfg, EncodeMemo(vocab), shapes
         self.rank, self.world, self.worker, self.workers, self.salt = rank, world, worker, workers, salt
         self.skip = SkipLog(f"rank {rank} worker {worker}", cfg.skip_log_every_s, (state or {}).get("skipped"))
         self.readers = [SourceReader(s, cfg, rank, world, worker, workers, salt, self.skip) for s in specs]
