@@ -120,7 +120,8 @@ def test_exact_resume_with_two_workers_and_two_ranks(shard_dir, tmp_path, vocab,
         _assert_same(first, _take(iter(c), 5))  # deterministic from the start too
         for loader in (a, b, c):
             loader.close()
-        assert first[0]["und_images"].dtype == torch.uint8  # images stay uint8 until the model
+        images = [b[k] for b in first for k in ("und_images", "gen_images") if k in b]
+        assert images and all(x.dtype == torch.uint8 for x in images)  # images stay uint8 until the model
         assert len(state["worker_states"]) == 2 and state["consumed"] == 5
         ranks.append(first)
     assert not torch.equal(ranks[0][0]["input_ids"], ranks[1][0]["input_ids"])  # ranks read different shards
