@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -254,20 +255,18 @@ def fetch_raw(spec: SourceSpec, shard: int, ordinals: set[int], skip: SkipLog) -
         return {}
 
 
-class EncodeMemo:
+class EncodeMemo(Vocab):
     """The vocab with a bounded memo of ``encode`` for short texts: prompts and questions repeat a lot."""
 
     def __init__(self, vocab: Vocab, max_entries: int = 1 << 16, max_chars: int = 512):
-        self.vocab, self.max_entries, self.max_chars = vocab, max_entries, max_chars
+        self.__dict__.update(vocab.__dict__)  # the same tokenizer and special-token ids, as plain attributes
+        self.max_entries, self.max_chars = max_entries, max_chars
         self.memo: dict[str, list[int]] = {}
-
-    def __getattr__(self, name: str) -> Any:  # pad, bos, decode, ... come from the vocab
-        return getattr(self.vocab, name)
 
     def encode(self, text: str) -> list[int]:
         ids = self.memo.get(text)
         if ids is None:
-            ids = self.vocab.encode(text)
+            ids = super().encode(text)
             if len(text) <= self.max_chars and len(self.memo) < self.max_entries:
                 self.memo[text] = ids
         return list(ids)
@@ -411,7 +410,20 @@ class _Slices(IterableDataset):
         # The DataLoader starts its round robin at process 0; on resume, process 0 plays the logical worker
         # whose batch comes next, so the order continues where it stopped.
         worker = (self.first + (info.id if info else 0)) % self.workers
-        return iter(self.stream(worker))
+        for batch, state in self.stream(worker):
+            if info is not None:
+                batch = {k: to_transport(v) for k, v in batch.items()}
+            yield batch, state
+
+
+SMALL_TENSOR_BYTES = 1 << 20
+
+
+def to_transport(t: torch.Tensor) -> torch.Tensor | np.ndarray:
+    """Small tensors leave a worker as numpy arrays, copied through the pipe: sending a tensor through
+    shared memory costs a file descriptor and a mapping each (~0.25 ms), which for a batch of a dozen
+    small tensors was most of the main process's wait. Large ones (images) still go by shared memory."""
+    return t.numpy() if t.numel() * t.element_size() < SMALL_TENSOR_BYTES else t
 
 
 class TrainLoader:
@@ -462,6 +474,7 @@ class TrainLoader:
             )  # fmt: skip
         expected = first
         for batch, state in source:
+            batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
             if state["worker"] != expected:  # the resume logic relies on the DataLoader's in-order round robin
                 raise RuntimeError(f"batch from worker {state['worker']}, expected worker {expected}")
             self.worker_states[expected] = state
