@@ -224,23 +224,45 @@ class SourceReader:
             self.buffer.append(self._read())
         i = random.Random(self._seed("pick", self.picks)).randrange(len(self.buffer))
         self.picks += 1
-        self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
-        return self.buffer.pop()
+        return self.buffer.pop(i)  # the rest stays in read order: the state stores it as compact runs
 
     # ---- state --------------------------------------------------------------------
     def state(self) -> dict:
         return {
             "epoch": self.epoch, "unit": self.unit, "ordinal": self.ordinal, "picks": self.picks,
             "epoch_reads": self.epoch_reads, "reads_per_epoch": self.reads_per_epoch,
-            "buffer": [list(ptr) for ptr, _ in self.buffer],
+            "buffer": encode_pointers([ptr for ptr, _ in self.buffer]),
         }  # fmt: skip
 
     def restore(self, state: dict, raws: dict[tuple[int, int], dict]) -> None:
         """Position from ``state``; the buffered raw samples from ``raws`` ((shard, ordinal) -> raw, re-read)."""
         self.epoch, self.unit, self.ordinal, self.picks = (state[k] for k in ("epoch", "unit", "ordinal", "picks"))
         self.epoch_reads, self.reads_per_epoch = state["epoch_reads"], state["reads_per_epoch"]
-        self.buffer = [(tuple(p), raws[(p[1], p[2])]) for p in state["buffer"] if (p[1], p[2]) in raws]
+        self.buffer = [(p, raws[(p[1], p[2])]) for p in decode_pointers(state["buffer"]) if (p[1], p[2]) in raws]
         self._samples = None
+
+
+def encode_pointers(pointers: list[tuple[int, int, int]]) -> list[list]:
+    """Pointers (epoch, shard, ordinal) in read order -> runs [epoch, shard, first ordinal, hex bitmap].
+
+    A shuffle buffer holds a random subset of the samples read last, in read order: a
+    bitmap per shard keeps a 2000-sample buffer in a few hundred bytes of the checkpoint.
+    """
+    runs: list[list] = []
+    for epoch, shard, ordinal in pointers:
+        if runs and runs[-1][:2] == [epoch, shard] and ordinal > runs[-1][3]:
+            runs[-1][2] |= 1 << (ordinal - runs[-1][4])
+            runs[-1][3] = ordinal
+        else:
+            runs.append([epoch, shard, 1, ordinal, ordinal])  # epoch, shard, bitmap, last, first
+    return [[epoch, shard, first, format(bits, "x")] for epoch, shard, bits, _, first in runs]
+
+
+def decode_pointers(runs: list[list]) -> list[tuple[int, int, int]]:
+    out = []
+    for epoch, shard, first, bits in runs:
+        out += [(epoch, shard, first + j) for j, b in enumerate(reversed(bin(int(bits, 16))[2:])) if b == "1"]
+    return out
 
 
 def fetch_raw(spec: SourceSpec, shard: int, ordinals: set[int], skip: SkipLog) -> dict[int, dict]:
@@ -364,7 +386,7 @@ class WorkerStream:
         self.good, self.bad = list(state["good"]), list(state["bad"])
         wanted: dict[tuple[int, int], set[int]] = {}  # (source, shard) -> ordinals to re-read
         for i, s in enumerate(state["sources"]):
-            for _, shard, ordinal in s["buffer"]:
+            for _, shard, ordinal in decode_pointers(s["buffer"]):
                 wanted.setdefault((i, shard), set()).add(ordinal)
         for source, _, shard, ordinal, *_ in state["pending"]:
             wanted.setdefault((source, shard), set()).add(ordinal)

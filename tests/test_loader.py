@@ -250,3 +250,14 @@ def test_shell_urls_only_when_allowed(shard_dir, small_cfg, vocab, shapes):
         build_train_loader(cfg, vocab, shapes, 0, 1)
     batch = next(iter(build_train_loader(replace(cfg, allow_shell_urls=True), vocab, shapes, 0, 1)))
     assert len(batch["gen_images"]) > 0
+
+
+def test_shuffle_buffer_pointers_are_stored_compactly_and_in_order():
+    from data.loader import decode_pointers, encode_pointers
+
+    rng = torch.Generator().manual_seed(0)
+    ordinals = sorted(set(torch.randint(0, 5000, (1500,), generator=rng).tolist()))
+    pointers = [(0, 3, o) for o in ordinals] + [(1, 2, 5), (1, 2, 9), (1, 0, 1), (1, 2, 7)]  # read order
+    runs = encode_pointers(pointers)
+    assert decode_pointers(json.loads(json.dumps(runs))) == pointers
+    assert len(json.dumps(runs)) < len(json.dumps(pointers)) / 10
