@@ -332,7 +332,7 @@ def main() -> None:
         device = torch.device(args.device)
         result["step"] = bench_step(args.step_samples, args.rounds, device, args.attn.split(","))
     if "wait" in only:
-        result["wait"] = bench_wait(150, [2, 0])
+        result["wait"] = bench_wait(150, [1, 2, 0])
     print(json.dumps(result))
 
 
