@@ -1,48 +1,345 @@
-"""Deterministic, resumable stream of packed batches from webdataset shards.
+"""Reading shards: URL expansion and policy, opening with retries, and a strict tar reader.
 
-Order: per epoch, a seeded shard order and a seeded shuffle buffer (raw
-bytes; images are decoded late, only for samples this rank keeps). Rank r of
-W keeps every W-th sample, so all ranks see equal counts and never hang a
-collective. The stream's position is (epoch, index of the first sample not
-yet in an emitted batch) plus the skip counters; resuming replays the raw
-stream up to that index without decoding, so resumed == uninterrupted.
+A shard is a tar file of samples in the webdataset layout: members ``{key}.{ext}``
+grouped by key (``a/b.0.jpg`` -> key ``a/b``, ext ``0.jpg``). The reader here is
+our own (about a hundred lines) rather than ``tarfile`` because a training stream
+needs what ``tarfile``'s stream mode does not give:
 
-Bad samples (undecodable image or json, unreadable member, over-long sample)
-are skipped and counted by reason; the trainer reports the counts in the
-metrics. A missing shard fails at start, naming the path.
+* a corrupt member header (bad checksum) is reported and skipped: the reader
+  scans forward to the next valid header and keeps the rest of the shard
+  (``tarfile`` silently ends the archive there, losing every later sample);
+* a shard cut short (no end-of-archive blocks) is reported, not taken as complete;
+* samples are numbered (their *ordinal* in the shard) and samples that are not
+  wanted are skipped without reading their payload, so a resumed loader can
+  re-read exactly the samples its buffers held.
+
+Shard URLs are local paths (brace patterns, several joined by ``::``) or, only
+when ``data.allow_shell_urls`` is set, ``pipe:COMMAND`` (the command's stdout
+is the tar), which is how object stores are read (``pipe:aws s3 cp s3://b/x.tar -``).
 """
 
 from __future__ import annotations
 
 import io
-import json
-import random
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import os
+import shlex
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import braceexpand
 import numpy as np
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 from PIL import Image
 
-from data.pack import NextFitPacker, collate
-from mm.config import DataConfig, resolve_path
-from mm.sequence import TASK_UND, Sample, Vocab, generation_sample, understanding_sample
+from mm.config import resolve_path
+from mm.model.positions import PositionPolicy
+
+BLOCK = 512
+SHELL_PREFIX = "pipe:"
+ProblemHandler = Callable[[str, str], None]  # (reason, message)
+BROKEN = ""  # member name iter_members yields after a problem: drop the sample being built
 
 
-def expand_shards(pattern: str) -> list[str]:
-    """Brace-expand a shard pattern and check that every shard exists."""
-    paths = [str(resolve_path(p)) for p in braceexpand.braceexpand(pattern)]
-    missing = [p for p in paths if not Path(p).is_file()]
+class BadSample(Exception):
+    """A sample that cannot be used; ``reason`` is the key it is counted under."""
+
+    def __init__(self, reason: str, message: str = ""):
+        super().__init__(reason, message)  # both in args: picklable across processes
+        self.reason, self.message = reason, message
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}" if self.message else self.reason
+
+
+@dataclass
+class SampleShapes:
+    """What the model needs of each image: sizes, channels and token counts (``UnifiedModel.sample_shapes``).
+
+    ``position_policy``: V2PE's per-image position deltas, drawn when a sample is
+    built (None or a disabled policy = the standard 0..n-1 positions).
+    """
+
+    und_size: int
+    und_channels: int
+    und_tokens: int
+    gen_size: int
+    gen_channels: int
+    gen_tokens: int
+    und_fill: int = 127  # pad value of understanding images: mid grey, ~0 after a 0.5/0.5 normalisation
+    position_policy: PositionPolicy | None = None
+
+
+class ShardUnavailable(OSError):
+    """A shard that could not be opened after the configured retries."""
+
+
+# ---- URLs -------------------------------------------------------------------------
+def expand_shards(pattern: str, allow_shell: bool = False) -> list[str]:
+    """Brace-expand ``pattern`` (``::`` joins several) and check every shard.
+
+    Local shards must exist (the error names the first missing one); ``pipe:``
+    commands need ``allow_shell``; other URL schemes are refused with a hint.
+    """
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        urls += list(braceexpand.braceexpand(part.strip()))
+    if not urls or urls == [""]:
+        raise ValueError(f"shard pattern {pattern!r} names no shard")
+    out, missing = [], []
+    for url in urls:
+        if url.startswith(SHELL_PREFIX):
+            if not allow_shell:
+                raise ValueError(
+                    f"shard URL {url!r} runs a shell command; set data.allow_shell_urls=true to allow that"
+                )
+            out.append(url)
+            continue
+        if "://" in url and not url.startswith("file://"):
+            raise ValueError(
+                f"shard URL {url!r}: only local paths are read directly; stream remote shards through a command, "
+                f"e.g. 'pipe:curl -sL {url}', with data.allow_shell_urls=true"
+            )
+        path = str(resolve_path(url.removeprefix("file://")))
+        out.append(path)
+        if not Path(path).is_file():
+            missing.append(path)
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) of {pattern!r} not found, e.g. {missing[0]}")
-    return paths
+    return out
 
 
+@contextmanager
+def open_shard(url: str) -> Iterator[BinaryIO]:
+    """A readable binary stream of the shard's bytes (a file, or a command's stdout)."""
+    if not url.startswith(SHELL_PREFIX):
+        with open(url, "rb", buffering=1 << 20) as f:
+            yield f
+        return
+    cmd = url[len(SHELL_PREFIX) :]
+    proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)  # noqa: S602 - opted in
+    completed = False
+    try:
+        yield proc.stdout
+        completed = True
+    finally:
+        proc.stdout.close()
+        if not completed:  # we stopped reading early (resume, shutdown): the command's exit status is ours
+            proc.kill()
+        if proc.wait() != 0 and completed:  # the reader has reported a short stream; say which command failed
+            raise ShardUnavailable(f"command {shlex.quote(cmd)} exited with status {proc.returncode}")
+
+
+def check_openable(url: str, retries: int, delay_s: float) -> None:
+    """Open a local shard, retrying with exponential backoff (shared storage hiccups); raise :class:`ShardUnavailable`.
+
+    A ``pipe:`` command's failure only shows when it is read (the reader reports it).
+    """
+    if url.startswith(SHELL_PREFIX):
+        return
+    for attempt in range(retries + 1):
+        try:
+            with open(url, "rb"):
+                return
+        except OSError as e:
+            if attempt == retries:
+                raise ShardUnavailable(f"{url}: {e.strerror or e} (after {retries} retries)") from None
+            time.sleep(delay_s * 2**attempt)
+
+
+# ---- the tar reader ---------------------------------------------------------------------
+def _checksum_ok(block: bytes) -> bool:
+    try:
+        stored = int(block[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
+    except ValueError:
+        return False
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+    if stored == unsigned:
+        return True
+    signed = sum(struct.unpack("148b8x356b", block)) + 8 * 32  # some old tars sum signed bytes
+    return stored == signed
+
+
+def _size(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for members over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    return int(field.replace(b"\0", b" ").strip() or b"0", 8)
+
+
+def _skip(f: BinaryIO, n: int) -> None:
+    """Move past ``n`` bytes without keeping them (seek on files, read and drop on pipes)."""
+    if f.seekable():
+        f.seek(n, os.SEEK_CUR)
+        return
+    while n > 0:
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            return  # the short stream shows at the next header read
+        n -= len(chunk)
+
+
+def _pax_records(payload: bytes) -> dict[str, str]:
+    out, i = {}, 0
+    while i < len(payload) and payload[i : i + 1] != b"\0":
+        length = int(payload[i : payload.index(b" ", i)])
+        key, _, value = payload[payload.index(b" ", i) + 1 : i + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        i += length
+    return out
+
+
+def iter_members(
+    f: BinaryIO, want: Callable[[str], bool], on_problem: ProblemHandler
+) -> Iterator[tuple[str, bytes | None]]:
+    """(name, payload) of every regular member; payload is None where ``want(name)`` is False (not read).
+
+    Problems go to ``on_problem(reason, message)``: ``corrupt_member`` (a header
+    with a bad checksum; the reader resyncs at the next valid header) and
+    ``truncated_shard`` (the bytes end before the end-of-archive blocks). After
+    either it yields ``(BROKEN, None)``: the sample being built lost members.
+    """
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    offset = 0  # of the block about to be read, for messages
+    while True:
+        block = f.read(BLOCK)
+        if len(block) < BLOCK:
+            on_problem("truncated_shard", f"the shard ends at byte {offset + len(block)} without end-of-archive blocks")
+            yield BROKEN, None
+            return
+        offset += BLOCK
+        if block == bytes(BLOCK):
+            return  # end of archive
+        if not _checksum_ok(block):
+            on_problem("corrupt_member", f"bad tar header checksum at byte {offset - BLOCK}; resyncing")
+            yield BROKEN, None
+            while True:  # resync: the next block that is a valid ustar header
+                block = f.read(BLOCK)
+                if len(block) < BLOCK:
+                    on_problem("truncated_shard", "the shard ends inside a corrupt region")
+                    yield BROKEN, None
+                    return
+                offset += BLOCK
+                if block == bytes(BLOCK):
+                    return
+                if block[257:262] == b"ustar" and _checksum_ok(block):
+                    break
+        size = _size(block[124:136])
+        kind = block[156:157]
+        name = block[:100].split(b"\0", 1)[0]
+        if block[257:262] == b"ustar" and block[345:500].strip(b"\0"):
+            name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+        name_s = name.decode("utf-8", "surrogateescape")
+        if kind in (b"x", b"L"):  # metadata for the next member (pax record, GNU long name)
+            padded = -(-size // BLOCK) * BLOCK
+            payload = f.read(padded)
+            offset += padded
+            if len(payload) < padded:
+                on_problem("truncated_shard", f"the shard ends inside an extended header ({name_s!r})")
+                yield BROKEN, None
+                return
+            if kind == b"L":
+                long_name = payload[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
+                continue
+            try:
+                pax = _pax_records(payload[:size])
+            except (ValueError, UnicodeDecodeError) as e:
+                on_problem("corrupt_member", f"unreadable pax header {name_s!r}: {e!r}")
+                yield BROKEN, None
+            continue
+        size = int(pax.get("size", size))
+        name_s = pax.get("path") or long_name or name_s
+        long_name, pax = None, {}
+        padded = -(-size // BLOCK) * BLOCK
+        offset += padded
+        if kind not in (b"0", b"\0", b"7"):  # directories, links, global headers: nothing to yield
+            _skip(f, padded)
+            continue
+        if not want(name_s):
+            _skip(f, padded)
+            yield name_s, None
+            continue
+        payload = f.read(padded)
+        if len(payload) < size:
+            on_problem("truncated_shard", f"the shard ends inside member {name_s!r}")
+            yield BROKEN, None
+            return
+        yield name_s, payload[:size]
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    """``dir/stem.ext.more`` -> (``dir/stem``, ``ext.more``), grouped as webdataset does; None: no extension."""
+    head, _, base = name.rpartition("/")
+    if "." not in base or base.startswith("."):
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def iter_samples(
+    f: BinaryIO, on_problem: ProblemHandler, wanted: Callable[[int], bool] = lambda ordinal: True
+) -> Iterator[tuple[int, dict]]:
+    """(ordinal, {"__key__": key, ext: bytes, ...}) for every wanted sample of one shard, in order.
+
+    Each run of consecutive members with one key is a sample and takes the next
+    ordinal, whether it is wanted, complete or not, so ordinals do not depend on
+    ``wanted``. Payloads of unwanted samples are never read. The sample being
+    built when a header is corrupt or the shard ends early may have lost a member:
+    it is dropped and reported (``incomplete_sample``), as is a sample holding one
+    extension twice (``duplicate_member``).
+    """
+    key: str | None = None  # of the sample being built
+    ordinal = -1
+    sample: dict | None = None  # None: not wanted, or dropped
+
+    def want_member(name: str) -> bool:
+        parts = split_name(name)
+        return parts is not None and wanted(ordinal if parts[0] == key else ordinal + 1)
+
+    for name, payload in iter_members(f, want_member, on_problem):
+        if name == BROKEN:  # corrupt header or cut shard: the sample being built may have lost members
+            if sample is not None:
+                on_problem("incomplete_sample", f"sample {key!r} dropped: a member next to it is unreadable")
+            sample = None
+            continue
+        parts = split_name(name)
+        if parts is None:
+            continue
+        if parts[0] != key:
+            if sample is not None:
+                yield ordinal, sample
+            key, ordinal = parts[0], ordinal + 1
+            sample = {"__key__": key} if wanted(ordinal) else None
+        if sample is None:
+            continue
+        if parts[1] in sample:
+            on_problem("duplicate_member", f"sample {key!r} has two {parts[1]!r} members")
+            sample = None
+            continue
+        sample[parts[1]] = payload
+    if sample is not None:
+        yield ordinal, sample
+
+
+def read_samples(pattern: str, allow_shell: bool = False) -> Iterator[dict]:
+    """Every raw sample of the shards, in order (evaluation, tests); any tar problem raises."""
+
+    def fail(reason: str, message: str) -> None:
+        raise ValueError(f"{reason}: {message}")
+
+    for url in expand_shards(pattern, allow_shell):
+        with open_shard(url) as f:
+            for _, sample in iter_samples(f, fail):
+                yield sample
+
+
+# ---- float helpers for evaluation code that reads shards directly --------------------
 def decode_image(data: bytes) -> torch.Tensor:
     """PNG/JPEG bytes -> [C,H,W] float in [0,1] (C=1 for grey, 3 for colour)."""
     with Image.open(io.BytesIO(data)) as img:
@@ -54,7 +351,7 @@ def decode_image(data: bytes) -> torch.Tensor:
 
 
 def fit_image(image: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """Centre-crop to square, resize to ``size`` and convert grey<->RGB."""
+    """Centre-crop a [0,1] float image to square, resize to ``size`` and convert grey<->RGB."""
     c, h, w = image.shape
     s = min(h, w)
     image = image[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
@@ -67,131 +364,3 @@ def fit_image(image: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     if channels == 1 and c == 3:
         return image.mean(0, keepdim=True).clamp(0, 1)
     raise ValueError(f"cannot convert a {c}-channel image to {channels} channels")
-
-
-@dataclass
-class SampleShapes:
-    """What the model needs of each image: sizes, channels and token counts."""
-
-    und_size: int
-    und_channels: int
-    und_tokens: int
-    gen_size: int
-    gen_channels: int
-    gen_tokens: int
-
-
-@dataclass
-class StreamState:
-    epoch: int = 0
-    index: int = 0  # first global sample index of ``epoch`` not yet in an emitted batch
-    skipped: dict[str, int] = field(default_factory=dict)
-
-
-def build_sample(raw: dict, vocab: Vocab, shapes: SampleShapes, task: str) -> Sample:
-    """Raw webdataset sample (bytes) -> template-built Sample for ``task``."""
-    image_key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in raw), None)
-    if image_key is None or "json" not in raw:
-        raise ValueError(f"sample {raw.get('__key__')} lacks an image or json member")
-    meta = json.loads(raw["json"])
-    image = decode_image(raw[image_key])
-    key = raw["__key__"]
-    if task == TASK_UND:
-        img = fit_image(image, shapes.und_size, shapes.und_channels)
-        return understanding_sample(vocab, img, shapes.und_tokens, meta["question"], meta["answer"], key=key)
-    img = fit_image(image, shapes.gen_size, shapes.gen_channels)
-    return generation_sample(vocab, img, shapes.gen_tokens, meta["caption"], key=key)
-
-
-class PackedStream:
-    """Infinite iterator of packed batches for one rank; see the module docstring."""
-
-    def __init__(
-        self, cfg: DataConfig, vocab: Vocab, shapes: SampleShapes, rank: int = 0, world: int = 1,
-        state: StreamState | None = None,
-    ):  # fmt: skip
-        self.cfg, self.vocab, self.shapes = cfg, vocab, shapes
-        self.rank, self.world = rank, world
-        self.shards = expand_shards(cfg.train_shards)
-        self.state = state or StreamState()
-        self.skipped: Counter[str] = Counter(self.state.skipped)
-        self.first_errors: dict[str, str] = {}  # reason -> first message, for the reports
-        tasks = [(t, w) for t, w in cfg.task_weights.items() if w > 0]
-        self.tasks, self.task_weights = [t for t, _ in tasks], [w for _, w in tasks]
-
-    def _skip(self, reason: str, message: str) -> None:
-        self.skipped[reason] += 1
-        if reason not in self.first_errors:
-            self.first_errors[reason] = message
-            print(f"data: skipping ({reason}) {message[:300]} (further skips are only counted)", flush=True)
-
-    def _raw_epoch(self, epoch: int) -> Iterator[dict]:
-        """Raw samples of one epoch in the seeded order (same on every rank)."""
-        rng = random.Random(f"{self.cfg.seed}-shards-{epoch}")
-        shards = list(self.shards)
-        rng.shuffle(shards)
-
-        def count_and_continue(exn: Exception) -> bool:
-            if self.rank == 0:  # every rank reads every shard: count a bad member once, not once per rank
-                self._skip("unreadable", repr(exn))
-            return True
-
-        pipeline = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=count_and_continue))
-        buf: list[dict] = []
-        for raw in pipeline:
-            buf.append(raw)
-            if len(buf) >= self.cfg.shuffle_buffer:
-                yield buf.pop(rng.randrange(len(buf)))
-        rng.shuffle(buf)
-        yield from buf
-
-    def _samples(self) -> Iterator[tuple[int, int, Sample]]:
-        epoch, start = self.state.epoch, self.state.index
-        while True:
-            n_seen = n_kept = 0
-            # Replaying up to ``start`` re-meets unreadable members the saved counts already hold.
-            unreadable_at_save = self.skipped.get("unreadable", 0) if start else None
-            for index, raw in enumerate(self._raw_epoch(epoch)):
-                n_seen += 1
-                if index < start:
-                    continue
-                if unreadable_at_save is not None:
-                    self.skipped.pop("unreadable", None)
-                    if unreadable_at_save:
-                        self.skipped["unreadable"] = unreadable_at_save
-                    unreadable_at_save = None
-                if index % self.world != self.rank:
-                    continue
-                rng = random.Random(f"{self.cfg.seed}-sample-{epoch}-{index}")  # order-independent draw
-                task = rng.choices(self.tasks, self.task_weights)[0]
-                try:
-                    sample = build_sample(raw, self.vocab, self.shapes, task)
-                except Exception as exc:  # noqa: BLE001 - any undecodable sample is skipped and counted
-                    self._skip(f"bad_sample_{task}", f"{raw.get('__key__')}: {exc!r}")
-                    continue
-                if len(sample) > self.cfg.seq_len:
-                    self._skip("too_long", f"{sample.key}: {len(sample)} tokens > data.seq_len={self.cfg.seq_len}")
-                    continue
-                n_kept += 1
-                yield epoch, index, sample
-            if n_kept == 0:  # skipping everything would loop forever: a bug or unusable data
-                raise RuntimeError(
-                    f"epoch {epoch} of {self.cfg.train_shards} gave no usable sample for rank {self.rank} "
-                    f"({n_seen} read; skipped {dict(self.skipped)}; first errors {self.first_errors})"
-                )
-            epoch, start = epoch + 1, 0
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        packer = NextFitPacker(self.cfg.seq_len, self.cfg.rows_per_batch)
-        for epoch, index, sample in self._samples():
-            rows = packer.add(sample)
-            if rows is None:
-                continue
-            # ``sample`` closed the batch and is pending in the packer: resume from it.
-            self.state = StreamState(epoch, index, dict(self.skipped))
-            yield collate(rows, self.cfg.seq_len, self.vocab.pad)
-
-
-def read_samples(pattern: str) -> Iterator[dict]:
-    """Every raw sample (member bytes by extension) of the shards, in order; a bad tar raises."""
-    yield from wds.DataPipeline(wds.SimpleShardList(expand_shards(pattern)), wds.tarfile_to_samples())

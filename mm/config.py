@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,14 +144,44 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One training source: shards of one sample kind, mixed in by weight (data/sources.py, data/loader.py)."""
+
+    name: str = "digits"
+    kind: str = "conversation"  # key of data.sources.SOURCE_KINDS: generation | conversation | text
+    shards: str = ""  # brace pattern, several joined by '::'; "" = data.train_shards
+    weight: float = 1.0  # share of drawn samples (JanusFlow stage 2: und:gen:text = 14:80:6)
+    resample: bool = False  # False: exact epochs; True: shards drawn with replacement (open-ended pretraining)
+
+
+def _digits_sources() -> list[SourceConfig]:
+    return [
+        SourceConfig(name="digits_vqa", kind="conversation", weight=1.0),
+        SourceConfig(name="digits_t2i", kind="generation", weight=1.0),
+    ]
+
+
+@dataclass
 class DataConfig:
-    train_shards: str = "data/shards/digits/train-{000000..000003}.tar"
-    heldout_shards: str = "data/shards/digits/heldout-000000.tar"
+    sources: list[SourceConfig] = field(default_factory=_digits_sources)
+    train_shards: str = "data/shards/digits/train-{000000..000003}.tar"  # the shards of sources with shards: ""
+    heldout_shards: str = "data/shards/digits/heldout-000000.tar"  # evaluation only
     build_if_missing: bool = True  # build the bundled digits shards on first run
-    task_weights: dict[str, float] = field(default_factory=lambda: {"understanding": 1.0, "generation": 1.0})
     seq_len: int = 128  # tokens per packed row
     rows_per_batch: int = 8
-    shuffle_buffer: int = 512
+    packer: str = "best_fit"  # key of data.pack.PACKERS
+    pack_lookahead: int = 64  # samples the packer chooses from
+    min_piece: int = 16  # a text document is cut only into pieces of at least this many tokens
+    pack_slack: float = 0.02  # best_fit takes the oldest samples that fill a row within this share of the best fill
+    loss_reduction: str = "token"  # token | sample (1/n) | square (1/sqrt n), per sample as InternVL
+    shuffle_buffer: int = 512  # raw samples per source per worker
+    num_workers: int = 2  # DataLoader worker processes per rank; 0 = read in the training process
+    prefetch_factor: int = 4  # batches each worker keeps ready
+    max_image_pixels: int = 64_000_000  # larger images are skipped as decompression bombs
+    allow_shell_urls: bool = False  # allow 'pipe:COMMAND' shard URLs (they run shell commands)
+    open_retries: int = 3  # a shard that cannot be opened is retried (backoff) then skipped
+    retry_delay_s: float = 1.0
+    skip_log_every_s: float = 60.0  # after the first skip of each reason, at most one summary line per interval
     seed: int = 0
 
 
@@ -319,10 +350,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.flow.repa_layer={m.flow.repa_layer} outside 1..{m.llm.num_layers}")
     if m.llm.hidden_size % m.llm.num_heads:
         raise ConfigError("model.llm.hidden_size must be divisible by model.llm.num_heads")
-    weights = cfg.data.task_weights
-    unknown = set(weights) - {"understanding", "generation"}
-    if unknown or sum(weights.values()) <= 0:
-        raise ConfigError(f"data.task_weights: unknown tasks {sorted(unknown)} or no positive weight")
+    validate_data(cfg.data)
     t = cfg.train
     if t.max_steps < 1:
         raise ConfigError("train.max_steps must be >= 1")
@@ -333,6 +361,40 @@ def validate(cfg: Config) -> None:
     for i, group in enumerate(t.param_groups):
         if not group.modules:
             raise ConfigError(f"train.param_groups[{i}].modules is empty: name the module prefixes it sets")
+
+
+def validate_data(d: DataConfig) -> None:
+    from data.pack import LOSS_REDUCTIONS, PACKERS  # data/ builds on this module: import at use
+    from data.sources import SOURCE_KINDS
+
+    if not d.sources:
+        raise ConfigError("data.sources is empty: list at least one source")
+    names = [s.name for s in d.sources]
+    if len(set(names)) != len(names) or not all(names):
+        raise ConfigError(f"data.sources need distinct non-empty names, got {names}")
+    for s in d.sources:
+        if s.kind not in SOURCE_KINDS:
+            raise ConfigError(f"data.sources[{s.name}].kind={s.kind!r}; known: {sorted(SOURCE_KINDS)}")
+        if s.weight < 0 or not math.isfinite(s.weight):
+            raise ConfigError(f"data.sources[{s.name}].weight={s.weight} must be >= 0")
+        pattern = s.shards or d.train_shards
+        if "pipe:" in pattern and not d.allow_shell_urls:
+            raise ConfigError(
+                f"data.sources[{s.name}] reads {pattern!r}, a shell command; set data.allow_shell_urls=true to allow it"
+            )
+    if sum(s.weight for s in d.sources) <= 0:
+        raise ConfigError("data.sources: no source has a positive weight")
+    if d.packer not in PACKERS:
+        raise ConfigError(f"data.packer={d.packer!r}; known: {sorted(PACKERS)}")
+    if d.loss_reduction not in LOSS_REDUCTIONS:
+        raise ConfigError(f"data.loss_reduction={d.loss_reduction!r}; known: {list(LOSS_REDUCTIONS)}")
+    for key in ("seq_len", "rows_per_batch", "pack_lookahead", "min_piece", "shuffle_buffer", "max_image_pixels"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key}={getattr(d, key)} must be >= 1")
+    if not 0 <= d.pack_slack < 1:
+        raise ConfigError(f"data.pack_slack={d.pack_slack} must be in [0, 1)")
+    if d.num_workers < 0 or d.prefetch_factor < 1 or d.open_retries < 0:
+        raise ConfigError("data.num_workers and data.open_retries must be >= 0, data.prefetch_factor >= 1")
 
 
 def to_yaml(cfg: Config) -> str:

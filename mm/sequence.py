@@ -43,6 +43,11 @@ SPECIAL_TOKENS = [
 
 TASK_UND = "understanding"
 TASK_GEN = "generation"
+TASK_TEXT = "text"  # text-only documents (LM loss on every token; the packer may split them across rows)
+
+IMAGE_MARKER = "<image>"  # where an image goes in a conversation turn (LLaVA / InternVL convention)
+ROLE_USER = "user"
+ROLE_ASSISTANT = "assistant"
 
 # Per-token kinds: what a token carries. The position policy (V2PE) and
 # mixture-of-depths routing select tokens by kind; the templates set them.
@@ -59,8 +64,8 @@ class Sample:
     input_ids: list[int]
     targets: list[int]  # next-token target per position, IGNORE where no loss
     task: str
-    und_images: list[torch.Tensor] = field(default_factory=list)  # [C,H,W] in [0,1]
-    gen_images: list[torch.Tensor] = field(default_factory=list)  # [C,H,W] in [0,1]
+    und_images: list[torch.Tensor] = field(default_factory=list)  # [C,H,W] uint8 (loader) or [0,1] float
+    gen_images: list[torch.Tensor] = field(default_factory=list)  # [C,H,W] uint8 (loader) or [0,1] float
     prompt_mask: list[bool] = field(default_factory=list)  # prompt tokens (CFG dropout)
     key: str = ""
     token_kinds: list[int] = field(default_factory=list)  # TOKEN_* per token; [] = all text
@@ -160,6 +165,83 @@ def generation_sample(
         ids, [IGNORE] * len(ids), TASK_GEN, gen_images=gen_images, prompt_mask=prompt_mask, key=key,
         token_kinds=kinds,
     )  # fmt: skip
+
+
+class TemplateError(ValueError):
+    """A conversation or document that no template can turn into a sample (bad data, not a bug)."""
+
+
+def conversation_sample(
+    vocab: Vocab, turns: list[tuple[str, str]], images: list[torch.Tensor], n_image_tokens: int, key: str = ""
+) -> Sample:
+    """Multi-turn chat with images -> one understanding sample, loss on every assistant turn.
+
+    ``turns`` alternate ``(ROLE_USER, text)`` and ``(ROLE_ASSISTANT, text)``, starting with the
+    user. User text holds one ``<image>`` marker per entry of ``images``, in order. Layout::
+
+        <bos> (<user> text|<begin_of_image> <image_placeholder>*n <end_of_image> ... <assistant> answer <eos>)*
+
+    Text around a marker is stripped: the image tokens already delimit it (so "<image>\nq" is
+    exactly :func:`understanding_sample`'s prompt). A trailing user turn ends in ``<assistant>``
+    with no answer: the inference prompt.
+    """
+    if not turns or turns[0][0] != ROLE_USER:
+        raise TemplateError(f"conversation {key!r} must start with a user turn")
+    ids, supervised = [vocab.bos], []  # supervised: [start, end) spans of answer tokens (eos included)
+    n_markers = 0
+    for i, (role, text) in enumerate(turns):
+        expected = ROLE_USER if i % 2 == 0 else ROLE_ASSISTANT
+        if role != expected:
+            raise TemplateError(f"conversation {key!r}: turn {i} is {role!r}, expected {expected!r} (turns alternate)")
+        if role == ROLE_ASSISTANT:
+            if IMAGE_MARKER in text:
+                raise TemplateError(f"conversation {key!r}: an image marker in assistant turn {i}")
+            start = len(ids)
+            ids += vocab.encode(text.strip()) + [vocab.eos]
+            supervised.append((start, len(ids)))
+            continue
+        ids.append(vocab.user)
+        for j, segment in enumerate(text.split(IMAGE_MARKER)):
+            if j > 0:  # an image sits between two segments
+                ids += [vocab.boi] + [vocab.image] * n_image_tokens + [vocab.eoi]
+                n_markers += 1
+            if segment.strip():
+                ids += vocab.encode(segment.strip())
+        ids.append(vocab.assistant)
+    if n_markers != len(images):
+        raise TemplateError(f"conversation {key!r} has {n_markers} image marker(s) for {len(images)} image(s)")
+    targets = [IGNORE] * len(ids)
+    for start, end in supervised:
+        for i in range(start - 1, end - 1):  # logits at i predict token i+1
+            targets[i] = ids[i + 1]
+    kinds = [TOKEN_UND_IMAGE if t == vocab.image else TOKEN_TEXT for t in ids]
+    return Sample(
+        ids, targets, TASK_UND, und_images=list(images), prompt_mask=[False] * len(ids), key=key, token_kinds=kinds
+    )
+
+
+def text_document_samples(vocab: Vocab, text: str, max_tokens: int, key: str = "") -> list[Sample]:
+    """A text-only document -> LM samples of at most ``max_tokens`` tokens (loss on every next token).
+
+    ``<bos> text <eos>`` is cut into consecutive chunks, as LLM pretraining does; the last
+    token of a chunk still predicts the first token of the next one.
+    """
+    body = vocab.encode(text.strip())
+    if not body:
+        raise TemplateError(f"document {key!r} has no tokens")
+    ids = [vocab.bos] + body + [vocab.eos]
+    targets = ids[1:] + [IGNORE]
+    return [
+        Sample(
+            ids[a : a + max_tokens],
+            targets[a : a + max_tokens],
+            TASK_TEXT,
+            prompt_mask=[False] * len(ids[a : a + max_tokens]),
+            key=key if a == 0 else f"{key}#{a}",
+            token_kinds=[TOKEN_TEXT] * len(ids[a : a + max_tokens]),
+        )  # fmt: skip
+        for a in range(0, len(ids), max_tokens)
+    ]
 
 
 def scatter_placeholders(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, what: str) -> torch.Tensor:

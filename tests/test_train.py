@@ -68,7 +68,7 @@ def test_checkpoints_are_complete_pruned_and_guarded(small_cfg):
     names = {p.name for p in ckpt.iterdir()}
     assert names >= {"model.safetensors", "optimizer.pt", "rng_rank0.pt", "config.yaml", "trainer.json"}
     meta = json.loads((ckpt / "trainer.json").read_text())
-    assert meta["step"] == 6 and len(meta["loaders"]) == 1 and meta["loaders"][0]["index"] > 0
+    assert meta["step"] == 6 and len(meta["loaders"]) == 1 and meta["loaders"][0]["consumed"] == 6
     with pytest.raises(FileExistsError, match="--resume auto"):
         Trainer(small_cfg)
     short = replace(small_cfg, train=replace(small_cfg.train, max_steps=2, ckpt_every=1))
@@ -88,7 +88,9 @@ def test_metrics_report_every_step_with_task_losses(small_cfg):
     assert [r["step"] for r in recs] == list(range(1, 7))
     for r in recs:
         assert {"loss", "text", "flow", "repa", "tokens_per_s", "tflops_per_device", "eta_s", "skipped", "lr"} <= set(r)
-        assert r["text"] > 0 and r["flow"] > 0 and 0.5 < r["pack_efficiency"] <= 1
+        assert r["text"] >= 0 and r["flow"] >= 0 and 0.5 < r["pack_efficiency"] <= 1
+    # a 2-row batch may hold one task only (the best-fit packer groups samples by length)
+    assert any(r["text"] > 0 for r in recs) and any(r["flow"] > 0 for r in recs)
 
 
 def test_bad_samples_in_training_are_reported_in_metrics(small_cfg, shard_dir, tmp_path):

@@ -28,15 +28,15 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from data.digits import build_digit_shards
-from data.stream import PackedStream, SampleShapes, StreamState
-from mm.config import Config, ConfigError, DataConfig, ModelConfig, resolve_path, to_yaml
+from data.digits import ensure_bundled_digits
+from data.loader import build_train_loader
+from mm.config import Config, ConfigError, ModelConfig, resolve_path, to_yaml
 from mm.model.unified import UnifiedModel
 from mm.sequence import Vocab, load_vocab
 from mm.train.checkpoint import (
@@ -83,11 +83,9 @@ def ensure_digit_shards(cfg: Config) -> None:
     """Build the bundled digits shards when the default paths are missing."""
     if not cfg.data.build_if_missing:
         return
-    default = resolve_path("data/shards/digits")
-    wanted = [cfg.data.train_shards, cfg.data.heldout_shards]
-    if all(w.startswith("data/shards/digits/") for w in wanted) and not (default / "heldout-000000.tar").exists():
-        print(f"building bundled digits shards in {default}", flush=True)
-        build_digit_shards(default)
+    wanted = [cfg.data.train_shards, cfg.data.heldout_shards] + [s.shards for s in cfg.data.sources if s.shards]
+    if all(w.startswith("data/shards/digits/") for w in wanted):
+        ensure_bundled_digits("data/shards/digits")
 
 
 def build_model(cfg: Config, init: bool = False) -> tuple[UnifiedModel, Vocab]:
@@ -97,26 +95,6 @@ def build_model(cfg: Config, init: bool = False) -> tuple[UnifiedModel, Vocab]:
     if init and cfg.train.init_from:
         model.load_state_dict(load_model_weights(resolve_path(cfg.train.init_from)))
     return model, vocab
-
-
-class _PackedStreamLoader:
-    """MERGE: stand-in for ``data.loader.build_train_loader`` (the data issue); delete it at merge."""
-
-    def __init__(self, cfg: DataConfig, vocab: Vocab, shapes: SampleShapes, rank: int, world: int):
-        self.stream = PackedStream(cfg, vocab, shapes, rank, world)
-
-    def __iter__(self) -> Iterator[dict]:
-        return iter(self.stream)
-
-    def state_dict(self) -> dict:
-        return asdict(self.stream.state)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.state = StreamState(**state)
-        self.stream.skipped = Counter(state["skipped"])
-
-    def skip_counts(self) -> dict[str, int]:
-        return dict(self.stream.skipped)
 
 
 def _matches(name: str, prefix: str) -> bool:
@@ -279,7 +257,7 @@ class Trainer:
         self.model = model
         self.engine: Engine = build_engine(model, self.stage.groups, cfg, env, self.precision)
         self.ema = ShardedEMA(self.engine, t.ema_decay) if t.ema_decay > 0 else None
-        self.loader = loader or _PackedStreamLoader(cfg.data, self.vocab, model.sample_shapes(), env.rank, env.world)
+        self.loader = loader or build_train_loader(cfg.data, self.vocab, model.sample_shapes(), env.rank, env.world)
         self.step, self.nonfinite_total = 0, 0
         self.nonfinite_run = torch.zeros((), dtype=torch.float64, device=self.device)
         if ckpt is not None:

@@ -1,0 +1,564 @@
+"""The training loader: sharded, mixed, packed batches from DataLoader workers, resumable exactly.
+
+Layout. Rank ``r`` of ``world`` runs ``num_workers`` real ``torch.utils.data.DataLoader``
+workers (``batch_size=None``); each worker is one *slice* that reads, decodes,
+builds, packs and collates on its own and yields whole packed batches. The
+DataLoader hands batches out round robin (worker 0, 1, ..., 0, 1, ...), and every
+worker is infinite, so every rank yields a batch for every step: no rank runs
+dry and hangs a collective.
+
+Sources. Each source of ``data.sources`` is read by every slice with its own
+shuffle buffer (raw bytes; decoding happens only for the sample drawn). A source
+either reads *exact epochs* (each epoch a seeded permutation of its shards, split
+by node then by worker so every shard is read once per epoch by one slice; a
+slice that finishes its part starts its next epoch) or *resamples* shards with
+replacement (open-ended pretraining). With fewer shards than slices, each shard
+is read as interleaved parts (sample ordinal mod m) so coverage stays exact. Which
+source the next sample comes from is a seeded weighted draw.
+
+Seeds. Every random choice is a pure function of (seed, source, rank, worker,
+epoch or draw number, layout): shard permutations, shuffle-buffer picks, the
+mixture, and each sample's own ``random.Random`` (seeded by where the sample
+lives, so the same sample gets the same draws however it is packed or resumed).
+
+State. After each batch a worker snapshots its position: per source the epoch,
+the unit (shard) and ordinal reached, the pointers (shard, ordinal) of the raw
+samples in its shuffle buffer, the packer's pending items (pointer + token
+range) and its skip counts. The snapshot travels with the batch; the main
+process keeps the latest one per worker and knows from the round robin which
+worker comes next. ``load_state_dict`` gives each worker its snapshot; the worker
+re-reads the buffered samples from their shards and rebuilds the pending ones,
+so the next batches are bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+import random
+import sys
+import time
+import weakref
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.images import set_pixel_cap
+from data.pack import PACKERS, PackItem, collate
+from data.sources import SOURCE_KINDS, BuildContext, build_samples
+from data.stream import (
+    BadSample,
+    SampleShapes,
+    ShardUnavailable,
+    check_openable,
+    expand_shards,
+    iter_samples,
+    open_shard,
+)
+from mm.config import DataConfig
+from mm.sequence import Vocab
+
+STATE_VERSION = 1
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 64-bit seed from any printable parts; the same in every process and Python run."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A configured source with its shard list resolved."""
+
+    name: str
+    kind: str
+    weight: float
+    resample: bool
+    urls: tuple[str, ...]
+
+
+def resolve_sources(cfg: DataConfig) -> list[SourceSpec]:
+    """Expand every source's shards (``shards: ""`` means ``data.train_shards``); fail naming what is wrong."""
+    specs = []
+    for src in cfg.sources:
+        if src.kind not in SOURCE_KINDS:
+            raise KeyError(f"data.sources[{src.name}].kind={src.kind!r}; known: {sorted(SOURCE_KINDS)}")
+        pattern = src.shards or cfg.train_shards
+        try:
+            urls = expand_shards(pattern, cfg.allow_shell_urls)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"data.sources[{src.name}]: {e}") from None
+        specs.append(SourceSpec(src.name, src.kind, src.weight, src.resample, tuple(urls)))
+    return specs
+
+
+class SkipLog:
+    """Counts skipped samples by "source/reason"; prints the first of each reason, then a summary at most every N s."""
+
+    def __init__(self, where: str, every_s: float, counts: dict[str, int] | None = None):
+        self.where, self.every_s = where, every_s
+        self.counts: Counter[str] = Counter(counts or {})
+        self.reported: set[str] = set(self.counts)
+        self.last_summary, self.unreported = time.monotonic(), 0
+
+    def __call__(self, key: str, message: str) -> None:
+        self.counts[key] += 1
+        if key not in self.reported:
+            self.reported.add(key)
+            print(f"data[{self.where}]: skipped ({key}) {message[:300]}", file=sys.stderr, flush=True)
+            return
+        self.unreported += 1
+        now = time.monotonic()
+        if now - self.last_summary >= self.every_s:
+            print(
+                f"data[{self.where}]: skipped {self.unreported} more; totals {dict(self.counts)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.last_summary, self.unreported = now, 0
+
+
+class SourceReader:
+    """One source as one slice reads it: its units (shards or shard parts) in a seeded order, and a shuffle buffer."""
+
+    def __init__(
+        self, spec: SourceSpec, cfg: DataConfig, rank: int, world: int, worker: int, workers: int, salt: str,
+        skip: SkipLog,
+    ):  # fmt: skip
+        self.spec, self.cfg, self.skip = spec, cfg, skip
+        self.rank, self.world, self.worker, self.workers, self.salt = rank, world, worker, workers, salt
+        n_shards, n_slices = len(spec.urls), world * workers
+        self.parts = 1 if spec.resample or n_shards >= n_slices else math.ceil(n_slices / n_shards)
+        # position: epoch (exact) or shard draw number (resampled); unit index in the epoch; next ordinal
+        self.epoch, self.unit, self.ordinal = 0, 0, 0
+        self.picks = 0  # shuffle-buffer draws so far (seeds the next pick)
+        self.buffer: list[tuple[tuple[int, int, int], dict]] = []  # ((epoch, shard, ordinal), raw)
+        self.epoch_reads = 0  # raw samples read in the current epoch
+        self.reads_per_epoch = 0  # of the first completed epoch (0 = none completed yet)
+        self._samples: Iterator[tuple[int, dict]] | None = None
+        self._units_cache: tuple[int, list[tuple[int, int]]] | None = None
+
+    # ---- where to read ----------------------------------------------------------------
+    def _seed(self, *parts: Any) -> int:
+        s = self.spec
+        return stable_seed(self.cfg.seed, s.name, self.salt, self.world, self.workers, self.rank, self.worker, *parts)
+
+    def units(self) -> list[tuple[int, int]]:
+        """(shard, part) units of the current epoch for this slice: split by node, then by worker."""
+        if self.spec.resample:
+            return [(random.Random(self._seed("draw", self.epoch)).randrange(len(self.spec.urls)), 0)]
+        if self._units_cache is None or self._units_cache[0] != self.epoch:
+            every = [(shard, part) for shard in range(len(self.spec.urls)) for part in range(self.parts)]
+            # the same permutation on every rank and worker (no rank/worker in this seed)
+            random.Random(stable_seed(self.cfg.seed, self.spec.name, "epoch", self.epoch)).shuffle(every)
+            self._units_cache = (self.epoch, every[self.rank :: self.world][self.worker :: self.workers])
+        return self._units_cache[1]
+
+    def _problem(self, reason: str, message: str) -> None:
+        self.skip(f"{self.spec.name}/{reason}", message)
+
+    def _open(self) -> Iterator[tuple[int, dict]] | None:
+        shard, part = self.units()[self.unit]
+        url, parts, start = self.spec.urls[shard], self.parts, self.ordinal
+        try:
+            check_openable(url, self.cfg.open_retries, self.cfg.retry_delay_s)
+        except ShardUnavailable as e:
+            self._problem("shard_unavailable", f"{e}; skipping this shard for now")
+            return None
+
+        def samples() -> Iterator[tuple[int, dict]]:
+            with open_shard(url) as f:
+                yield from iter_samples(f, self._problem, lambda o: o >= start and o % parts == part)
+
+        return samples()
+
+    def _next_unit(self) -> None:
+        self._samples, self.ordinal = None, 0
+        self.unit += 1
+        if self.unit < len(self.units()):
+            return
+        self.epoch, self.unit = self.epoch + 1, 0  # next epoch (exact) or next shard draw (resampled)
+        n = len(self.spec.urls)
+        if self.spec.resample and self.epoch % n:
+            return  # resampled: the bookkeeping below runs every n draws ("an epoch")
+        if self.epoch_reads == 0 and (not self.spec.resample or self.reads_per_epoch == 0):
+            # every shard unavailable, empty or unreadable: stop instead of spinning forever
+            raise RuntimeError(
+                f"data source {self.spec.name!r} (rank {self.rank}, worker {self.worker}) read no sample from "
+                f"its {len(self.units()) if not self.spec.resample else n} shard(s) in "
+                f"{'epoch ' + str(self.epoch - 1) if not self.spec.resample else str(n) + ' shard draws'}; "
+                f"skipped so far: {dict(self.skip.counts)}"
+            )
+        self.reads_per_epoch = self.reads_per_epoch or self.epoch_reads
+        self.epoch_reads = 0
+
+    def _read(self) -> tuple[tuple[int, int, int], dict]:
+        while True:
+            if self._samples is None:
+                self._samples = self._open()
+                if self._samples is None:
+                    self._next_unit()
+                    continue
+            try:
+                ordinal, raw = next(self._samples)
+            except StopIteration:
+                self._next_unit()
+                continue
+            except OSError as e:  # the shard went away mid-read (or its command failed): skip the rest of it
+                self._problem("shard_unavailable", f"{self.spec.urls[self.units()[self.unit][0]]}: {e!r}")
+                self._next_unit()
+                continue
+            self.ordinal = ordinal + 1
+            self.epoch_reads += 1
+            return (self.epoch, self.units()[self.unit][0], ordinal), raw
+
+    def next_raw(self) -> tuple[tuple[int, int, int], dict]:
+        """The next raw sample of this source: a seeded pick from a full shuffle buffer."""
+        while len(self.buffer) < max(1, self.cfg.shuffle_buffer):
+            self.buffer.append(self._read())
+        i = random.Random(self._seed("pick", self.picks)).randrange(len(self.buffer))
+        self.picks += 1
+        return self.buffer.pop(i)  # the rest stays in read order: the state stores it as compact runs
+
+    # ---- state --------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "epoch": self.epoch, "unit": self.unit, "ordinal": self.ordinal, "picks": self.picks,
+            "epoch_reads": self.epoch_reads, "reads_per_epoch": self.reads_per_epoch,
+            "buffer": encode_pointers([ptr for ptr, _ in self.buffer]),
+        }  # fmt: skip
+
+    def restore(self, state: dict, raws: dict[tuple[int, int], dict]) -> None:
+        """Position from ``state``; the buffered raw samples from ``raws`` ((shard, ordinal) -> raw, re-read)."""
+        self.epoch, self.unit, self.ordinal, self.picks = (state[k] for k in ("epoch", "unit", "ordinal", "picks"))
+        self.epoch_reads, self.reads_per_epoch = state["epoch_reads"], state["reads_per_epoch"]
+        self.buffer = [(p, raws[(p[1], p[2])]) for p in decode_pointers(state["buffer"]) if (p[1], p[2]) in raws]
+        self._samples = None
+
+
+def encode_pointers(pointers: list[tuple[int, int, int]]) -> list[list]:
+    """Pointers (epoch, shard, ordinal) in read order -> runs [epoch, shard, first ordinal, hex bitmap].
+
+    A shuffle buffer holds a random subset of the samples read last, in read order: a
+    bitmap per shard keeps a 2000-sample buffer in a few hundred bytes of the checkpoint.
+    """
+    runs: list[list] = []
+    for epoch, shard, ordinal in pointers:
+        if runs and runs[-1][:2] == [epoch, shard] and ordinal > runs[-1][3]:
+            runs[-1][2] |= 1 << (ordinal - runs[-1][4])
+            runs[-1][3] = ordinal
+        else:
+            runs.append([epoch, shard, 1, ordinal, ordinal])  # epoch, shard, bitmap, last, first
+    return [[epoch, shard, first, format(bits, "x")] for epoch, shard, bits, _, first in runs]
+
+
+def decode_pointers(runs: list[list]) -> list[tuple[int, int, int]]:
+    out = []
+    for epoch, shard, first, bits in runs:
+        out += [(epoch, shard, first + j) for j, b in enumerate(reversed(bin(int(bits, 16))[2:])) if b == "1"]
+    return out
+
+
+def fetch_raw(spec: SourceSpec, shard: int, ordinals: set[int], skip: SkipLog) -> dict[int, dict]:
+    """Re-read the given samples of one shard (payloads of the others are not read)."""
+    try:
+        check_openable(spec.urls[shard], 2, 1.0)
+        with open_shard(spec.urls[shard]) as f:
+            return dict(iter_samples(f, lambda reason, message: None, lambda o: o in ordinals))
+    except OSError as e:
+        for _ in ordinals:
+            skip(f"{spec.name}/shard_unavailable", f"re-reading buffered samples on resume: {e!r}")
+        return {}
+
+
+class EncodeMemo(Vocab):
+    """The vocab with a bounded memo of ``encode`` for short texts: prompts and questions repeat a lot."""
+
+    def __init__(self, vocab: Vocab, max_entries: int = 1 << 16, max_chars: int = 512):
+        self.__dict__.update(vocab.__dict__)  # the same tokenizer and special-token ids, as plain attributes
+        self.max_entries, self.max_chars = max_entries, max_chars
+        self.memo: dict[str, list[int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.memo.get(text)
+        if ids is None:
+            ids = super().encode(text)
+            if len(text) <= self.max_chars and len(self.memo) < self.max_entries:
+                self.memo[text] = ids
+        return list(ids)
+
+
+class WorkerStream:
+    """One slice: mixes its sources, builds samples, packs them and yields (batch, state after it)."""
+
+    def __init__(
+        self, specs: list[SourceSpec], cfg: DataConfig, vocab: Vocab, shapes: SampleShapes, rank: int, world: int,
+        worker: int, workers: int, salt: str = "", state: dict | None = None,
+    ):  # fmt: skip
+        self.specs, self.cfg, self.vocab, self.shapes = specs, cfg, EncodeMemo(vocab), shapes
+        self.rank, self.world, self.worker, self.workers, self.salt = rank, world, worker, workers, salt
+        self.skip = SkipLog(f"rank {rank} worker {worker}", cfg.skip_log_every_s, (state or {}).get("skipped"))
+        self.readers = [SourceReader(s, cfg, rank, world, worker, workers, salt, self.skip) for s in specs]
+        self.packer = PACKERS[cfg.packer](cfg.seq_len, cfg.pack_lookahead, cfg.min_piece, cfg.pack_slack)
+        weights = [s.weight for s in specs]
+        self.cumulative = [sum(weights[: i + 1]) for i in range(len(weights))]
+        self.draws = 0  # mixture draws so far
+        self.batches = 0
+        self.good = [0] * len(specs)  # usable samples built, per source
+        self.bad = [0] * len(specs)
+        if state is not None:
+            self._restore(state)
+
+    def _choose(self) -> int:
+        u = random.Random(stable_seed(self.cfg.seed, "mix", self.salt, self.world, self.workers, self.rank,
+                                      self.worker, self.draws)).random()  # fmt: skip
+        self.draws += 1
+        return min(bisect.bisect_right(self.cumulative, u * self.cumulative[-1]), len(self.specs) - 1)
+
+    def _context(self, source: int, ptr: tuple[int, int, int]) -> BuildContext:
+        rng = random.Random(stable_seed(self.cfg.seed, self.specs[source].name, "sample", *ptr))
+        return BuildContext(self.vocab, self.shapes, self.cfg.seq_len, self.cfg.max_image_pixels, rng)
+
+    def _items(self, source: int, ptr: tuple[int, int, int], raw: dict) -> list[PackItem]:
+        spec = self.specs[source]
+        splittable = SOURCE_KINDS[spec.kind].splittable
+        items = []
+        for sub, sample in enumerate(build_samples(spec.kind, raw, self._context(source, ptr))):
+            if len(sample) > self.cfg.seq_len and not splittable:
+                self.skip(
+                    f"{spec.name}/too_long", f"{sample.key}: {len(sample)} tokens > data.seq_len={self.cfg.seq_len}"
+                )
+                continue
+            items.append(PackItem(len(sample), sample, 0, splittable, (source, *ptr, sub), source))
+        return items
+
+    def _draw_one(self) -> None:
+        source = self._choose()
+        ptr, raw = self.readers[source].next_raw()
+        try:
+            items = self._items(source, ptr, raw)
+        except BadSample as e:
+            self.skip(f"{self.specs[source].name}/{e.reason}", f"{raw.get('__key__')}: {e.message}")
+            items = []
+        for item in items:
+            self.packer.add(item)
+        if items:
+            self.good[source] += 1
+            return
+        self.bad[source] += 1
+        reader = self.readers[source]
+        if self.good[source] == 0 and reader.reads_per_epoch and self.bad[source] >= reader.reads_per_epoch:
+            raise RuntimeError(
+                f"data source {self.specs[source].name!r} gave no usable sample in {self.bad[source]} tries "
+                f"(an epoch is {reader.reads_per_epoch} samples for rank {self.rank} worker {self.worker}); "
+                f"skipped: {dict(self.skip.counts)}"
+            )
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
+        while True:
+            rows = []
+            for _ in range(self.cfg.rows_per_batch):
+                while not self.packer.ready():
+                    self._draw_one()
+                rows.append(self.packer.pop_row())
+            batch = collate(rows, self.cfg.seq_len, self.vocab.pad, self.cfg.loss_reduction)
+            self.batches += 1
+            yield batch, self.state()
+
+    # ---- state --------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "worker": self.worker, "batches": self.batches, "draws": self.draws,
+            "good": list(self.good), "bad": list(self.bad),
+            "sources": [r.state() for r in self.readers],
+            "pending": [[*item.ref, item.start, item.length] for item in self.packer.buffer],
+            "skipped": dict(self.skip.counts),
+        }  # fmt: skip
+
+    def _restore(self, state: dict) -> None:
+        self.batches, self.draws = state["batches"], state["draws"]
+        self.good, self.bad = list(state["good"]), list(state["bad"])
+        wanted: dict[tuple[int, int], set[int]] = {}  # (source, shard) -> ordinals to re-read
+        for i, s in enumerate(state["sources"]):
+            for _, shard, ordinal in decode_pointers(s["buffer"]):
+                wanted.setdefault((i, shard), set()).add(ordinal)
+        for source, _, shard, ordinal, *_ in state["pending"]:
+            wanted.setdefault((source, shard), set()).add(ordinal)
+        raws = {key: fetch_raw(self.specs[key[0]], key[1], ords, self.skip) for key, ords in wanted.items()}
+        for i, reader in enumerate(self.readers):
+            per_source = {(shard, o): raw for (src, shard), got in raws.items() if src == i for o, raw in got.items()}
+            reader.restore(state["sources"][i], per_source)
+        built: dict[tuple, list[PackItem]] = {}
+        for source, epoch, shard, ordinal, sub, start, length in state["pending"]:
+            raw = raws[(source, shard)].get(ordinal)
+            if raw is None:
+                continue  # its shard is gone: counted by fetch_raw
+            key = (source, epoch, shard, ordinal)
+            if key not in built:
+                built[key] = self._items(source, (epoch, shard, ordinal), raw)
+            item = next(it for it in built[key] if it.ref[-1] == sub)
+            self.packer.buffer.append(PackItem(length, item.sample, start, item.splittable, item.ref, source))
+
+
+# ---- the main-process side ------------------------------------------------------------
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _Slices(IterableDataset):
+    """What each DataLoader worker runs: the WorkerStream of its logical worker id."""
+
+    def __init__(self, loader: TrainLoader, first: int):
+        self.specs, self.cfg, self.vocab, self.shapes = loader.specs, loader.cfg, loader.vocab, loader.shapes
+        self.rank, self.world, self.workers, self.salt = loader.rank, loader.world, loader.workers, loader.salt
+        self.states, self.first = dict(loader.worker_states), first
+
+    def stream(self, worker: int) -> WorkerStream:
+        if get_worker_info() is not None:  # PIL's cap is process-wide: set it in worker processes only
+            set_pixel_cap(self.cfg.max_image_pixels)
+        return WorkerStream(
+            self.specs, self.cfg, self.vocab, self.shapes, self.rank, self.world, worker, self.workers, self.salt,
+            self.states.get(worker),
+        )  # fmt: skip
+
+    def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        info = get_worker_info()
+        # The DataLoader starts its round robin at process 0; on resume, process 0 plays the logical worker
+        # whose batch comes next, so the order continues where it stopped.
+        worker = (self.first + (info.id if info else 0)) % self.workers
+        for batch, state in self.stream(worker):
+            if info is not None:
+                batch = {k: to_transport(v) for k, v in batch.items()}
+            yield batch, state
+
+
+SMALL_TENSOR_BYTES = 1 << 20
+
+
+def to_transport(t: torch.Tensor) -> torch.Tensor | np.ndarray:
+    """Small tensors leave a worker as numpy arrays, copied through the pipe: sending a tensor through
+    shared memory costs a file descriptor and a mapping each (~0.25 ms), which for a batch of a dozen
+    small tensors was most of the main process's wait. Large ones (images) still go by shared memory."""
+    return t.numpy() if t.numel() * t.element_size() < SMALL_TENSOR_BYTES else t
+
+
+class TrainLoader:
+    """Infinite packed batches for one rank; ``state_dict`` is this rank's whole position, all workers included."""
+
+    def __init__(self, cfg: DataConfig, vocab: Vocab, shapes: SampleShapes, rank: int = 0, world: int = 1):
+        self.cfg, self.vocab, self.shapes, self.rank, self.world = cfg, vocab, shapes, rank, world
+        self.specs = resolve_sources(cfg)
+        self.workers = max(1, cfg.num_workers)  # logical workers (0 = one, in this process)
+        self.salt = ""  # changes when a position is re-split for a new layout
+        self.worker_states: dict[int, dict] = {}  # logical worker -> its state after its last consumed batch
+        self.consumed = 0  # batches handed out; the next comes from logical worker consumed % workers
+        self.carried_skips: Counter[str] = Counter()  # skip counts of a re-split layout
+        self._active: weakref.ref | None = None
+        for spec in self.specs:
+            if not spec.resample and len(spec.urls) < world * self.workers and rank == 0:
+                parts = math.ceil(world * self.workers / len(spec.urls))
+                print(
+                    f"data: source {spec.name!r} has {len(spec.urls)} shard(s) for {world * self.workers} readers "
+                    f"({world} rank(s) x {self.workers} worker(s)); each shard is read as {parts} interleaved parts",
+                    flush=True,
+                )
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.close()  # one live DataLoader at a time
+        batches = self._batches()
+        # A weak reference: the iterator refers to this loader, so a strong one would make a cycle that only the
+        # cyclic GC frees, at a random time, possibly inside a forked worker that inherited it.
+        self._active = weakref.ref(batches)
+        return batches
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop as soon as the caller drops the iterator)."""
+        batches = self._active() if self._active is not None else None
+        if batches is not None:
+            batches.close()
+        self._active = None
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        first = self.consumed % self.workers
+        dataset = _Slices(self, first)
+        if self.cfg.num_workers == 0:
+            source: Any = iter(dataset)
+        else:
+            source = DataLoader(
+                dataset, batch_size=None, num_workers=self.workers, collate_fn=_identity,
+                prefetch_factor=self.cfg.prefetch_factor, pin_memory=torch.cuda.is_available(),
+            )  # fmt: skip
+        expected = first
+        for batch, state in source:
+            batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+            if state["worker"] != expected:  # the resume logic relies on the DataLoader's in-order round robin
+                raise RuntimeError(f"batch from worker {state['worker']}, expected worker {expected}")
+            self.worker_states[expected] = state
+            self.consumed += 1
+            expected = (expected + 1) % self.workers
+            yield batch
+
+    def skip_counts(self) -> dict[str, int]:
+        total = Counter(self.carried_skips)
+        for state in self.worker_states.values():
+            total.update(state["skipped"])
+        return dict(total)
+
+    # ---- state --------------------------------------------------------------------
+    def _fingerprint(self) -> list[list]:
+        return [[s.name, s.kind, len(s.urls), stable_seed(s.urls)] for s in self.specs]
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION, "rank": self.rank, "world": self.world, "workers": self.workers,
+            "consumed": self.consumed, "salt": self.salt, "sources": self._fingerprint(),
+            "skipped": dict(self.carried_skips),
+            "worker_states": {str(w): s for w, s in sorted(self.worker_states.items())},
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (call before iterating); a new world size or worker count re-splits or refuses."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}; this code reads {STATE_VERSION}")
+        if state["sources"] != self._fingerprint():
+            raise ValueError(
+                "data.sources changed since the checkpoint (names, kinds or shard lists): saved "
+                f"{[s[:3] for s in state['sources']]}, now {[s[:3] for s in self._fingerprint()]}; "
+                "positions inside shards would point at other samples"
+            )
+        if (state["world"], state["workers"]) == (self.world, self.workers):
+            if state["rank"] != self.rank:
+                raise ValueError(f"loader state of rank {state['rank']} given to rank {self.rank}")
+            self.consumed, self.salt = state["consumed"], state["salt"]
+            self.carried_skips = Counter(state["skipped"])
+            self.worker_states = {int(w): s for w, s in state["worker_states"].items()}
+            return
+        exact = [s.name for s in self.specs if not s.resample]
+        if exact:
+            raise ValueError(
+                f"the loader state was saved with {state['world']} rank(s) x {state['workers']} worker(s), now "
+                f"{self.world} x {self.workers}: sources {exact} read exact epochs and their positions cannot be "
+                "re-split without replaying or dropping samples; resume with the same world size and "
+                "data.num_workers, or set resample: true on those sources"
+            )
+        self.salt = f"{state['salt']}/{state['world']}x{state['workers']}@{state['consumed']}"
+        self.carried_skips = Counter(state["skipped"])
+        for s in state["worker_states"].values():
+            self.carried_skips.update(s["skipped"])
+        self.worker_states, self.consumed = {}, 0
+        print(
+            f"data: rank {self.rank}: re-split for {self.world} rank(s) x {self.workers} worker(s) (saved with "
+            f"{state['world']} x {state['workers']}); resampled sources continue with new seeds ({self.salt!r}); "
+            "their buffered samples are dropped (drawn with replacement, nothing is owed)",
+            flush=True,
+        )
+
+
+def build_train_loader(cfg: DataConfig, vocab: Vocab, shapes: SampleShapes, rank: int, world: int) -> TrainLoader:
+    return TrainLoader(cfg, vocab, shapes, rank, world)

@@ -1,0 +1,187 @@
+"""Source kinds: what a raw webdataset sample means, as one registered builder per kind.
+
+A *source* (``mm.config.SourceConfig``) is a shard pattern + a kind + a weight. A
+*kind* turns one raw sample (``{"__key__": ..., ext: bytes}``) into training
+:class:`~mm.sequence.Sample` s with :mod:`mm.sequence`'s templates. Adding a task or an
+image head means adding one entry to :data:`SOURCE_KINDS`; the loader, packer and
+config validation read the registry and need no edit.
+
+Shard layouts the bundled kinds read (``make_shards.py`` writes them):
+
+* ``generation``: one image (``jpg``/``png``/``webp``...) + caption (``txt``, or ``caption``
+  in ``json``) -> prompt -> image sample;
+* ``conversation``: ``json`` with a LLaVA/InternVL ``conversations`` list (``from``/``value``
+  or ``role``/``content``; ``human``/``user`` and ``gpt``/``assistant``), ``<image>`` markers
+  in user turns, images as ``jpg`` or ``0.jpg``, ``1.jpg``, ... in marker order; loss on
+  every assistant turn;
+* ``text``: a document (``txt``, or ``text`` in ``json``), cut to the row budget; the
+  packer may split the pieces further to fill rows.
+
+A sample that cannot be used raises :class:`~data.stream.BadSample` with the reason it
+is counted under; anything else is a bug and propagates.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from data.images import IMAGE_EXTS, resize_crop, resize_pad
+from data.stream import BadSample, SampleShapes
+from mm.model.positions import image_runs
+from mm.sequence import (
+    IMAGE_MARKER,
+    ROLE_ASSISTANT,
+    ROLE_USER,
+    Sample,
+    TemplateError,
+    Vocab,
+    conversation_sample,
+    generation_sample,
+    text_document_samples,
+)
+
+
+@dataclass
+class BuildContext:
+    """Everything a builder may use besides the raw sample."""
+
+    vocab: Vocab
+    shapes: SampleShapes
+    max_tokens: int  # the packed row's token budget
+    max_pixels: int  # larger images are refused as decompression bombs
+    rng: random.Random  # seeded per raw sample: the same draws on resume and under any packing
+
+
+SampleBuilder = Callable[[dict, BuildContext], list[Sample]]
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    build: SampleBuilder
+    splittable: bool = False  # its samples are text only and may be cut across packed rows
+
+
+# ---- members --------------------------------------------------------------------
+def _text(raw: dict, ext: str) -> str | None:
+    data = raw.get(ext)
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadSample("bad_text", f"{ext}: {e}") from None
+
+
+def _json(raw: dict) -> dict | None:
+    if "json" not in raw:
+        return None
+    if not raw["json"]:
+        raise BadSample("empty_file", "json member has 0 bytes")
+    try:
+        meta = json.loads(raw["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadSample("bad_json", str(e)) from None
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", f"expected an object, got {type(meta).__name__}")
+    return meta
+
+
+def image_members(raw: dict) -> list[bytes]:
+    """Image payloads in order: ``jpg`` alone, or ``0.jpg``, ``1.png``, ... by index."""
+    found: dict[int, bytes] = {}
+    for ext, data in raw.items():
+        if ext.startswith("__"):
+            continue
+        index, _, fmt = ext.rpartition(".")
+        if fmt not in IMAGE_EXTS or (index and not index.isdigit()):
+            continue
+        i = int(index) if index else 0
+        if i in found:
+            raise BadSample("ambiguous_images", f"two images with index {i}")
+        found[i] = data
+    return [found[i] for i in sorted(found)]
+
+
+# ---- kinds ------------------------------------------------------------------------
+def build_generation(raw: dict, ctx: BuildContext) -> list[Sample]:
+    images = image_members(raw)
+    if len(images) != 1:
+        raise BadSample("missing_image" if not images else "too_many_images", f"{len(images)} images")
+    caption = _text(raw, "txt")
+    if caption is None:
+        caption = (_json(raw) or {}).get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise BadSample("missing_caption", "no txt member and no json caption" if caption is None else "empty caption")
+    s = ctx.shapes
+    image = resize_crop(images[0], s.gen_size, s.gen_channels, ctx.max_pixels)
+    return [generation_sample(ctx.vocab, image, s.gen_tokens, caption.strip(), key=raw["__key__"])]
+
+
+ROLES = {"human": ROLE_USER, "user": ROLE_USER, "gpt": ROLE_ASSISTANT, "assistant": ROLE_ASSISTANT}
+
+
+def parse_conversation(meta: dict, n_images: int) -> list[tuple[str, str]]:
+    """LLaVA/InternVL ``conversations`` -> (role, text) turns; images without markers go first."""
+    convs = meta.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise BadSample("bad_conversation", "no 'conversations' list")
+    turns = []
+    for turn in convs:
+        role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        text = turn.get("value", turn.get("content"))
+        if role is None or not isinstance(text, str):
+            raise BadSample("bad_conversation", f"unreadable turn {turn!r:.120}")
+        turns.append((role, text))
+    if n_images and not any(IMAGE_MARKER in t for _, t in turns):  # no markers: images open the first turn
+        turns[0] = (turns[0][0], IMAGE_MARKER * n_images + "\n" + turns[0][1])
+    if not any(role == ROLE_ASSISTANT for role, _ in turns):
+        raise BadSample("bad_conversation", "no assistant turn to learn from")
+    return turns
+
+
+def build_conversation(raw: dict, ctx: BuildContext) -> list[Sample]:
+    meta = _json(raw)
+    if meta is None:
+        raise BadSample("missing_json", "no json member")
+    images = image_members(raw)
+    turns = parse_conversation(meta, len(images))
+    s = ctx.shapes
+    pixels = [resize_pad(data, s.und_size, s.und_channels, s.und_fill, ctx.max_pixels) for data in images]
+    try:
+        return [conversation_sample(ctx.vocab, turns, pixels, s.und_tokens, key=raw["__key__"])]
+    except TemplateError as e:
+        raise BadSample("bad_conversation", str(e)) from None
+
+
+def build_text(raw: dict, ctx: BuildContext) -> list[Sample]:
+    text = _text(raw, "txt")
+    if text is None:
+        text = (_json(raw) or {}).get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise BadSample("empty_text", "no txt member or json text" if text is None else "blank document")
+    try:
+        return text_document_samples(ctx.vocab, text, ctx.max_tokens, key=raw["__key__"])
+    except TemplateError as e:
+        raise BadSample("empty_text", str(e)) from None
+
+
+SOURCE_KINDS: dict[str, SourceKind] = {
+    "generation": SourceKind(build_generation),
+    "conversation": SourceKind(build_conversation),
+    "text": SourceKind(build_text, splittable=True),
+}
+
+
+def build_samples(kind: str, raw: dict, ctx: BuildContext) -> list[Sample]:
+    """Run the kind's builder, then draw the sample's image position deltas (V2PE hook)."""
+    samples = SOURCE_KINDS[kind].build(raw, ctx)
+    policy = ctx.shapes.position_policy
+    if policy is not None and policy.enabled:
+        for sample in samples:
+            n_images = len(image_runs(sample.kinds(), policy.visual_kinds))
+            if n_images:
+                sample.positions = policy.positions(sample.kinds(), policy.draw(n_images, ctx.rng))
+    return samples
