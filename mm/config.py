@@ -133,12 +133,46 @@ class FreqTokenizerConfig:
 
 
 @dataclass
+class MoDConfig:
+    """p-MoD mixture-of-depths: routed layers skip low-scoring tokens of the routable kinds.
+
+    Layer l of L keeps ``ratio_l = cos(l*pi/(L-1))/2 + 0.5 + shift`` of each sample's routable
+    tokens (shifted cosine); layers with a ratio above ``dense_above`` stay dense; ratios clamp at
+    ``min_ratio``. ``enabled=False`` (or every ratio 1.0) is the dense model exactly.
+    """
+
+    enabled: bool = False
+    routable_kinds: tuple[str, ...] = ("und_image",)  # keys of mm.sequence.TOKEN_KINDS
+    dense_above: float = 0.85
+    min_ratio: float = 0.15
+    shift: float = 0.0  # added to the cosine before clamping (the paper: 0)
+    ratio: float = 0.0  # > 0: one fixed ratio for every layer instead of the schedule (tests, ablations)
+    tanh_scale: float = 0.2  # TanhNorm: w = tanh_scale * tanh(r) + 1
+
+
+@dataclass
+class V2PEConfig:
+    """V2PE: tokens of one image advance the position by delta (mm/model/positions.py).
+
+    Training draws delta per image from ``train_deltas``; evaluation and inference use
+    ``infer_delta``. ``enabled=False`` is the standard 0, 1, 2, ... positions.
+    """
+
+    enabled: bool = False
+    kinds: tuple[str, ...] = ("und_image",)  # keys of mm.sequence.TOKEN_KINDS
+    train_deltas: tuple[float, ...] = tuple(1.0 / 2**i for i in range(9))  # 1, 1/2, ..., 1/256
+    infer_delta: float = 0.25
+
+
+@dataclass
 class ModelConfig:
     und: UndEncoderConfig = field(default_factory=UndEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     gen: GenCodecConfig = field(default_factory=GenCodecConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    mod: MoDConfig = field(default_factory=MoDConfig)
+    v2pe: V2PEConfig = field(default_factory=V2PEConfig)
     text_loss_weight: float = 1.0
     flow_loss_weight: float = 1.0
 
@@ -350,6 +384,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.flow.repa_layer={m.flow.repa_layer} outside 1..{m.llm.num_layers}")
     if m.llm.hidden_size % m.llm.num_heads:
         raise ConfigError("model.llm.hidden_size must be divisible by model.llm.num_heads")
+    from mm.sequence import TOKEN_KINDS  # mm.sequence builds on this module: import at use
+
+    for key, kinds in (("model.mod.routable_kinds", m.mod.routable_kinds), ("model.v2pe.kinds", m.v2pe.kinds)):
+        unknown = [k for k in kinds if k not in TOKEN_KINDS]
+        if unknown:
+            raise ConfigError(f"{key}: unknown token kinds {unknown}; known: {sorted(TOKEN_KINDS)}")
+    if not 0 < m.mod.min_ratio <= 1 or not 0 <= m.mod.ratio <= 1:
+        raise ConfigError("model.mod.min_ratio must be in (0, 1] and model.mod.ratio in [0, 1]")
+    if not m.v2pe.train_deltas or any(not 0 < d <= 1 for d in (*m.v2pe.train_deltas, m.v2pe.infer_delta)):
+        raise ConfigError("model.v2pe deltas must be in (0, 1] and train_deltas non-empty")
     validate_data(cfg.data)
     t = cfg.train
     if t.max_steps < 1:

@@ -17,7 +17,7 @@ Sections:
   small LLaMA-shaped UnifiedModel, packed rows of 4096 vs padding to the longest in
   random batches of 8, on the realistic mix; plus the matched-size case of the issue
   (8 understanding samples of 76-84 tokens, rows of 256). Attention goes through the
-  model's forward (``kernels/attention.py``), so it measures whatever that does.
+  model's forward (``mm/kernels/attention.py``), so it measures whatever that does.
 * ``wait``: share of step time the tiny default run waits on ``next(loader)``.
 """
 

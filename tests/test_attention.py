@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.attention import block_causal_mask, cu_seqlens, packed_attention_inputs
+from mm.kernels.attention import block_causal_mask, cu_seqlens, packed_attention_inputs
 
 
 def test_block_causal_mask():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from data.stream import PackedStream
+from data.loader import build_train_loader
 from mm.config import load_config
 from mm.train.flops import BatchShape, ModelFlops, batch_shape, peak_tflops
 from mm.train.trainer import apply_stage, build_model
@@ -45,7 +45,7 @@ def _step(small_cfg, frozen: list[str], tie: bool = False):
         model.llm.get_output_embeddings().weight = model.llm.get_input_embeddings().weight
     apply_stage(model, cfg, allow_random_frozen=True)
     flops = ModelFlops(model)
-    batch = next(iter(PackedStream(cfg.data, vocab, model.sample_shapes())))
+    batch = next(iter(build_train_loader(cfg.data, vocab, model.sample_shapes(), 0, 1)))
     batch = model.add_flow_inputs(batch, torch.Generator().manual_seed(0))
     assert len(batch["und_images"]) and len(batch["gen_images"])  # both image paths are exercised
     # eager computes every (query, key) pair of the row under a mask: count those for the comparison

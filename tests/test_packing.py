@@ -10,7 +10,7 @@ from data.bench import ffd_efficiency, packer_efficiency, padding_efficiency, re
 from data.pack import PACKERS, PackItem, collate, pack_all
 from data.sources import BuildContext, build_samples
 from data.stream import read_samples
-from kernels.attention import cu_seqlens
+from mm.kernels.attention import cu_seqlens
 from mm.model.unified import UnifiedModel
 from mm.sequence import IGNORE, TASK_GEN
 

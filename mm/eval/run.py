@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from kernels.attention import VARLEN_BACKENDS
 from mm.config import Config, load_config
+from mm.kernels.attention import VARLEN_BACKENDS
 from mm.train.checkpoint import find_checkpoint, load_model_weights, read_meta
 
 

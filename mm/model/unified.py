@@ -20,14 +20,15 @@ from torch import nn
 
 from data.pack import collate
 from data.stream import SampleShapes
-from kernels.attention import block_causal_mask, packed_attention_inputs
 from mm.config import FlowConfig, ModelConfig
+from mm.kernels.attention import block_causal_mask, packed_attention_inputs
 from mm.model.autoencoder import build_autoencoder
 from mm.model.backbone import build_llm, run_decoder
 from mm.model.flow import cfg_combine, euler_sample, interpolate, sample_t, target_velocity
 from mm.model.gen_codec import GenDecoder, GenEncoder, TimeEmbedding
+from mm.model.positions import PositionPolicy
 from mm.model.vision import UnderstandingEncoder, mlp
-from mm.sequence import IGNORE, Vocab, generation_sample, scatter_placeholders, understanding_sample
+from mm.sequence import IGNORE, TOKEN_KINDS, Vocab, generation_sample, scatter_placeholders, understanding_sample
 
 
 class UnifiedModel(nn.Module):
@@ -61,7 +62,17 @@ class UnifiedModel(nn.Module):
         return SampleShapes(
             und_size=u.image_size, und_channels=u.in_channels, und_tokens=self.und.tokens_per_image,
             gen_size=ae.image_size, gen_channels=ae.image_channels, gen_tokens=self.gen_tokens_per_image,
+            position_policy=self.position_policy,
         )  # fmt: skip
+
+    @property
+    def position_policy(self) -> PositionPolicy:
+        """V2PE's deltas (training draws, inference fixed), or the standard positions when disabled."""
+        v = self.cfg.v2pe
+        if not v.enabled:
+            return PositionPolicy()
+        kinds = frozenset(TOKEN_KINDS[k] for k in v.kinds)
+        return PositionPolicy(kinds, tuple(float(d) for d in v.train_deltas), float(v.infer_delta))
 
     @property
     def backend(self) -> str:
@@ -113,12 +124,20 @@ class UnifiedModel(nn.Module):
         tokens, skip = self.gen_encoder(x1, temb)
         return tokens, skip, temb
 
-    def _placeholder_gen_tail(self, tokens: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """The generation modules after the LLM, in the real path's order; a zero with their gradients."""
+    def _placeholder_gen_tail(
+        self, tokens: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor, hidden: torch.Tensor
+    ) -> torch.Tensor:
+        """The generation modules after the LLM, in the real path's order; a zero with their gradients.
+
+        Their inputs hang off the LLM's output (times 0) as the real ones do, so the backward pass
+        reaches these modules before the LLM's layers on every rank alike: ZeRO-3 gathers each
+        module's weights with a collective in backward too, and the ranks must agree on the order.
+        """
         ae = self.cfg.autoencoder
-        total = self.gen_decoder(torch.zeros_like(tokens), skip, temb).float().sum()
+        stand_in = torch.zeros_like(tokens) + 0.0 * hidden.sum()
+        total = self.gen_decoder(stand_in, skip, temb).float().sum()
         if self.cfg.flow.repa_weight > 0:
-            total = total + self.repa_proj(torch.zeros_like(tokens)).float().sum()
+            total = total + self.repa_proj(stand_in).float().sum()
             with torch.no_grad():
                 self.und.features(self._to_und_images(self._zero_image(ae.image_channels, ae.image_size)))
         return 0.0 * total
@@ -152,11 +171,17 @@ class UnifiedModel(nn.Module):
         return {"text": n_text, "flow": n_gen, "repa": repa}
 
     def combine(self, out: dict[str, torch.Tensor], counts: dict[str, float]) -> torch.Tensor:
-        """sum_k weight_k * sum_k / count_k over the losses that have a count."""
+        """sum_k weight_k * sum_k / count_k over the losses that have a count.
+
+        A loss with no count anywhere still enters as 0 * sum: under ``run_every_module`` its
+        placeholder then takes part in the backward pass on every rank alike (ZeRO-3's collectives).
+        """
         total = out["text_sum"].new_zeros(())
         for k, weight in self.loss_weights().items():
             if counts.get(k, 0) > 0 and weight != 0:
                 total = total + weight * out[f"{k}_sum"] / counts[k]
+            elif self.run_every_module:
+                total = total + 0.0 * out[f"{k}_sum"]
         return total
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -212,7 +237,7 @@ class UnifiedModel(nn.Module):
                 per_image_repa = -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean(1)
                 losses["repa_sum"], losses["repa_count"] = per_image_repa.sum(), zero + n
         elif self.run_every_module:
-            losses["flow_sum"] = self._placeholder_gen_tail(*placeholder)
+            losses["flow_sum"] = self._placeholder_gen_tail(*placeholder, hidden)
         counts = {k: float(losses[f"{k}_count"]) for k in ("text", "flow", "repa")}
         for k in ("text", "flow", "repa"):  # per-batch means, for logs and tests
             losses[k] = losses[f"{k}_sum"].detach() / max(counts[k], 1e-12)
