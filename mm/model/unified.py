@@ -109,38 +109,44 @@ class UnifiedModel(nn.Module):
             feats = self.und(und_images) if und_images is not None else embeds.new_zeros(0, embeds.shape[-1])
             embeds = scatter_placeholders(embeds, image_mask, feats.flatten(0, 1), "understanding images")
         elif self.run_every_module:
-            embeds = embeds + 0.0 * self.und(self._zero_image(self.cfg.und.in_channels, self.cfg.und.image_size)).sum()
+            zero = self._zero_image(self.cfg.und.in_channels, self.cfg.und.image_size, embeds)
+            embeds = embeds + 0.0 * self.und(zero).sum()
         return embeds
 
-    def _zero_image(self, channels: int, size: int) -> torch.Tensor:
-        return torch.zeros(1, channels, size, size, device=self.llm.get_input_embeddings().weight.device)
+    @staticmethod
+    def _zero_image(channels: int, size: int, like: torch.Tensor) -> torch.Tensor:
+        # The device comes from a tensor at hand, not from a weight: under ZeRO-3 reading a module's
+        # weight outside its forward gathers it with a collective that only this rank would run.
+        return torch.zeros(1, channels, size, size, device=like.device)
 
-    def _placeholder_gen_head(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _placeholder_gen_head(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The generation modules before the LLM on one zero image (run_every_module)."""
         ae = self.cfg.autoencoder
         with torch.no_grad():
-            x1 = self.autoencoder.encode(self._zero_image(ae.image_channels, ae.image_size))
+            x1 = self.autoencoder.encode(self._zero_image(ae.image_channels, ae.image_size, like))
         temb = self.time_embed(x1.new_zeros(1))
         tokens, skip = self.gen_encoder(x1, temb)
         return tokens, skip, temb
 
     def _placeholder_gen_tail(
-        self, tokens: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor, hidden: torch.Tensor
-    ) -> torch.Tensor:
-        """The generation modules after the LLM, in the real path's order; a zero with their gradients.
+        self, tokens: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor, hidden: torch.Tensor, layer_h
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The generation modules after the LLM, in the real path's order: (flow, repa) zeros with their gradients.
 
-        Their inputs hang off the LLM's output (times 0) as the real ones do, so the backward pass
-        reaches these modules before the LLM's layers on every rank alike: ZeRO-3 gathers each
-        module's weights with a collective in backward too, and the ranks must agree on the order.
+        Everything mirrors the real path, because ZeRO-3 traces the order of module calls and the
+        number of outputs needing a gradient (its backward hooks) and every rank must agree: the
+        inputs hang off the LLM's output (final and REPA layer, times 0), and flow and REPA come
+        back as separate loss tensors as the real path returns them.
         """
         ae = self.cfg.autoencoder
         stand_in = torch.zeros_like(tokens) + 0.0 * hidden.sum()
-        total = self.gen_decoder(stand_in, skip, temb).float().sum()
-        if self.cfg.flow.repa_weight > 0:
-            total = total + self.repa_proj(stand_in).float().sum()
+        flow = 0.0 * self.gen_decoder(stand_in, skip, temb).float().sum()
+        repa = None
+        if layer_h is not None:
+            repa = 0.0 * self.repa_proj(torch.zeros_like(tokens) + 0.0 * layer_h.sum()).float().sum()
             with torch.no_grad():
-                self.und.features(self._to_und_images(self._zero_image(ae.image_channels, ae.image_size)))
-        return 0.0 * total
+                self.und.features(self._to_und_images(self._zero_image(ae.image_channels, ae.image_size, tokens)))
+        return flow, repa
 
     def _embed_gen(
         self, embeds: torch.Tensor, input_ids: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor
@@ -203,10 +209,11 @@ class UnifiedModel(nn.Module):
         elif (ids == self.vocab.gen).any():
             raise ValueError("batch has generation placeholders but no gen_images")
         elif self.run_every_module:
-            placeholder = self._placeholder_gen_head()
+            placeholder = self._placeholder_gen_head(embeds)
             embeds = embeds + 0.0 * placeholder[0].sum()
 
-        need_repa = has_gen and self.cfg.flow.repa_weight > 0
+        # under run_every_module the decoder returns the same outputs whatever the batch holds (ZeRO-3)
+        need_repa = (has_gen or self.run_every_module) and self.cfg.flow.repa_weight > 0
         h_in, pos_in, attn = packed_attention_inputs(self.backend, embeds, batch["position_ids"], batch["sample_ids"])
         out = run_decoder(self.llm.get_decoder(), h_in, pos_in, attn, output_hidden_states=need_repa)
         hidden = out.last_hidden_state.reshape(embeds.shape)
@@ -237,7 +244,10 @@ class UnifiedModel(nn.Module):
                 per_image_repa = -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean(1)
                 losses["repa_sum"], losses["repa_count"] = per_image_repa.sum(), zero + n
         elif self.run_every_module:
-            losses["flow_sum"] = self._placeholder_gen_tail(*placeholder, hidden)
+            layer_h = out.hidden_states[self.cfg.flow.repa_layer] if need_repa else None
+            losses["flow_sum"], repa = self._placeholder_gen_tail(*placeholder, hidden, layer_h)
+            if repa is not None:
+                losses["repa_sum"] = repa
         counts = {k: float(losses[f"{k}_count"]) for k in ("text", "flow", "repa")}
         for k in ("text", "flow", "repa"):  # per-batch means, for logs and tests
             losses[k] = losses[f"{k}_sum"].detach() / max(counts[k], 1e-12)
