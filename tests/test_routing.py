@@ -196,3 +196,29 @@ def test_ratio_one_and_zero_router_is_the_dense_layer():
     xf = x.reshape(-1, 8)
     attn = 0.1 * xf.cumsum(0)
     assert keep.all() and torch.equal(out.reshape(-1, 8), xf + attn + mlp(xf + attn))
+
+
+def _reference_keep(scores, routable, sid, ratio):
+    """Brute force: per (row, sample) sort routable tokens by (-score, position), keep the first k."""
+    keep = torch.ones_like(routable)
+    for b in range(sid.shape[0]):
+        for s in sid[b].unique().tolist():
+            if s < 0:
+                continue
+            pos = [j for j in range(sid.shape[1]) if sid[b, j] == s and routable[b, j]]
+            ranked = sorted(pos, key=lambda j: (-float(scores[b, j]), j))
+            for j in ranked[kept_count(len(pos), ratio) :]:
+                keep[b, j] = False
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_select_tokens_equals_brute_force_with_many_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, L = 3, 40
+    sid = torch.sort(torch.randint(0, 4, (B, L), generator=g), dim=1).values  # contiguous samples per row
+    sid[:, -torch.randint(0, 5, (1,), generator=g).item() or L :] = -1  # some padding at the row ends
+    routable = torch.rand(B, L, generator=g) < 0.7
+    scores = torch.randint(0, 3, (B, L), generator=g).float()  # three values: ties everywhere
+    for ratio in (0.1, 0.33, 0.5, 0.9):
+        assert torch.equal(select_tokens(scores, routable, sid, ratio), _reference_keep(scores, routable, sid, ratio))
