@@ -21,12 +21,14 @@ from torch import nn
 from data.pack import collate
 from data.stream import SampleShapes
 from mm.config import FlowConfig, ModelConfig
-from mm.kernels.attention import block_causal_mask, packed_attention_inputs
+from mm.kernels.attention import AttentionSpec
 from mm.model.autoencoder import build_autoencoder
-from mm.model.backbone import build_llm, run_decoder
+from mm.model.backbone import build_llm
+from mm.model.decoder import DecoderOutput, KVCache, check_decoder, run_layers
 from mm.model.flow import cfg_combine, euler_sample, interpolate, sample_t, target_velocity
 from mm.model.gen_codec import GenDecoder, GenEncoder, TimeEmbedding
 from mm.model.positions import PositionPolicy
+from mm.model.routing import MoDRouters, routable_mask
 from mm.model.vision import UnderstandingEncoder, mlp
 from mm.sequence import IGNORE, TOKEN_KINDS, Vocab, generation_sample, scatter_placeholders, understanding_sample
 
@@ -42,7 +44,11 @@ class UnifiedModel(nn.Module):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
         self.llm = build_llm(cfg.llm, len(vocab))
+        check_decoder(self.llm.get_decoder())
         d = self.llm.config.hidden_size
+        # p-MoD routers (one per routed layer); None keeps the model and its state dict exactly dense
+        self.mod_routers = MoDRouters(self.llm.config.num_hidden_layers, d, cfg.mod) if cfg.mod.enabled else None
+        self.checkpointing = False
         self.und = UnderstandingEncoder(cfg.und, d)
         self.autoencoder = build_autoencoder(cfg.autoencoder)
         ae = cfg.autoencoder
@@ -80,10 +86,27 @@ class UnifiedModel(nn.Module):
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute the LLM layers in backward instead of keeping their activations (the engine calls this)."""
-        if enabled:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.llm.gradient_checkpointing_disable()
+        self.checkpointing = enabled
+
+    def decode(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        spec: AttentionSpec,
+        token_kinds: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        write_cache: bool = True,
+        output_hidden_states: bool = False,
+    ) -> DecoderOutput:
+        """The LLM's layers on ``embeds`` (our loop: packed attention, p-MoD routing, KV cache)."""
+        routable = None
+        if self.mod_routers is not None and token_kinds is not None:
+            routable = routable_mask(token_kinds, spec.q_segments, self.cfg.mod.routable_kinds)
+        return run_layers(
+            self.llm.get_decoder(), embeds, positions, spec, self.backend, cache=cache, write_cache=write_cache,
+            routers=self.mod_routers, routable=routable, output_hidden_states=output_hidden_states,
+            checkpointing=self.checkpointing and self.training,
+        )  # fmt: skip
 
     # ---- training -----------------------------------------------------------------
     def add_flow_inputs(self, batch: dict, generator: torch.Generator) -> dict:
@@ -214,9 +237,9 @@ class UnifiedModel(nn.Module):
 
         # under run_every_module the decoder returns the same outputs whatever the batch holds (ZeRO-3)
         need_repa = (has_gen or self.run_every_module) and self.cfg.flow.repa_weight > 0
-        h_in, pos_in, attn = packed_attention_inputs(self.backend, embeds, batch["position_ids"], batch["sample_ids"])
-        out = run_decoder(self.llm.get_decoder(), h_in, pos_in, attn, output_hidden_states=need_repa)
-        hidden = out.last_hidden_state.reshape(embeds.shape)
+        spec = AttentionSpec.packed(batch["sample_ids"], batch.get("block_ids"))
+        out = self.decode(embeds, batch["position_ids"], spec, batch.get("token_kinds"), output_hidden_states=need_repa)
+        hidden = out.last_hidden_state
 
         zero = embeds.new_zeros((), dtype=torch.float32)
         losses = {f"{k}_{s}": zero for k in ("text", "flow", "repa") for s in ("sum", "count")}
@@ -271,9 +294,10 @@ class UnifiedModel(nn.Module):
         for s in samples:
             pad = L - len(s)
             rows.append(collate([[s]], L, self.vocab.pad))
-            for k in ("input_ids", "targets", "position_ids", "sample_ids"):
+            for k in ("input_ids", "targets", "position_ids", "sample_ids", "token_kinds"):
                 rows[-1][k] = rows[-1][k].roll(pad, dims=1)
-        batch = {k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "position_ids", "sample_ids")}
+        keys = ("input_ids", "position_ids", "sample_ids", "token_kinds")
+        batch = {k: torch.cat([r[k] for r in rows]) for k in keys}
         batch["sample_ids"] = batch["sample_ids"].clamp(max=0)  # one sample per row; padding stays -1
         return batch
 
@@ -284,11 +308,13 @@ class UnifiedModel(nn.Module):
         questions: list[str],
         max_new_tokens: int = 8,
         on_token: Callable[[int, int], None] | None = None,
+        use_cache: bool = True,
     ) -> list[str]:
         """Greedy answers to ``questions`` about [0,1] ``images`` (one image each).
 
         ``on_token(row, token_id)`` is called for every new token of an unfinished
-        row as soon as it is chosen (streaming).
+        row as soon as it is chosen (streaming). The prompt runs once and each new token reads
+        a KV cache; ``use_cache=False`` recomputes the whole sequence per token (the reference).
         """
         dev = next(self.parameters()).device
         samples = [
@@ -298,11 +324,13 @@ class UnifiedModel(nn.Module):
         batch = {k: v.to(dev) for k, v in self._left_padded(samples).items()}
         ids, pos, sid = batch["input_ids"], batch["position_ids"], batch["sample_ids"]
         embeds = self._embed(ids, images.to(dev))  # prompt embedded once; new tokens are plain text
+        kinds = batch["token_kinds"]
+        spec = AttentionSpec.packed(sid)
+        cache = KVCache() if use_cache else None
+        h = self.decode(embeds, pos, spec, kinds, cache=cache).last_hidden_state[:, -1]
         done = torch.zeros(len(samples), dtype=torch.bool, device=dev)
         out: list[list[int]] = [[] for _ in samples]
         for _ in range(max_new_tokens):
-            attn = {"attention_mask": block_causal_mask(sid)}
-            h = run_decoder(self.llm.get_decoder(), embeds, pos, attn).last_hidden_state[:, -1]
             nxt = self.llm.get_output_embeddings()(h).argmax(-1)
             for i, tok in enumerate(nxt.tolist()):
                 if not done[i]:
@@ -314,9 +342,23 @@ class UnifiedModel(nn.Module):
                             on_token(i, tok)
             if done.all():
                 break
-            embeds = torch.cat([embeds, self.llm.get_input_embeddings()(nxt[:, None])], 1)
-            pos = torch.cat([pos, pos[:, -1:] + 1], 1)
-            sid = torch.cat([sid, sid[:, -1:].clamp(min=0)], 1)
+            # the new token: text, one past the last position (decoding continues from it)
+            new_embeds = self.llm.get_input_embeddings()(nxt[:, None])
+            new_pos = pos[:, -1:] + 1
+            new_sid = sid[:, -1:].clamp(min=0)
+            new_kinds = torch.zeros_like(new_sid, dtype=kinds.dtype)
+            if use_cache:
+                step = AttentionSpec(new_sid, new_sid, spec.q_index[:, -1:] + 1, spec.q_index[:, -1:] + 1)
+                h = self.decode(new_embeds, new_pos, step, new_kinds, cache=cache).last_hidden_state[:, -1]
+            embeds, pos, sid = (
+                torch.cat([embeds, new_embeds], 1),
+                torch.cat([pos, new_pos], 1),
+                torch.cat([sid, new_sid], 1),
+            )
+            kinds = torch.cat([kinds, new_kinds], 1)
+            spec = AttentionSpec.packed(sid)
+            if not use_cache:  # the reference: the whole sequence again
+                h = self.decode(embeds, pos, spec, kinds).last_hidden_state[:, -1]
         return [self.vocab.decode(o) for o in out]
 
     @torch.no_grad()
@@ -350,31 +392,29 @@ class UnifiedModel(nn.Module):
         batch = {k: v.to(dev) for k, v in self._left_padded(cond + uncond).items()}
         ids, pos, sid = batch["input_ids"], batch["position_ids"], batch["sample_ids"]
         prefix = ids.shape[1] - (m + 1)  # everything before <begin_of_generation>
-        mask = block_causal_mask(sid)
-        decoder = self.llm.get_decoder()
+        kinds = batch["token_kinds"]
+        spec = AttentionSpec.packed(sid)
         text_embeds = self.llm.get_input_embeddings()(ids)
         cache = None
         if use_cache:
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
-            run_decoder(
-                decoder,
-                text_embeds[:, :prefix],
-                pos[:, :prefix],
-                {"attention_mask": mask[:, :, :prefix, :prefix]},
-                cache=cache,
+            cache = KVCache()
+            prefix_spec = AttentionSpec.packed(sid[:, :prefix])
+            self.decode(text_embeds[:, :prefix], pos[:, :prefix], prefix_spec, kinds[:, :prefix], cache=cache)
+            # each step's tokens read the prefix cache and are not kept in it
+            step_spec = AttentionSpec(
+                sid[:, prefix:], sid[:, prefix:], spec.q_index[:, prefix:], spec.q_index[:, prefix:]
             )
 
         def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             z2, t2 = torch.cat([z, z]), torch.cat([t, t]).to(dev)
             embeds, skip, temb = self._embed_gen(text_embeds, ids, z2, t2)
             if use_cache:
-                step_cache = copy.deepcopy(cache)  # the step's tokens must not stay in the prefix cache
-                attn = {"attention_mask": mask[:, :, prefix:, :]}
-                h = run_decoder(decoder, embeds[:, prefix:], pos[:, prefix:], attn, cache=step_cache).last_hidden_state
+                out = self.decode(
+                    embeds[:, prefix:], pos[:, prefix:], step_spec, kinds[:, prefix:], cache=cache, write_cache=False
+                )
+                h = out.last_hidden_state
             else:
-                h = run_decoder(decoder, embeds, pos, {"attention_mask": mask}).last_hidden_state[:, prefix:]
+                h = self.decode(embeds, pos, spec, kinds).last_hidden_state[:, prefix:]
             v = self.gen_decoder(h[:, 1:], skip, temb)  # h[:, 0] is the time token
             return cfg_combine(v[:n], v[n:], cfg_scale)
 
