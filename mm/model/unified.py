@@ -12,7 +12,7 @@ Training forward on a packed batch (data/pack.py):
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,16 @@ from mm.model.flow import cfg_combine, euler_sample, interpolate, sample_t, targ
 from mm.model.gen_codec import GenDecoder, GenEncoder, TimeEmbedding
 from mm.model.positions import PositionPolicy
 from mm.model.vision import UnderstandingEncoder, mlp
-from mm.sequence import IGNORE, TOKEN_KINDS, Vocab, generation_sample, scatter_placeholders, understanding_sample
+from mm.sequence import (
+    IGNORE,
+    IMAGE_MARKER,
+    ROLE_USER,
+    TOKEN_KINDS,
+    Vocab,
+    conversation_sample,
+    generation_sample,
+    scatter_placeholders,
+)
 
 
 class UnifiedModel(nn.Module):
@@ -255,7 +264,11 @@ class UnifiedModel(nn.Module):
 
     # ---- inference --------------------------------------------------------------
     def _left_padded(self, samples: list) -> dict[str, torch.Tensor]:
-        """Right-align prompts of different lengths so generation continues at the same column."""
+        """Right-align prompts of different lengths so generation continues at the same column.
+
+        Each sample keeps its own float32 positions (``Sample.positions``, V2PE); padding sits
+        on the left with sample id -1, which the attention mask excludes.
+        """
         L = max(len(s) for s in samples)
         rows = []
         for s in samples:
@@ -270,24 +283,43 @@ class UnifiedModel(nn.Module):
     @torch.no_grad()
     def answer(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | Sequence[torch.Tensor],
         questions: list[str],
         max_new_tokens: int = 8,
         on_token: Callable[[int, int], None] | None = None,
     ) -> list[str]:
-        """Greedy answers to ``questions`` about [0,1] ``images`` (one image each).
+        """Greedy answers to ``questions`` about [0,1] images.
 
-        ``on_token(row, token_id)`` is called for every new token of an unfinished
-        row as soon as it is chosen (streaming).
+        ``images``: a [N,C,H,W] tensor (one image per question), or one [k,C,H,W] tensor
+        per question (k images each, placed at the question's ``<image>`` markers, else
+        before the question). Positions follow the model's position policy (V2PE's
+        inference delta when enabled). ``on_token(row, token_id)`` is called for every new
+        token of an unfinished row as soon as it is chosen (streaming).
         """
+        if len(images) != len(questions):
+            raise ValueError(f"answer: {len(images)} image entries for {len(questions)} questions")
         dev = next(self.parameters()).device
-        samples = [
-            understanding_sample(self.vocab, img, self.und.tokens_per_image, q, None)
-            for img, q in zip(images, questions)
-        ]
+        per_question = [img[None] if isinstance(images, torch.Tensor) else img for img in images]
+        for i, imgs in enumerate(per_question):
+            if imgs.ndim != 4:
+                raise ValueError(f"answer: images of question {i} must be [k,C,H,W], got shape {tuple(imgs.shape)}")
+        policy, samples = self.position_policy, []
+        for i, (imgs, q) in enumerate(zip(per_question, questions)):
+            markers = q.count(IMAGE_MARKER)
+            if markers and markers != len(imgs):
+                raise ValueError(
+                    f"answer: question {i} has {markers} {IMAGE_MARKER} marker(s) for {len(imgs)} image(s)"
+                )
+            text = q if markers else IMAGE_MARKER * len(imgs) + "\n" + q  # no markers: the images open the prompt
+            s = conversation_sample(self.vocab, [(ROLE_USER, text)], list(imgs), self.und.tokens_per_image)
+            if policy.enabled:  # V2PE: every image advances the position by the fixed inference delta
+                s.positions = policy.positions(s.kinds())
+            samples.append(s)
         batch = {k: v.to(dev) for k, v in self._left_padded(samples).items()}
         ids, pos, sid = batch["input_ids"], batch["position_ids"], batch["sample_ids"]
-        embeds = self._embed(ids, images.to(dev))  # prompt embedded once; new tokens are plain text
+        flat = [im for imgs in per_question for im in imgs]  # row-major: the placeholders' order
+        und = torch.stack(flat).to(dev) if flat else None
+        embeds = self._embed(ids, und)  # prompt embedded once; new tokens are plain text
         done = torch.zeros(len(samples), dtype=torch.bool, device=dev)
         out: list[list[int]] = [[] for _ in samples]
         for _ in range(max_new_tokens):
@@ -305,7 +337,7 @@ class UnifiedModel(nn.Module):
             if done.all():
                 break
             embeds = torch.cat([embeds, self.llm.get_input_embeddings()(nxt[:, None])], 1)
-            pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+            pos = torch.cat([pos, pos[:, -1:] + 1], 1)  # prompts end in text (<|assistant|>): next is +1
             sid = torch.cat([sid, sid[:, -1:].clamp(min=0)], 1)
         return [self.vocab.decode(o) for o in out]
 
