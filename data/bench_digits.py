@@ -17,6 +17,7 @@ neighbours, so connected components separate the digits).
 | digits_pope | 3 splits x 360 | "Is there a d in the image?" on 3-digit canvases: 3 present, 3 absent |
 | digits_mme | 4 x 40 images x 2 | yes/no pairs (one yes, one no per image): existence, count, position, recognition |
 | digits_geneval | 80 prompts | GenEval metadata: single object, two objects, counting, position |
+| digits_longctx | (100 val + 200 test) x 4 | "which image is a d ?" over 8-64 labelled digits (data/longctx.py) |
 
 POPE's absent objects: drawn at random (random), from the most frequent digits (popular)
 or, for adversarial, POPE takes the objects that co-occur most with the present ones;
@@ -40,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from data.digits import DIGIT_NAMES, EVAL_QUESTION, digit_prompt, load_digit_split
+from data.longctx import build_longctx_bench
 
 CANVAS = 32
 SLOTS = (1, 12, 23)  # top-left corner of each grid slot along an axis (8 px digits, 3 px gaps)
@@ -311,6 +313,7 @@ BENCH_DATASETS: dict[str, Callable[..., dict[str, list[dict]]]] = {
     "digits_pope": build_pope,
     "digits_mme": build_mme,
     "digits_geneval": build_geneval,
+    "digits_longctx": build_longctx_bench,
 }
 
 
@@ -321,6 +324,8 @@ def _features(rows: list[dict]):
     for k, v in rows[0].items():
         if k == "image":
             feats[k] = datasets.Image()
+        elif k == "images":  # several images per row (digits_longctx)
+            feats[k] = datasets.List(datasets.Image())
         elif isinstance(v, bool):
             feats[k] = datasets.Value("bool")
         elif isinstance(v, int):

@@ -91,23 +91,27 @@ def answer_all(
     batch_size: int,
     desc: str = "answer",
 ) -> list[str]:
-    """Greedy answers, one image per question, batched by prompt length.
+    """Greedy answers, batched by prompt length; ``visuals[i]`` holds question i's images (one or more).
 
-    Rows are ordered by (token length, key), never by arrival order, so the same set of
-    requests forms the same batches whoever sends them (our harness or lmms-eval), and
-    batched numerics match exactly.
+    Rows are ordered by (image count, token length, key), never by arrival order, so the same
+    set of requests forms the same batches whoever sends them (our harness or lmms-eval), and
+    batched numerics match exactly. Several images go where the prompt's ``<image>`` markers
+    are, else before the question (``UnifiedModel.answer``).
     """
     for i, v in enumerate(visuals):
-        if len(v) != 1:
-            raise ValueError(f"request {keys[i]!r}: the model takes exactly one image per question, got {len(v)}")
+        if not v:
+            raise ValueError(f"request {keys[i]!r}: no image; the model answers questions about images")
     max_new = int(gen_kwargs.get("max_new_tokens", 16))
-    lengths = [len(model.vocab.encode(p)) for p in prompts]
+    lengths = [(len(visuals[i]), len(model.vocab.encode(p))) for i, p in enumerate(prompts)]
     order = sorted(range(len(prompts)), key=lambda i: (lengths[i], str(keys[i])))
     out: list[str] = [""] * len(prompts)
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with torch.no_grad():
         for chunk in tqdm(chunks, desc=desc, unit="batch", dynamic_ncols=True):
-            images = processor.und_images([visuals[i][0] for i in chunk])
+            if all(len(visuals[i]) == 1 for i in chunk):  # one image each: one [N,C,H,W] tensor
+                images = processor.und_images([visuals[i][0] for i in chunk])
+            else:
+                images = [processor.und_images(list(visuals[i])) for i in chunk]
             answers = model.answer(images, [prompts[i] for i in chunk], max_new_tokens=max_new)
             for i, a in zip(chunk, answers):
                 out[i] = cut_at(a, gen_kwargs.get("until"))

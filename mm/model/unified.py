@@ -12,7 +12,7 @@ Training forward on a packed batch (data/pack.py):
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,16 @@ from mm.model.gen_codec import GenDecoder, GenEncoder, TimeEmbedding
 from mm.model.positions import PositionPolicy
 from mm.model.routing import MoDRouters, routable_mask
 from mm.model.vision import UnderstandingEncoder, mlp
-from mm.sequence import IGNORE, TOKEN_KINDS, Vocab, generation_sample, scatter_placeholders, understanding_sample
+from mm.sequence import (
+    IGNORE,
+    IMAGE_MARKER,
+    ROLE_USER,
+    TOKEN_KINDS,
+    Vocab,
+    conversation_sample,
+    generation_sample,
+    scatter_placeholders,
+)
 
 
 class UnifiedModel(nn.Module):
@@ -288,7 +297,11 @@ class UnifiedModel(nn.Module):
 
     # ---- inference --------------------------------------------------------------
     def _left_padded(self, samples: list) -> dict[str, torch.Tensor]:
-        """Right-align prompts of different lengths so generation continues at the same column."""
+        """Right-align prompts of different lengths so generation continues at the same column.
+
+        Each sample keeps its own float32 positions (``Sample.positions``, V2PE); padding sits
+        on the left with sample id -1, which the attention mask excludes.
+        """
         L = max(len(s) for s in samples)
         rows = []
         for s in samples:
@@ -304,33 +317,53 @@ class UnifiedModel(nn.Module):
     @torch.no_grad()
     def answer(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | Sequence[torch.Tensor],
         questions: list[str],
         max_new_tokens: int = 8,
         on_token: Callable[[int, int], None] | None = None,
         use_cache: bool = True,
     ) -> list[str]:
-        """Greedy answers to ``questions`` about [0,1] ``images`` (one image each).
+        """Greedy answers to ``questions`` about [0,1] images.
 
-        ``on_token(row, token_id)`` is called for every new token of an unfinished
-        row as soon as it is chosen (streaming). The prompt runs once and each new token reads
-        a KV cache; ``use_cache=False`` recomputes the whole sequence per token (the reference).
+        ``images``: a [N,C,H,W] tensor (one image per question), or one [k,C,H,W] tensor
+        per question (k images each, placed at the question's ``<image>`` markers, else
+        before the question). Positions follow the model's position policy (V2PE's
+        inference delta when enabled). ``on_token(row, token_id)`` is called for every new
+        token of an unfinished row as soon as it is chosen (streaming). The prompt runs once and
+        each new token reads a KV cache (under p-MoD, routed layers cache only the image tokens they
+        kept); ``use_cache=False`` recomputes the whole sequence per token (the reference).
         """
+        if len(images) != len(questions):
+            raise ValueError(f"answer: {len(images)} image entries for {len(questions)} questions")
         dev = next(self.parameters()).device
-        samples = [
-            understanding_sample(self.vocab, img, self.und.tokens_per_image, q, None)
-            for img, q in zip(images, questions)
-        ]
+        per_question = [img[None] if isinstance(images, torch.Tensor) else img for img in images]
+        for i, imgs in enumerate(per_question):
+            if imgs.ndim != 4:
+                raise ValueError(f"answer: images of question {i} must be [k,C,H,W], got shape {tuple(imgs.shape)}")
+        policy, samples = self.position_policy, []
+        for i, (imgs, q) in enumerate(zip(per_question, questions)):
+            markers = q.count(IMAGE_MARKER)
+            if markers and markers != len(imgs):
+                raise ValueError(
+                    f"answer: question {i} has {markers} {IMAGE_MARKER} marker(s) for {len(imgs)} image(s)"
+                )
+            text = q if markers else IMAGE_MARKER * len(imgs) + "\n" + q  # no markers: the images open the prompt
+            s = conversation_sample(self.vocab, [(ROLE_USER, text)], list(imgs), self.und.tokens_per_image)
+            if policy.enabled:  # V2PE: every image advances the position by the fixed inference delta
+                s.positions = policy.positions(s.kinds())
+            samples.append(s)
         batch = {k: v.to(dev) for k, v in self._left_padded(samples).items()}
         ids, pos, sid = batch["input_ids"], batch["position_ids"], batch["sample_ids"]
-        embeds = self._embed(ids, images.to(dev))  # prompt embedded once; new tokens are plain text
+        flat = [im for imgs in per_question for im in imgs]  # row-major: the placeholders' order
+        und = torch.stack(flat).to(dev) if flat else None
+        embeds = self._embed(ids, und)  # prompt embedded once; new tokens are plain text
         kinds = batch["token_kinds"]
         spec = AttentionSpec.packed(sid)
         cache = KVCache() if use_cache else None
         h = self.decode(embeds, pos, spec, kinds, cache=cache).last_hidden_state[:, -1]
         done = torch.zeros(len(samples), dtype=torch.bool, device=dev)
         out: list[list[int]] = [[] for _ in samples]
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             nxt = self.llm.get_output_embeddings()(h).argmax(-1)
             for i, tok in enumerate(nxt.tolist()):
                 if not done[i]:
@@ -340,11 +373,11 @@ class UnifiedModel(nn.Module):
                         out[i].append(tok)
                         if on_token is not None:
                             on_token(i, tok)
-            if done.all():
+            if done.all() or step == max_new_tokens - 1:
                 break
             # the new token: text, one past the last position (decoding continues from it)
             new_embeds = self.llm.get_input_embeddings()(nxt[:, None])
-            new_pos = pos[:, -1:] + 1
+            new_pos = pos[:, -1:] + 1  # prompts end in text (<|assistant|>): next is +1
             new_sid = sid[:, -1:].clamp(min=0)
             new_kinds = torch.zeros_like(new_sid, dtype=kinds.dtype)
             if use_cache:

@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from data.digits import ensure_bundled_digits
 from data.loader import build_train_loader
+from data.longctx import ensure_longctx_shards
 from mm.config import Config, ConfigError, ModelConfig, resolve_path, to_yaml
 from mm.model.unified import UnifiedModel
 from mm.sequence import Vocab, load_vocab
@@ -79,13 +80,22 @@ PRETRAINED_SOURCES: dict[str, Callable[[ModelConfig], str]] = {
 SOURCE_KEYS = {"und.tower": "model.und.weights", "llm": "model.llm.pretrained", "autoencoder": "model.autoencoder.path"}
 
 
+# Bundled shard folders and what builds them (the long-context albums read the digits too).
+BUNDLED_SHARDS: dict[str, Callable[[str], bool]] = {
+    "data/shards/digits/": ensure_bundled_digits,
+    "data/shards/longctx/": ensure_longctx_shards,
+}
+
+
 def ensure_digit_shards(cfg: Config) -> None:
-    """Build the bundled digits shards when the default paths are missing."""
+    """Build the bundled shards (digits, long-context albums) when the default paths are missing."""
     if not cfg.data.build_if_missing:
         return
     wanted = [cfg.data.train_shards, cfg.data.heldout_shards] + [s.shards for s in cfg.data.sources if s.shards]
-    if all(w.startswith("data/shards/digits/") for w in wanted):
-        ensure_bundled_digits("data/shards/digits")
+    folders = [next((f for f in BUNDLED_SHARDS if w.startswith(f)), None) for w in wanted]
+    if all(folders):
+        for folder in dict.fromkeys(folders):
+            BUNDLED_SHARDS[folder](folder.rstrip("/"))
 
 
 def build_model(cfg: Config, init: bool = False) -> tuple[UnifiedModel, Vocab]:
