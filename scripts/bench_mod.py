@@ -12,6 +12,10 @@ layer processes, causal attention pairs among them, the routers). Goal (issue): 
 within 15% of the FLOPs ratio.
 
     python scripts/bench_mod.py [--hidden 512 --layers 8 --samples-per-row 4 --image-tokens 144 --device cpu]
+
+``--config CFG`` (e.g. configs/tiny_mod.yaml) measures instead the whole model's training step
+(forward + backward, every part) on real batches of the config's loader, MoD as configured vs the same
+weights dense, beside the analytic training-FLOPs ratio of ``mm/train/flops.py``.
 """
 
 from __future__ import annotations
@@ -73,9 +77,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = leave)")
+    ap.add_argument("--config", default="", help="whole-model mode: a config with model.mod enabled")
+    ap.add_argument("--batches", type=int, default=8, help="whole-model mode: distinct cached batches")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.config:
+        print(json.dumps(whole_model(args)))
+        return
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     hf_cfg = AutoConfig.for_model(
@@ -141,6 +150,58 @@ def main() -> None:
         out[f"{kind}_s_dense"], out[f"{kind}_s_mod"], out[f"{kind}_wall_ratio"] = d, m, m / d
         out[f"{kind}_ratio_vs_flops"] = (m / d) / out["flops_ratio"]
     print(json.dumps(out))
+
+
+def whole_model(args) -> dict:
+    """Training step of the config's model, routed vs dense with the same weights, on real batches."""
+    from dataclasses import replace
+
+    from data.loader import build_train_loader
+    from mm.config import load_config
+    from mm.train.flops import ModelFlops, batch_shape
+    from mm.train.trainer import build_model
+
+    cfg = load_config(args.config)
+    if not cfg.model.mod.enabled:
+        raise SystemExit(f"{args.config}: model.mod.enabled is false; nothing to compare")
+    torch.manual_seed(0)
+    routed, vocab = build_model(cfg)
+    dense_cfg = replace(cfg, model=replace(cfg.model, mod=replace(cfg.model.mod, enabled=False)))
+    dense, _ = build_model(dense_cfg)
+    dense.load_state_dict(routed.state_dict(), strict=False)  # same weights; routers only in the routed one
+    for p in routed.mod_routers.parameters():  # trained-looking routers
+        torch.nn.init.normal_(p, std=0.02)
+    loader = iter(build_train_loader(cfg.data, vocab, routed.sample_shapes(), 0, 1))
+    g = torch.Generator().manual_seed(0)
+    batches = [routed.add_flow_inputs(next(loader), g) for _ in range(args.batches)]
+    times: dict[str, list[float]] = {"dense": [], "mod": []}
+
+    def step(model, batch):
+        model.zero_grad(set_to_none=True)
+        model(batch)["loss"].backward()
+
+    for model in (dense, routed):  # warm-up
+        step(model, batches[0])
+    for r in range(args.repeats):
+        for b in batches:
+            for name, model in (
+                (("dense", dense), ("mod", routed)) if r % 2 == 0 else (("mod", routed), ("dense", dense))
+            ):
+                t = time.perf_counter()
+                step(model, b)
+                times[name].append(time.perf_counter() - t)
+    n_layers = routed.llm.config.num_hidden_layers
+    flops = {
+        name: sum(ModelFlops(m).train_flops(batch_shape(b, n_layers, mod)) for b in batches)
+        for name, m, mod in (("dense", dense, None), ("mod", routed, cfg.model.mod))
+    }
+    d, m = statistics.median(times["dense"]), statistics.median(times["mod"])
+    return {
+        "config": args.config, "threads": torch.get_num_threads(), "batches": len(batches),
+        "rows_x_seq_len": list(batches[0]["input_ids"].shape), "layer_ratios": routed.mod_routers.ratios,
+        "step_s_dense": d, "step_s_mod": m, "wall_ratio": m / d, "speedup": d / m,
+        "train_flops_ratio": flops["mod"] / flops["dense"], "ratio_vs_flops": (m / d) / (flops["mod"] / flops["dense"]),
+    }  # fmt: skip
 
 
 if __name__ == "__main__":
