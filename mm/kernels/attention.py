@@ -24,12 +24,20 @@ MASK_BACKENDS = ("sdpa", "eager")
 VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3")
 
 
-def block_causal_mask(sample_ids: torch.Tensor) -> torch.Tensor:
-    """[B, L] sample ids -> [B, 1, L, L] bool: query i may see key j iff same sample and j <= i."""
+def block_causal_mask(sample_ids: torch.Tensor, block_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L] sample ids -> [B, 1, L, L] bool: query i may see key j iff same sample and j <= i.
+
+    ``block_ids`` [B, L] (-1 = ordinary causal token): tokens of one sample with the same block
+    id >= 0 also see each other whatever their order (a full block: one NFIG stage).
+    """
     L = sample_ids.shape[-1]
     same = sample_ids[:, :, None] == sample_ids[:, None, :]
-    causal = torch.ones(L, L, dtype=torch.bool, device=sample_ids.device).tril()
-    return (same & causal).unsqueeze(1)
+    see = torch.ones(L, L, dtype=torch.bool, device=sample_ids.device).tril()
+    if block_ids is not None:
+        if block_ids.shape != sample_ids.shape:
+            raise ValueError(f"block_ids {list(block_ids.shape)} must match sample_ids {list(sample_ids.shape)}")
+        see = see | ((block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] >= 0))
+    return (same & see).unsqueeze(1)
 
 
 def cu_seqlens(sample_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -48,12 +56,21 @@ def cu_seqlens(sample_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def packed_attention_inputs(
-    backend: str, embeds: torch.Tensor, position_ids: torch.Tensor, sample_ids: torch.Tensor
+    backend: str,
+    embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    sample_ids: torch.Tensor,
+    block_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(embeds, position_ids, extra kwargs) for a transformers decoder under ``backend``."""
     if backend in MASK_BACKENDS:
-        return embeds, position_ids, {"attention_mask": block_causal_mask(sample_ids)}
+        return embeds, position_ids, {"attention_mask": block_causal_mask(sample_ids, block_ids)}
     if backend in VARLEN_BACKENDS:
+        if block_ids is not None and bool((block_ids >= 0).any()):
+            raise ValueError(
+                f"attention backend {backend!r} is causal within each varlen segment and cannot express the full "
+                "blocks of block_ids (the next-frequency head's stages); use sdpa or eager"
+            )
         B, L, D = embeds.shape
         cu, longest = cu_seqlens(sample_ids)
         kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
