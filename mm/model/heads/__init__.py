@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mm.model.heads.base import ImageHead
-from mm.model.heads.codes import CFG_SCHEDULES, CodeHead, NextFreqHead, RasterHead
-from mm.model.heads.flow import FlowHead
+from mm.model.heads.codes import CFG_SCHEDULES, CodeHead, NextFreqHead, RasterHead, code_recipe
+from mm.model.heads.flow import FlowHead, flow_recipe
 
 # name -> builder(model config, vocab, LLM width, understanding tower width)
 IMAGE_HEADS: dict[str, Callable[..., ImageHead]] = {
@@ -15,4 +15,13 @@ IMAGE_HEADS: dict[str, Callable[..., ImageHead]] = {
     "raster": lambda cfg, vocab, d, und_width: RasterHead("raster", cfg, vocab, d),
 }
 
-__all__ = ["CFG_SCHEDULES", "IMAGE_HEADS", "CodeHead", "FlowHead", "ImageHead", "NextFreqHead", "RasterHead"]
+# name -> default sampling recipe from the model config (no model needed: release generation_config, eval)
+HEAD_RECIPES: dict[str, Callable[..., dict]] = {
+    "flow": flow_recipe,
+    "nextfreq": lambda cfg: code_recipe("nextfreq", cfg),
+    "raster": lambda cfg: code_recipe("raster", cfg),
+}
+
+__all__ = [
+    "CFG_SCHEDULES", "HEAD_RECIPES", "IMAGE_HEADS", "CodeHead", "FlowHead", "ImageHead", "NextFreqHead", "RasterHead",
+]  # fmt: skip

@@ -77,6 +77,12 @@ def sample_logits(
     return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1]).to(logits.device)
 
 
+def code_recipe(name: str, cfg: ModelConfig) -> dict:
+    c: CodeHeadConfig = getattr(cfg, name)
+    return {"sampler": name, "cfg_scale": c.cfg_scale, "cfg_schedule": c.cfg_schedule, "temperature": c.temperature,
+            "top_k": c.top_k, "top_p": c.top_p, "cfg_rule": "u + w(c - u) on logits"}  # fmt: skip
+
+
 class CodeHeadNet(nn.Module):
     """The learnable part of a code head: code vectors -> LLM width, a start vector, slot embeddings, logits."""
 
@@ -100,7 +106,7 @@ class CodeHead(ImageHead):
     single_scale: bool = False  # raster: the tokenizer's single-scale codes
 
     def __init__(self, name: str, cfg: ModelConfig, vocab: Vocab, hidden_size: int):
-        self.name, self.vocab = name, vocab
+        self.name, self.vocab, self._model_cfg = name, vocab, cfg
         self.cfg: CodeHeadConfig = getattr(cfg, name)
         tok = load_tokenizer(self.cfg, f"model.{name}")
         self.blocks = self.block_sizes(tok)
@@ -141,10 +147,7 @@ class CodeHead(ImageHead):
         return {self.name: float(len(images) * self.tokens_per_image) if images is not None else 0.0}
 
     def recipe(self) -> dict:
-        c = self.cfg
-        return {"sampler": self.name, "passes": self.passes_per_image, "cfg_scale": c.cfg_scale,
-                "cfg_schedule": c.cfg_schedule, "temperature": c.temperature, "top_k": c.top_k, "top_p": c.top_p,
-                "cfg_rule": "u + w(c - u) on logits"}  # fmt: skip
+        return code_recipe(self.name, self._model_cfg)
 
     # ---- codes <-> slot inputs (the two hooks) -------------------------------------
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -37,6 +37,11 @@ class FlowState:
     tokens: torch.Tensor | None = None  # placeholder: the gen encoder's output on a zero image
 
 
+def flow_recipe(cfg: ModelConfig) -> dict:
+    f = cfg.flow
+    return {"sampler": "euler", "steps": f.sample_steps, "cfg_scale": f.cfg_scale, "cfg_rule": "u + w(c - u)"}
+
+
 class FlowHead(ImageHead):
     name = FLOW_HEAD
 
@@ -77,8 +82,7 @@ class FlowHead(ImageHead):
         return {"flow": n_gen, "repa": n_gen if self.repa else 0.0}
 
     def recipe(self) -> dict:
-        f = self.cfg.flow
-        return {"sampler": "euler", "steps": f.sample_steps, "cfg_scale": f.cfg_scale, "cfg_rule": "u + w(c - u)"}
+        return flow_recipe(self.cfg)
 
     @property
     def passes_per_image(self) -> int:
