@@ -16,6 +16,7 @@ images for each "draw the digit d" (the digits_t2i prompts) with its default rec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -99,9 +100,10 @@ def main() -> None:
     result: dict = {"steps": args.steps, "heads": {}}
     for head in heads:
         run = out / head
-        if not args.reuse:
-            train_head(head, args.steps, run)
-        result["heads"][head] = measure(head, run, args.per_prompt, args.batch, args.seed)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON object only
+            if not args.reuse:
+                train_head(head, args.steps, run)
+            result["heads"][head] = measure(head, run, args.per_prompt, args.batch, args.seed)
     h = result["heads"]
     if "nextfreq" in h and "raster" in h:
         nf, ra = h["nextfreq"], h["raster"]
