@@ -82,7 +82,9 @@ class LLMConfig:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     vocab_size: int = 0  # embedding rows; 0 = the tokenizer's size (must be >= it otherwise)
-    attn_implementation: str = "sdpa"  # "sdpa" | "flash_attention_2" (GPU)
+    attn_implementation: str = (
+        "sdpa"  # key of mm.kernels.attention.ATTENTION_BACKENDS: sdpa | eager | flex | flash_attention_2
+    )
     tokenizer: str = "configs/tokenizers/digits"  # local directory (tokenizer.json)
 
 
@@ -407,7 +409,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.flow.repa_layer={m.flow.repa_layer} outside 1..{m.llm.num_layers}")
     if m.llm.hidden_size % m.llm.num_heads:
         raise ConfigError("model.llm.hidden_size must be divisible by model.llm.num_heads")
+    from mm.kernels.attention import ATTENTION_BACKENDS
     from mm.sequence import TOKEN_KINDS  # mm.sequence builds on this module: import at use
+
+    if m.llm.attn_implementation not in ATTENTION_BACKENDS:
+        raise ConfigError(
+            f"model.llm.attn_implementation={m.llm.attn_implementation!r}; known: {sorted(ATTENTION_BACKENDS)}"
+        )
 
     for key, kinds in (("model.mod.routable_kinds", m.mod.routable_kinds), ("model.v2pe.kinds", m.v2pe.kinds)):
         unknown = [k for k in kinds if k not in TOKEN_KINDS]

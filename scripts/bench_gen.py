@@ -58,7 +58,9 @@ def measure(head: str, run: Path, per_prompt: int, batch: int, seed: int) -> dic
     _, model, _, step = load_run(run)
     recipe = {"head": head, **image_head_recipes(model.cfg)[head]}
     calls = []
-    hook = model.llm.get_decoder().register_forward_hook(lambda *a: calls.append(1))
+    hook = model.llm.get_decoder().norm.register_forward_hook(  # one LLM pass = one final norm
+        lambda *a: calls.append(1)
+    )
     prompts = [digit_prompt(d, EVAL_PROMPT) for d in range(10) for _ in range(per_prompt)]
     labels = np.repeat(np.arange(10), per_prompt)
     gen = torch.Generator().manual_seed(seed)

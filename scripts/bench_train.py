@@ -167,7 +167,7 @@ def main() -> None:
     log(f"built in {time.time() - t0:.0f} s; caching {args.batches} batches")
     it = iter(trainer.loader)
     trainer.loader = CachedBatches([next(it) for _ in range(args.batches)])
-    shapes = [batch_shape(b, trainer.flops.num_layers) for b in trainer.loader.batches]
+    shapes = [batch_shape(b, trainer.flops.num_layers, trainer.cfg.model.mod) for b in trainer.loader.batches]
     tokens = sum(s.tokens for s in shapes) / len(shapes)
     flops = sum(trainer.flops.train_flops(s) for s in shapes) / len(shapes)
     slots = trainer.loader.batches[0]["sample_ids"].numel()

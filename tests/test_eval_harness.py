@@ -32,7 +32,7 @@ def test_eval_cli_runs_the_whole_benchmark_and_writes_results_samples_and_report
     res = json.loads((out / "results.json").read_text())
     expected = ["digits_vqa", "digits_mcq", "digits_pope_random", "digits_pope_popular", "digits_pope_adversarial",
                 "digits_mme", "digits_t2i", "digits_geneval"]  # fmt: skip
-    assert res["tasks"] == expected and res["step"] == 4
+    assert res["tasks"] == expected and res["step"] == 10
     assert "%|" in p.stderr  # progress bars
     for t in expected:
         lines = (out / f"samples_{t}.jsonl").read_text().splitlines()

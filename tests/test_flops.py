@@ -5,8 +5,19 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from data.loader import build_train_loader
-from mm.config import load_config
-from mm.train.flops import BatchShape, ModelFlops, batch_shape, peak_tflops
+from mm.config import MoDConfig, load_config
+from mm.model.routing import layer_ratios, routable_mask, select_tokens
+from mm.sequence import IGNORE, TOKEN_GEN_IMAGE, TOKEN_UND_IMAGE
+from mm.train.flops import (
+    BatchShape,
+    LLMShape,
+    ModelFlops,
+    batch_shape,
+    kv_cache_bytes,
+    layer_counts,
+    peak_tflops,
+    prefill_flops,
+)
 from mm.train.trainer import apply_stage, build_model
 from tests.conftest import ROOT, SMALL
 
@@ -89,3 +100,63 @@ def test_peak_table():
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
     assert peak_tflops("NVIDIA B200", "bf16") == 2250.0
     assert peak_tflops("NVIDIA GeForce RTX 4090", "bf16") is None
+
+
+def _packed_batch():
+    """Two rows, three samples with understanding-image tokens between text, padding at the ends."""
+    sid = torch.tensor([[0] * 12 + [1] * 7 + [-1] * 3, [2] * 20 + [-1] * 2])
+    kinds = torch.zeros_like(sid, dtype=torch.int8)
+    kinds[0, 2:10] = TOKEN_UND_IMAGE  # 8 routable in sample 0
+    kinds[0, 13:17] = TOKEN_UND_IMAGE  # 4 in sample 1
+    kinds[1, 1:8] = TOKEN_UND_IMAGE  # 7 + 6 in sample 2, text between the two images
+    kinds[1, 10:16] = TOKEN_UND_IMAGE
+    kinds[1, 16:18] = TOKEN_GEN_IMAGE  # not routable by default
+    targets = torch.full_like(sid, IGNORE)
+    targets[:, -4] = 1
+    return {"sample_ids": sid, "token_kinds": kinds, "targets": targets}
+
+
+def test_layer_counts_analytic():
+    # one sample of 10 tokens, 6 routable; ratios 1, 0.5, 0.15: kept 10, 4 + 3, 4 + floor(0.9) = 4
+    c = layer_counts([10], [6], [1.0, 0.5, 0.15])
+    assert c.tokens_per_layer == [10, 7, 4]
+    assert c.pairs_per_layer == [55.0, 28.0, 10.0]
+    assert c.router_tokens == 12  # 6 scored in each of the 2 routed layers
+    with pytest.raises(ValueError, match="routable counts"):
+        layer_counts([3], [4], [1.0])
+
+
+def test_mod_batch_shape_counts_what_select_tokens_keeps():
+    batch = _packed_batch()
+    mod = MoDConfig(enabled=True)
+    ratios = layer_ratios(8, mod)
+    shape = batch_shape(batch, 8, mod)
+    sid = batch["sample_ids"]
+    routable = routable_mask(batch["token_kinds"], sid, mod.routable_kinds)
+    for layer, ratio in enumerate(ratios):
+        keep = select_tokens(torch.randn(sid.shape), routable, sid, ratio) & (sid >= 0)
+        assert shape.tokens_per_layer[layer] == int(keep.sum())
+        per_sample = [int((keep & (sid == s)).sum()) for s in range(3)]
+        assert shape.pairs_per_layer[layer] == sum(k * (k + 1) / 2 for k in per_sample)
+    assert shape.router_tokens == int(routable.sum()) * sum(r < 1 for r in ratios)
+    # MoD off (or no config) is the dense count, unchanged
+    dense = batch_shape(batch, 8)
+    assert dense == batch_shape(batch, 8, MoDConfig(enabled=False))
+    assert dense.tokens_per_layer == [39] * 8 and dense.router_tokens == 0
+    assert dense.pairs_per_layer == [12 * 13 / 2 + 7 * 8 / 2 + 20 * 21 / 2] * 8
+
+
+def test_prefill_and_kv_accounting_analytic():
+    # a 2-layer LLaMA-shaped LLM: hidden 8, MLP 16, 2 heads (head_dim 4), 1 KV head, vocab 10
+    llm = LLMShape(
+        layer_macs=(8 * 8 * 2 + 8 * 4 * 2 + 3 * 8 * 16,) * 2, pair_macs=2 * 2 * 4, head_macs=80, kv_width=8, hidden=8
+    )
+    dense = layer_counts([6], [4], [1.0, 1.0])
+    mod = layer_counts([6], [4], [1.0, 0.5])  # layer 1 keeps 2 + 2 = 4 tokens
+    f = prefill_flops(llm, mod, logit_tokens=1)
+    assert f == {
+        "layers": 2.0 * 576 * (6 + 4), "attention": 2.0 * 16 * (21 + 10), "router": 2.0 * 8 * 4, "head": 160.0,
+    }  # fmt: skip
+    assert kv_cache_bytes(llm, dense) == 12 * 8 * 2 and kv_cache_bytes(llm, mod, dtype_bytes=4) == 10 * 8 * 4
+    with pytest.raises(ValueError, match="layers"):
+        kv_cache_bytes(llm, layer_counts([6], [4], [1.0]))

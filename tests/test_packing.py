@@ -40,9 +40,27 @@ def _forward(model, rows, seq_len, noise_of):
     return batch, model(batch)
 
 
-def test_packed_equals_alone(small_cfg, vocab, shard_dir):
+PACKED_VARIANTS = {
+    "sdpa": [],
+    "sdpa_dense": ["model.llm.attn_implementation=sdpa_dense"],
+    "eager": ["model.llm.attn_implementation=eager"],  # additive float mask (a bool one mixed samples)
+    "mod+v2pe": ["model.mod.enabled=true", "model.mod.ratio=0.5", "model.v2pe.enabled=true"],
+}
+PACKED_VARIANTS["mod+v2pe eager"] = PACKED_VARIANTS["mod+v2pe"] + PACKED_VARIANTS["eager"]
+
+
+@pytest.mark.parametrize("variant", sorted(PACKED_VARIANTS))
+def test_packed_equals_alone(small_cfg, vocab, shard_dir, variant):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(small_cfg), OmegaConf.from_dotlist(PACKED_VARIANTS[variant]))
+    )
     torch.manual_seed(0)
-    model = UnifiedModel(small_cfg.model, vocab).eval()
+    model = UnifiedModel(cfg.model, vocab).eval()
+    if model.mod_routers is not None:  # trained-looking routers: distinct scores, so routing really selects
+        for p in model.mod_routers.parameters():
+            torch.nn.init.normal_(p, std=0.5)
     samples = _samples(shard_dir, vocab, model.sample_shapes(), n_und=3, n_gen=3, n_text=2)
     noise_of = {id(s): (torch.randn(model.latent_shape), torch.rand(())) for s in samples}
     seq_len = 64

@@ -28,7 +28,7 @@ def make_tiny_run(base: Path, shard_dir: Path) -> Path:
         SMALL + [
             f"data.train_shards={shard_dir}/digits/train-{{000000..000003}}.tar",
             f"data.heldout_shards={shard_dir}/digits/heldout-000000.tar",
-            f"run.dir={run}", "train.max_steps=4", "train.ckpt_every=4", "train.ema_decay=0.5",
+            f"run.dir={run}", "train.max_steps=10", "train.ckpt_every=10", "train.ema_decay=0.5",
         ],
     )  # fmt: skip
     Trainer(cfg).train()

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from mm.config import Config, load_config
-from mm.kernels.attention import VARLEN_BACKENDS
 from mm.train.checkpoint import find_checkpoint, load_model_weights, read_meta
 
 
@@ -63,10 +62,6 @@ def load_run(run_dir: Path, checkpoint: str = "latest", overrides: list[str] | N
     if not cfg_path.is_file():
         raise FileNotFoundError(f"not a run directory (no config.yaml): {run_dir}")
     cfg = _load_run_config(cfg_path, overrides)
-    if cfg.model.llm.attn_implementation in VARLEN_BACKENDS:
-        # inference rows are left-padded and cached: they need a mask, which flash varlen does not take
-        print(f"eval: using sdpa instead of {cfg.model.llm.attn_implementation} for inference", flush=True)
-        cfg.model.llm.attn_implementation = "sdpa"
     ckpt = find_checkpoint(run_dir, checkpoint) if not is_zero_checkpoint(Path(checkpoint)) else Path(checkpoint)
     state, which = read_weights(ckpt, use_ema)
     model, _ = build_model(cfg)

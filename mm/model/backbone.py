@@ -1,13 +1,14 @@
-"""The LLM backbone: any ``transformers`` causal LM, driven through ``inputs_embeds``."""
+"""The LLM backbone: a ``transformers`` causal LM whose layers our loop drives (``mm/model/decoder.py``)."""
 
 from __future__ import annotations
 
-import inspect
-
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from mm.config import LLMConfig, resolve_path
+
+# Our decoder loop computes attention itself (mm/kernels/attention.py, chosen by llm.attn_implementation);
+# the HF model is built with SDPA so that loading never needs flash-attn installed.
+HF_ATTENTION = "sdpa"
 
 
 def build_llm(cfg: LLMConfig, vocab_size: int) -> PreTrainedModel:
@@ -23,9 +24,7 @@ def build_llm(cfg: LLMConfig, vocab_size: int) -> PreTrainedModel:
         path = resolve_path(cfg.pretrained)
         if not path.is_dir():
             raise FileNotFoundError(f"model.llm.pretrained: no such directory {path}")
-        llm = AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, attn_implementation=cfg.attn_implementation
-        )
+        llm = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, attn_implementation=HF_ATTENTION)
     else:
         hf_cfg = AutoConfig.for_model(
             cfg.model_type, vocab_size=vocab_size, hidden_size=cfg.hidden_size,
@@ -34,31 +33,7 @@ def build_llm(cfg: LLMConfig, vocab_size: int) -> PreTrainedModel:
             max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
             tie_word_embeddings=False,
         )  # fmt: skip
-        llm = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=cfg.attn_implementation)
+        llm = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=HF_ATTENTION)
     if llm.get_input_embeddings().num_embeddings < vocab_size:  # special tokens were added
         llm.resize_token_embeddings(vocab_size)
     return llm
-
-
-def _cache_kwarg(decoder: torch.nn.Module) -> str:
-    # transformers renamed ``past_key_values`` to ``cache`` (5.2x); support both.
-    params = inspect.signature(decoder.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def run_decoder(
-    decoder: torch.nn.Module,
-    embeds: torch.Tensor,
-    position_ids: torch.Tensor,
-    attn_kwargs: dict,
-    cache=None,
-    output_hidden_states: bool = False,
-):
-    """One decoder pass with explicit positions and attention inputs (never inferred)."""
-    kwargs = dict(attn_kwargs)
-    if cache is not None:
-        kwargs[_cache_kwarg(decoder)] = cache
-        kwargs["use_cache"] = True
-    else:
-        kwargs["use_cache"] = False
-    return decoder(inputs_embeds=embeds, position_ids=position_ids, output_hidden_states=output_hidden_states, **kwargs)

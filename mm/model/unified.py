@@ -19,10 +19,12 @@ from torch import nn
 from data.pack import collate
 from data.stream import SampleShapes
 from mm.config import ModelConfig
-from mm.kernels.attention import block_causal_mask, packed_attention_inputs
-from mm.model.backbone import build_llm, run_decoder
+from mm.kernels.attention import AttentionSpec
+from mm.model.backbone import build_llm
+from mm.model.decoder import DecoderOutput, KVCache, check_decoder, run_layers
 from mm.model.heads import IMAGE_HEADS, FlowHead, ImageHead
 from mm.model.positions import PositionPolicy
+from mm.model.routing import MoDRouters, routable_mask
 from mm.model.vision import UnderstandingEncoder
 from mm.sequence import FLOW_HEAD, IGNORE, TOKEN_KINDS, Vocab, scatter_placeholders, understanding_sample
 
@@ -38,7 +40,11 @@ class UnifiedModel(nn.Module):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
         self.llm = build_llm(cfg.llm, len(vocab))
+        check_decoder(self.llm.get_decoder())
         d = self.llm.config.hidden_size
+        # p-MoD routers (one per routed layer); None keeps the model and its state dict exactly dense
+        self.mod_routers = MoDRouters(self.llm.config.num_hidden_layers, d, cfg.mod) if cfg.mod.enabled else None
+        self.checkpointing = False
         self.und = UnderstandingEncoder(cfg.und, d)
         # The heads' parts are registered on this module under the names the heads choose (the flow
         # head keeps its historical top-level names: autoencoder, time_embed, gen_encoder, ...).
@@ -97,10 +103,27 @@ class UnifiedModel(nn.Module):
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute the LLM layers in backward instead of keeping their activations (the engine calls this)."""
-        if enabled:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.llm.gradient_checkpointing_disable()
+        self.checkpointing = enabled
+
+    def decode(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        spec: AttentionSpec,
+        token_kinds: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        write_cache: bool = True,
+        output_hidden_states: bool = False,
+    ) -> DecoderOutput:
+        """The LLM's layers on ``embeds`` (our loop: packed attention, p-MoD routing, KV cache)."""
+        routable = None
+        if self.mod_routers is not None and token_kinds is not None:
+            routable = routable_mask(token_kinds, spec.q_segments, self.cfg.mod.routable_kinds)
+        return run_layers(
+            self.llm.get_decoder(), embeds, positions, spec, self.backend, cache=cache, write_cache=write_cache,
+            routers=self.mod_routers, routable=routable, output_hidden_states=output_hidden_states,
+            checkpointing=self.checkpointing and self.training,
+        )  # fmt: skip
 
     # ---- training -----------------------------------------------------------------
     def add_flow_inputs(self, batch: dict, generator: torch.Generator) -> dict:
@@ -117,11 +140,15 @@ class UnifiedModel(nn.Module):
             feats = self.und(und_images) if und_images is not None else embeds.new_zeros(0, embeds.shape[-1])
             embeds = scatter_placeholders(embeds, image_mask, feats.flatten(0, 1), "understanding images")
         elif self.run_every_module:
-            embeds = embeds + 0.0 * self.und(self._zero_image(self.cfg.und.in_channels, self.cfg.und.image_size)).sum()
+            zero = self._zero_image(self.cfg.und.in_channels, self.cfg.und.image_size, embeds)
+            embeds = embeds + 0.0 * self.und(zero).sum()
         return embeds
 
-    def _zero_image(self, channels: int, size: int) -> torch.Tensor:
-        return torch.zeros(1, channels, size, size, device=self.llm.get_input_embeddings().weight.device)
+    @staticmethod
+    def _zero_image(channels: int, size: int, like: torch.Tensor) -> torch.Tensor:
+        # The device comes from a tensor at hand, not from a weight: under ZeRO-3 reading a module's
+        # weight outside its forward gathers it with a collective that only this rank would run.
+        return torch.zeros(1, channels, size, size, device=like.device)
 
     def loss_weights(self) -> dict[str, float]:
         out = {"text": self.cfg.text_loss_weight}
@@ -180,11 +207,11 @@ class UnifiedModel(nn.Module):
             )
 
         need_hidden = any(head.needs_hidden_states(states[n]) for n, head in self.heads.items())
-        h_in, pos_in, attn = packed_attention_inputs(
-            self.backend, embeds, batch["position_ids"], batch["sample_ids"], batch.get("block_ids")
+        spec = AttentionSpec.packed(batch["sample_ids"], batch.get("block_ids"))
+        out = self.decode(
+            embeds, batch["position_ids"], spec, batch.get("token_kinds"), output_hidden_states=need_hidden
         )
-        out = run_decoder(self.llm.get_decoder(), h_in, pos_in, attn, output_hidden_states=need_hidden)
-        hidden = out.last_hidden_state.reshape(embeds.shape)
+        hidden = out.last_hidden_state
 
         zero = embeds.new_zeros((), dtype=torch.float32)
         names = list(self.loss_weights())
@@ -223,9 +250,10 @@ class UnifiedModel(nn.Module):
         for s in samples:
             pad = L - len(s)
             rows.append(collate([[s]], L, self.vocab.pad))
-            for k in ("input_ids", "targets", "position_ids", "sample_ids", "block_ids"):
+            for k in ("input_ids", "targets", "position_ids", "sample_ids", "block_ids", "token_kinds"):
                 rows[-1][k] = rows[-1][k].roll(pad, dims=1)
-        batch = {k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "position_ids", "sample_ids", "block_ids")}
+        keys = ("input_ids", "position_ids", "sample_ids", "block_ids", "token_kinds")
+        batch = {k: torch.cat([r[k] for r in rows]) for k in keys}
         batch["sample_ids"] = batch["sample_ids"].clamp(max=0)  # one sample per row; padding stays -1
         return batch
 
@@ -236,11 +264,13 @@ class UnifiedModel(nn.Module):
         questions: list[str],
         max_new_tokens: int = 8,
         on_token: Callable[[int, int], None] | None = None,
+        use_cache: bool = True,
     ) -> list[str]:
         """Greedy answers to ``questions`` about [0,1] ``images`` (one image each).
 
         ``on_token(row, token_id)`` is called for every new token of an unfinished
-        row as soon as it is chosen (streaming).
+        row as soon as it is chosen (streaming). The prompt runs once and each new token reads
+        a KV cache; ``use_cache=False`` recomputes the whole sequence per token (the reference).
         """
         dev = next(self.parameters()).device
         samples = [
@@ -250,11 +280,13 @@ class UnifiedModel(nn.Module):
         batch = {k: v.to(dev) for k, v in self._left_padded(samples).items()}
         ids, pos, sid = batch["input_ids"], batch["position_ids"], batch["sample_ids"]
         embeds = self._embed(ids, images.to(dev))  # prompt embedded once; new tokens are plain text
+        kinds = batch["token_kinds"]
+        spec = AttentionSpec.packed(sid)
+        cache = KVCache() if use_cache else None
+        h = self.decode(embeds, pos, spec, kinds, cache=cache).last_hidden_state[:, -1]
         done = torch.zeros(len(samples), dtype=torch.bool, device=dev)
         out: list[list[int]] = [[] for _ in samples]
         for _ in range(max_new_tokens):
-            attn = {"attention_mask": block_causal_mask(sid)}
-            h = run_decoder(self.llm.get_decoder(), embeds, pos, attn).last_hidden_state[:, -1]
             nxt = self.llm.get_output_embeddings()(h).argmax(-1)
             for i, tok in enumerate(nxt.tolist()):
                 if not done[i]:
@@ -266,9 +298,23 @@ class UnifiedModel(nn.Module):
                             on_token(i, tok)
             if done.all():
                 break
-            embeds = torch.cat([embeds, self.llm.get_input_embeddings()(nxt[:, None])], 1)
-            pos = torch.cat([pos, pos[:, -1:] + 1], 1)
-            sid = torch.cat([sid, sid[:, -1:].clamp(min=0)], 1)
+            # the new token: text, one past the last position (decoding continues from it)
+            new_embeds = self.llm.get_input_embeddings()(nxt[:, None])
+            new_pos = pos[:, -1:] + 1
+            new_sid = sid[:, -1:].clamp(min=0)
+            new_kinds = torch.zeros_like(new_sid, dtype=kinds.dtype)
+            if use_cache:
+                step = AttentionSpec(new_sid, new_sid, spec.q_index[:, -1:] + 1, spec.q_index[:, -1:] + 1)
+                h = self.decode(new_embeds, new_pos, step, new_kinds, cache=cache).last_hidden_state[:, -1]
+            embeds, pos, sid = (
+                torch.cat([embeds, new_embeds], 1),
+                torch.cat([pos, new_pos], 1),
+                torch.cat([sid, new_sid], 1),
+            )
+            kinds = torch.cat([kinds, new_kinds], 1)
+            spec = AttentionSpec.packed(sid)
+            if not use_cache:  # the reference: the whole sequence again
+                h = self.decode(embeds, pos, spec, kinds).last_hidden_state[:, -1]
         return [self.vocab.decode(o) for o in out]
 
     @torch.no_grad()

@@ -224,6 +224,12 @@ class DDPEngine(Engine):
 
     def step(self) -> StepResult:
         params = [p for _, p in self.trainable]
+        for p in params:
+            # A weight no sample of this step used (a batch without generation images) steps with a zero
+            # gradient, as under DeepSpeed, whose flat gradient buffers hold zeros for it: AdamW's momentum
+            # and weight decay then move it alike whichever engine runs the trainer (torch would skip it).
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip, foreach=True)
         applied = torch.isfinite(norm)
         # Fused AdamW skips the whole update (steps, moments, weights) when found_inf is 1, on the device.

@@ -20,6 +20,13 @@ input needs a gradient (something before it trains). A frozen module before ever
 costs no backward at all; a frozen LLM between a trainable aligner and the loss costs one forward
 for its linear layers and two for attention (no weights: the gradients of both operands).
 ``tests/test_flops.py`` checks the total against ``FlopCounterMode`` on a real training step.
+
+Mixture-of-depths (p-MoD, ``mm/model/routing.py``): a routed layer processes only the tokens it
+keeps, so its linear cost scales with the kept count and its attention with the kept queries x kept
+keys (a skipped token is neither in that layer); its router scores every routable token once.
+:func:`layer_counts` gives the per-layer counts from per-sample lengths; the same counts give the
+KV cache (a skipped token writes no K/V in a routed layer). :func:`prefill_flops` and
+:func:`kv_cache_bytes` turn them into inference figures (``scripts/flops.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mm.config import MoDConfig
+from mm.model.routing import kept_count, layer_ratios, routable_kind_ids
 from mm.sequence import IGNORE
 
 # Dense (no sparsity) peak TFLOP/s per device from the vendors' datasheets, by the precision the
@@ -69,24 +78,65 @@ class BatchShape:
     und_images: int
     gen_images: int
     samples: int
+    router_tokens: int = 0  # mixture-of-depths: routable tokens scored, summed over the routed layers
 
 
-def batch_shape(batch: dict, num_layers: int) -> BatchShape:
-    """Dense layers: every non-padding token in every layer, causal attention within each sample."""
+@dataclass
+class LayerCounts:
+    """Per-layer work of the LLM over a set of samples (dense, or with mixture-of-depths)."""
+
+    tokens_per_layer: list[int]  # tokens through each layer = tokens that write K/V there
+    pairs_per_layer: list[float]  # attended (query, key) pairs: causal within each sample, kept tokens only
+    router_tokens: int  # routable tokens scored by a router, summed over the routed layers
+
+
+def layer_counts(lengths: Sequence[int], routable: Sequence[int], ratios: Sequence[float]) -> LayerCounts:
+    """Per-layer counts of samples of ``lengths`` tokens, ``routable[i]`` of them routable.
+
+    Layer l keeps ``n - r + floor(r * ratio_l)`` tokens of a sample (the exact count
+    :func:`mm.model.routing.select_tokens` keeps) and attends causally among them: k(k+1)/2 pairs
+    whichever tokens were kept. Dense = every ratio 1.0.
+    """
+    if len(lengths) != len(routable):
+        raise ValueError(f"layer_counts: {len(lengths)} lengths but {len(routable)} routable counts")
+    bad = [(n, r) for n, r in zip(lengths, routable) if not 0 <= r <= n]
+    if bad:
+        raise ValueError(f"layer_counts: routable counts must be in [0, length], got (length, routable) {bad[:3]}")
+    tokens, pairs = [], []
+    for ratio in ratios:
+        kept = [n - r + kept_count(r, ratio) for n, r in zip(lengths, routable)]
+        tokens.append(sum(kept))
+        pairs.append(float(sum(k * (k + 1) / 2 for k in kept)))
+    router = sum(routable) * sum(1 for ratio in ratios if ratio < 1.0)
+    return LayerCounts(tokens, pairs, router)
+
+
+def batch_shape(batch: dict, num_layers: int, mod: MoDConfig | None = None) -> BatchShape:
+    """Causal attention within each sample; with ``mod`` enabled, routed layers count their kept tokens."""
     sid = batch["sample_ids"]
-    lengths = torch.bincount(sid[sid >= 0]).double()
-    tokens = int(lengths.sum())
-    pairs = float((lengths * (lengths + 1) / 2).sum())
+    valid = sid >= 0
+    lengths = torch.bincount(sid[valid])
+    ratios = layer_ratios(num_layers, mod) if mod is not None else [1.0] * num_layers
+    routable = torch.zeros_like(lengths)
+    if any(r < 1.0 for r in ratios):
+        kinds = batch["token_kinds"]
+        is_routable = torch.zeros_like(valid)
+        for kind in routable_kind_ids(mod.routable_kinds):
+            is_routable |= kinds == kind
+        routable = torch.bincount(sid[valid & is_routable], minlength=len(lengths))
+    present = lengths > 0  # ids may skip numbers; absent ids are not samples
+    counts = layer_counts(lengths[present].tolist(), routable[present].tolist(), ratios)
     und = batch.get("und_images")
     gen = batch.get("gen_images")
     return BatchShape(
-        tokens=tokens,
-        tokens_per_layer=[tokens] * num_layers,
-        pairs_per_layer=[pairs] * num_layers,
+        tokens=int(lengths.sum()),
+        tokens_per_layer=counts.tokens_per_layer,
+        pairs_per_layer=counts.pairs_per_layer,
         logit_tokens=int((batch["targets"] != IGNORE).sum()),
         und_images=0 if und is None else len(und),
         gen_images=0 if gen is None else len(gen),
-        samples=int((lengths > 0).sum()),
+        samples=int(present.sum()),
+        router_tokens=counts.router_tokens,
     )
 
 
@@ -95,13 +145,16 @@ def _linear_macs(module: nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def _forward_flops(fn, *shapes: tuple[int, ...]) -> float:
-    """Forward FLOPs of ``fn`` on fake fp32 inputs of ``shapes`` (no memory, no compute)."""
+def forward_flops(fn, *shapes: tuple[int, ...], device: str | torch.device = "cpu") -> float:
+    """Forward FLOPs of ``fn`` on fake fp32 inputs of ``shapes`` (no memory, no compute).
+
+    ``device`` is where ``fn``'s weights live: ``meta`` for a module built on the meta device.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-        inputs = [torch.rand(s) for s in shapes]
+        inputs = [torch.rand(s, device=device) for s in shapes]
         with FlopCounterMode(display=False) as counter:
             fn(*inputs)
     return float(counter.get_total_flops())
@@ -111,25 +164,75 @@ def _trains(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
+@dataclass(frozen=True)
+class LLMShape:
+    """What the LLM's FLOPs and KV cache depend on, read from any ``transformers`` causal LM (meta is fine)."""
+
+    layer_macs: tuple[int, ...]  # linear multiply-adds per token, per decoder layer
+    pair_macs: int  # multiply-adds per attended (query, key) pair: q.k and p.v over every head
+    head_macs: int  # LM head multiply-adds per logit token
+    kv_width: int  # K and V values one token stores per layer: 2 * kv_heads * head_dim
+    hidden: int
+
+    @classmethod
+    def from_llm(cls, llm: nn.Module) -> LLMShape:
+        cfg = llm.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head = llm.get_output_embeddings()
+        return cls(
+            layer_macs=tuple(_linear_macs(layer) for layer in llm.get_decoder().layers),
+            pair_macs=2 * cfg.num_attention_heads * head_dim,
+            head_macs=head.weight.numel() if head is not None else 0,
+            kv_width=2 * kv_heads * head_dim,
+            hidden=cfg.hidden_size,
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_macs)
+
+
+def prefill_flops(llm: LLMShape, counts: LayerCounts, logit_tokens: int) -> dict[str, float]:
+    """Forward FLOPs of the LLM for a prefill: decoder layers, attention, routers, and the LM head on
+    ``logit_tokens`` (1 per sample when only the next token is sampled)."""
+    if len(counts.tokens_per_layer) != llm.num_layers:
+        raise ValueError(
+            f"prefill_flops: counts for {len(counts.tokens_per_layer)} layers, the LLM has {llm.num_layers}"
+        )
+    return {
+        "layers": sum(2.0 * m * n for m, n in zip(llm.layer_macs, counts.tokens_per_layer)),
+        "attention": sum(2.0 * llm.pair_macs * p for p in counts.pairs_per_layer),
+        "router": 2.0 * llm.hidden * counts.router_tokens,  # Linear(hidden -> 1) per scored token
+        "head": 2.0 * llm.head_macs * logit_tokens,
+    }
+
+
+def kv_cache_bytes(llm: LLMShape, counts: LayerCounts, dtype_bytes: int = 2) -> int:
+    """Bytes of the KV cache after a prefill (default bf16): every layer stores K and V of the tokens it processed."""
+    if len(counts.tokens_per_layer) != llm.num_layers:
+        raise ValueError(
+            f"kv_cache_bytes: counts for {len(counts.tokens_per_layer)} layers, the LLM has {llm.num_layers}"
+        )
+    return sum(counts.tokens_per_layer) * llm.kv_width * dtype_bytes
+
+
 class ModelFlops:
     """Per-batch training FLOPs of a :class:`mm.model.unified.UnifiedModel`; build before engines shard it."""
 
     def __init__(self, model: nn.Module):
         llm = model.llm
-        layers = llm.get_decoder().layers
-        self.num_layers = len(layers)
-        self.layer_macs = [_linear_macs(layer) for layer in layers]
-        cfg = llm.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.pair_macs = 2 * cfg.num_attention_heads * head_dim  # q.k and p.v per (query, key) pair
-        head = llm.get_output_embeddings()
-        self.head_macs = head.weight.numel() if head is not None else 0
+        self.llm_shape = LLMShape.from_llm(llm)
+        self.num_layers = self.llm_shape.num_layers
+        self.layer_macs = list(self.llm_shape.layer_macs)
+        self.pair_macs = self.llm_shape.pair_macs  # q.k and p.v per (query, key) pair
+        self.head_macs = self.llm_shape.head_macs
 
         u = model.cfg.und
         width = llm.config.hidden_size
         self.per_image = {  # forward FLOPs for one image
-            "und_tower": _forward_flops(model.und.features, (1, u.in_channels, u.image_size, u.image_size)),
-            "und_aligner": _forward_flops(model.und.aligner, (1, model.und.tokens_per_image, model.und.tower.width)),
+            "und_tower": forward_flops(model.und.features, (1, u.in_channels, u.image_size, u.image_size)),
+            "und_aligner": forward_flops(model.und.aligner, (1, model.und.tokens_per_image, model.und.tower.width)),
         }
         self.has_flow = "flow" in model.heads
         if self.has_flow:
@@ -138,15 +241,15 @@ class ModelFlops:
             latent = (1, *model.latent_shape)
             side = model.latent_shape[1] // model.cfg.gen.patch_size
             self.per_image |= {
-                "autoencoder": _forward_flops(
+                "autoencoder": forward_flops(
                     model.autoencoder.encode, (1, ae.image_channels, ae.image_size, ae.image_size)
                 ),
-                "time_embed": _forward_flops(model.time_embed, (1,)),
-                "gen_encoder": _forward_flops(model.gen_encoder, latent, (1, width)),
-                "gen_decoder": _forward_flops(
+                "time_embed": forward_flops(model.time_embed, (1,)),
+                "gen_encoder": forward_flops(model.gen_encoder, latent, (1, width)),
+                "gen_decoder": forward_flops(
                     model.gen_decoder, (1, g, width), (1, model.cfg.gen.channels, side, side), (1, width)
                 ),
-                "repa_proj": _forward_flops(model.repa_proj, (1, g, width)),
+                "repa_proj": forward_flops(model.repa_proj, (1, g, width)),
             }
         else:  # no flow head: its parts cost nothing (the code heads' small projections are not counted)
             flow_parts = ("autoencoder", "time_embed", "gen_encoder", "gen_decoder", "repa_proj")
@@ -177,6 +280,7 @@ class ModelFlops:
             "time_embed": 2.0 if t["time_embed"] else 0.0,
             "gen_encoder": float(t["gen_encoder"]) + float(t["gen_encoder"] or t["time_embed"]),
             "llm": float(t["llm"]) + float(llm_out_needs_grad),
+            "router": float(t["llm"]) + float(llm_out_needs_grad),  # mixture-of-depths routers train with the LLM
             "attention": 2.0 * float(llm_out_needs_grad),  # no weights: both operands' gradients, or nothing
             "head": float(t["head"]) + float(llm_out_needs_grad),
             "gen_decoder": float(t["gen_decoder"]) + float(llm_out_needs_grad or t["gen_encoder"] or t["time_embed"]),
@@ -205,6 +309,7 @@ class ModelFlops:
             "time_embed": img["time_embed"] * n_gen,
             "gen_encoder": img["gen_encoder"] * n_gen,
             "llm": llm_linear,
+            "router": 2.0 * self.llm_shape.hidden * shape.router_tokens,
             "attention": sum(2.0 * self.pair_macs * p for p in shape.pairs_per_layer),
             "head": 2.0 * self.head_macs * shape.logit_tokens,
             "gen_decoder": img["gen_decoder"] * n_gen,

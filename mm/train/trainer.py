@@ -404,7 +404,7 @@ class Trainer:
         counts_t = env.sum_host(torch.tensor([sum(c[k] for c in local) for k in self.losses], dtype=torch.float64))
         counts = dict(zip(self.losses, counts_t.tolist()))  # global: summed over ranks and micro-steps
         for b in micro:
-            shape = batch_shape(b, self.flops.num_layers)
+            shape = batch_shape(b, self.flops.num_layers, self.cfg.model.mod)
             window.host["tokens"] += shape.tokens
             window.host["slots"] += b["sample_ids"].numel()
             window.host["samples"] += shape.samples

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.config import CodeHeadConfig, ModelConfig, resolve_path
-from mm.kernels.attention import block_causal_mask
-from mm.model.backbone import run_decoder
+from mm.kernels.attention import AttentionSpec
+from mm.model.decoder import KVCache
 from mm.model.freq_tokenizer import FreqTokenizer
 from mm.model.heads.base import ImageHead, drop_prompts, head_sample_mask, unconditional
 from mm.sequence import ImageTemplate, Vocab, image_generation_sample, scatter_placeholders
@@ -201,7 +201,7 @@ class CodeHead(ImageHead):
         if model.run_every_module:  # every module of the head on one zero image, times 0 (ZeRO-3)
             t = self.template
             with torch.no_grad():
-                codes = self.encode(model._zero_image(t.image_channels, t.image_size))
+                codes = self.encode(model._zero_image(t.image_channels, t.image_size, embeds))
             x = self.slot_inputs(self.block_vectors(codes), 0, 1)
             return embeds + 0.0 * x.sum(), CodeState(None, None), 0
         return embeds, None, 0
@@ -255,16 +255,11 @@ class CodeHead(ImageHead):
         cond = [image_generation_sample(self.vocab, self.template, None, p) for p in prompts]
         rows = cond + unconditional(cond, self.vocab.pad) if guided else cond
         batch = {k: v.to(dev) for k, v in model._left_padded(rows).items()}
-        ids, pos = batch["input_ids"], batch["position_ids"]
-        mask = block_causal_mask(batch["sample_ids"], batch["block_ids"])
+        ids, pos, kinds = batch["input_ids"], batch["position_ids"], batch["token_kinds"]
+        spec = AttentionSpec.packed(batch["sample_ids"], batch["block_ids"])
         first = ids.shape[1] - 1 - self.tokens_per_image  # the first slot (<end_of_image> closes the row)
-        decoder = model.llm.get_decoder()
         seq = model.llm.get_input_embeddings()(ids[:, :first])  # grows by one block per pass
-        cache = None
-        if use_cache:
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
+        cache = KVCache() if use_cache else None
         state = self.begin_sampling(n, dev)
         vectors, all_codes, all_logits = None, [], []
         for k, size in enumerate(self.blocks):
@@ -273,8 +268,10 @@ class CodeHead(ImageHead):
             x = torch.cat([x, x]) if guided else x
             seq = torch.cat([seq, x.to(seq.dtype)], 1)
             q0 = (0 if k == 0 else a) if use_cache else 0
-            attn = {"attention_mask": mask[:, :, q0:b, :b]}
-            h = run_decoder(decoder, seq[:, q0:b], pos[:, q0:b], attn, cache=cache).last_hidden_state[:, -size:]
+            # this pass's queries (the block, after the prompt on the first pass); the cache holds the rest
+            step = _slice_spec(spec, q0, b)
+            h = model.decode(seq[:, q0:b], pos[:, q0:b], step, kinds[:, q0:b], cache=cache).last_hidden_state
+            h = h[:, -size:]
             logits = self.net.out(h).float()
             if guided:
                 wk = schedule(w, k, len(self.blocks))
@@ -349,3 +346,10 @@ class RasterHead(CodeHead):
         h = self.tokenizer.feature_size
         grid = torch.cat(state, 1).view(-1, h, h)
         return self.tokenizer.decode([grid], single_scale=True)
+
+
+def _slice_spec(spec: AttentionSpec, a: int, b: int) -> AttentionSpec:
+    """The self-attention spec of columns [a, b) (a KV cache supplies the keys before ``a``)."""
+    cut = lambda t: None if t is None else t[:, a:b]  # noqa: E731
+    seg, idx = spec.q_segments[:, a:b], spec.q_index[:, a:b]
+    return AttentionSpec(seg, seg, idx, idx, cut(spec.q_blocks), cut(spec.k_blocks))

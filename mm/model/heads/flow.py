@@ -8,7 +8,6 @@ Sampling: Euler steps with classifier-free guidance; the prompt prefix runs once
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.config import FlowConfig, ModelConfig
-from mm.kernels.attention import block_causal_mask
+from mm.kernels.attention import AttentionSpec
 from mm.model.autoencoder import build_autoencoder
-from mm.model.backbone import run_decoder
+from mm.model.decoder import KVCache
 from mm.model.flow import cfg_combine, euler_sample, interpolate, sample_t, target_velocity
 from mm.model.gen_codec import GenDecoder, GenEncoder, TimeEmbedding
 from mm.model.heads.base import ImageHead, drop_prompts, head_sample_mask, unconditional
@@ -123,20 +122,21 @@ class FlowHead(ImageHead):
         if model.run_every_module:  # the generation modules before the LLM on one zero image
             ae = self.cfg.autoencoder
             with torch.no_grad():
-                x1 = self.autoencoder.encode(model._zero_image(ae.image_channels, ae.image_size))
+                x1 = self.autoencoder.encode(model._zero_image(ae.image_channels, ae.image_size, embeds))
             temb = self.time_embed(x1.new_zeros(1))
             tokens, skip = self.gen_encoder(x1, temb)
             return embeds + 0.0 * tokens.sum(), FlowState(None, None, skip, temb, None, None, tokens), 0
         return embeds, None, 0
 
     def needs_hidden_states(self, state: FlowState | None) -> bool:
-        return state is not None and state.x1 is not None and self.repa
+        # the ZeRO-3 placeholder asks for them too: the decoder's outputs must not depend on the batch
+        return state is not None and self.repa
 
     def losses(self, model, hidden: torch.Tensor, decoder_out, batch: dict, state: FlowState | None) -> dict:
         if state is None:
             return {}
         if state.x1 is None:
-            return {"flow_sum": self._placeholder_tail(model, state, hidden)}
+            return self._placeholder_tail(model, state, hidden, decoder_out)
         x1, x0, mask = state.x1, state.x0, state.mask
         n, m = x1.shape[0], self.tokens_per_image
         zero = hidden.new_zeros((), dtype=torch.float32)
@@ -152,21 +152,25 @@ class FlowHead(ImageHead):
             out["repa_sum"], out["repa_count"] = per_image_repa.sum(), zero + n
         return out
 
-    def _placeholder_tail(self, model, state: FlowState, hidden: torch.Tensor) -> torch.Tensor:
-        """The generation modules after the LLM, in the real path's order; a zero with their gradients.
+    def _placeholder_tail(self, model, state: FlowState, hidden: torch.Tensor, decoder_out) -> dict:
+        """The generation modules after the LLM, in the real path's order: zero losses with their gradients.
 
-        Their inputs hang off the LLM's output (times 0) as the real ones do, so the backward pass
-        reaches these modules before the LLM's layers on every rank alike: ZeRO-3 gathers each
-        module's weights with a collective in backward too, and the ranks must agree on the order.
+        Everything mirrors the real path, because ZeRO-3 traces the order of module calls and the
+        number of outputs needing a gradient (its backward hooks), and every rank must agree: the
+        inputs hang off the LLM's output (final and REPA layer, times 0), and flow and REPA come back
+        as separate losses as the real path returns them.
         """
         ae = self.cfg.autoencoder
         stand_in = torch.zeros_like(state.tokens) + 0.0 * hidden.sum()
-        total = self.gen_decoder(stand_in, state.skip, state.temb).float().sum()
+        out = {"flow_sum": 0.0 * self.gen_decoder(stand_in, state.skip, state.temb).float().sum()}
         if self.repa:
-            total = total + self.repa_proj(stand_in).float().sum()
+            layer_h = decoder_out.hidden_states[self.cfg.flow.repa_layer]
+            repa_in = torch.zeros_like(state.tokens) + 0.0 * layer_h.sum()
+            out["repa_sum"] = 0.0 * self.repa_proj(repa_in).float().sum()
             with torch.no_grad():
-                model.und.features(model._to_und_images(model._zero_image(ae.image_channels, ae.image_size)))
-        return 0.0 * total
+                zero = model._zero_image(ae.image_channels, ae.image_size, hidden)
+                model.und.features(model._to_und_images(zero))
+        return out
 
     # ---- sampling -----------------------------------------------------------------
     @torch.no_grad()
@@ -184,7 +188,7 @@ class FlowHead(ImageHead):
 
         The prompt prefix (conditional and unconditional rows together) runs
         through the LLM once; each step feeds only the time token and the latent
-        tokens against a copy of that KV cache. ``use_cache=False`` recomputes
+        tokens against that KV cache without extending it. ``use_cache=False`` recomputes
         the whole sequence every step (the reference the cached path is tested against).
         """
         f = self.cfg.flow
@@ -196,32 +200,27 @@ class FlowHead(ImageHead):
         batch = {k: v.to(dev) for k, v in model._left_padded(cond + unconditional(cond, self.vocab.pad)).items()}
         ids, pos, sid = batch["input_ids"], batch["position_ids"], batch["sample_ids"]
         prefix = ids.shape[1] - (m + 1)  # everything before <begin_of_generation>
-        mask = block_causal_mask(sid)
-        decoder = model.llm.get_decoder()
+        kinds = batch["token_kinds"]
+        spec = AttentionSpec.packed(sid)
         text_embeds = model.llm.get_input_embeddings()(ids)
         gen_mask = ids == self.vocab.gen
         cache = None
         if use_cache:
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
-            run_decoder(
-                decoder,
-                text_embeds[:, :prefix],
-                pos[:, :prefix],
-                {"attention_mask": mask[:, :, :prefix, :prefix]},
-                cache=cache,
-            )
+            cache = KVCache()
+            model.decode(text_embeds[:, :prefix], pos[:, :prefix], AttentionSpec.packed(sid[:, :prefix]),
+                         kinds[:, :prefix], cache=cache)  # fmt: skip
+            # each step's tokens read the prefix cache and are not kept in it
+            q_idx = spec.q_index[:, prefix:]
+            step_spec = AttentionSpec(sid[:, prefix:], sid[:, prefix:], q_idx, q_idx)
 
         def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             z2, t2 = torch.cat([z, z]), torch.cat([t, t]).to(dev)
             embeds, skip, temb = self.embed_latents(text_embeds, ids, gen_mask, z2, t2)
             if use_cache:
-                step_cache = copy.deepcopy(cache)  # the step's tokens must not stay in the prefix cache
-                attn = {"attention_mask": mask[:, :, prefix:, :]}
-                h = run_decoder(decoder, embeds[:, prefix:], pos[:, prefix:], attn, cache=step_cache).last_hidden_state
+                h = model.decode(embeds[:, prefix:], pos[:, prefix:], step_spec, kinds[:, prefix:], cache=cache,
+                                 write_cache=False).last_hidden_state  # fmt: skip
             else:
-                h = run_decoder(decoder, embeds, pos, {"attention_mask": mask}).last_hidden_state[:, prefix:]
+                h = model.decode(embeds, pos, spec, kinds).last_hidden_state[:, prefix:]
             v = self.gen_decoder(h[:, 1:], skip, temb)  # h[:, 0] is the time token
             return cfg_combine(v[:n], v[n:], cfg_scale)
 
