@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from mm.sequence import IGNORE, Sample
+from mm.sequence import FLOW_HEAD, IGNORE, Sample
 
 LOSS_REDUCTIONS = ("token", "sample", "square")
 
@@ -174,19 +174,29 @@ def collate(
     """Rows of samples (or items) -> padded tensors. Images are stacked in token order (row-major).
 
     Keys: ``input_ids, targets, position_ids (float32), sample_ids (-1 = padding),
-    prompt_mask, token_kinds, loss_weights (float32), gen_sample_ids, sample_source,
-    cu_seqlens (int32, over the flattened [B*L] rows: one segment per sample and one
-    per row's padding), max_seqlen`` and ``und_images`` / ``gen_images`` when present.
+    block_ids (-1 = ordinary causal token; >= 0: tokens of one sample with one block id
+    see each other, a full block inside an image), prompt_mask, token_kinds, loss_weights
+    (float32), gen_sample_ids, sample_source, cu_seqlens (int32, over the flattened [B*L]
+    rows: one segment per sample and one per row's padding), max_seqlen`` and
+    ``und_images`` / ``gen_images`` when present.
+
+    Generation samples go to the image head they name (``Sample.head``): the flow head's
+    images are ``gen_images`` (with ``gen_sample_ids``), any other head's are
+    ``{head}_images`` with ``{head}_sample_ids``, so heads whose images differ in size
+    can share a batch.
     """
     B = len(rows)
     input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
     targets = torch.full((B, seq_len), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((B, seq_len), dtype=torch.float32)  # float32: V2PE-ready
     sample_ids = torch.full((B, seq_len), -1, dtype=torch.long)
+    block_ids = torch.full((B, seq_len), -1, dtype=torch.long)
     prompt_mask = torch.zeros((B, seq_len), dtype=torch.bool)
     token_kinds = torch.zeros((B, seq_len), dtype=torch.int8)
     loss_weights = torch.zeros((B, seq_len), dtype=torch.float32)
-    und, gen, gen_sample_ids, sources, bounds = [], [], [], [], [0]
+    und, sources, bounds = [], [], [0]
+    head_images: dict[str, list] = {FLOW_HEAD: []}
+    head_sample_ids: dict[str, list[int]] = {FLOW_HEAD: []}
     sid = 0
     for b, row in enumerate(rows):
         ids, tgt, kinds, prompt, weights = [], [], [], [], []
@@ -208,9 +218,13 @@ def collate(
             weights += [w if t != IGNORE else 0.0 for t in piece_targets]
             position_ids[b, start : start + n] = s.position_ids()[a : a + n]
             sample_ids[b, start : start + n] = sid
+            if s.block_ids:
+                block_ids[b, start : start + n] = torch.tensor(s.block_ids[a : a + n], dtype=torch.long)
             und += s.und_images
-            gen += s.gen_images
-            gen_sample_ids += [sid] * len(s.gen_images)
+            if s.gen_images:
+                head = s.head or FLOW_HEAD
+                head_images.setdefault(head, []).extend(s.gen_images)
+                head_sample_ids.setdefault(head, []).extend([sid] * len(s.gen_images))
             sources.append(item.source)
             bounds.append(b * seq_len + start + n)
             sid += 1
@@ -228,16 +242,22 @@ def collate(
         "targets": targets,
         "position_ids": position_ids,
         "sample_ids": sample_ids,
+        "block_ids": block_ids,
         "prompt_mask": prompt_mask,
         "token_kinds": token_kinds,
         "loss_weights": loss_weights,
-        "gen_sample_ids": torch.tensor(gen_sample_ids, dtype=torch.long),
+        "gen_sample_ids": torch.tensor(head_sample_ids[FLOW_HEAD], dtype=torch.long),
         "sample_source": torch.tensor(sources, dtype=torch.long),
         "cu_seqlens": cu,
         "max_seqlen": (cu[1:] - cu[:-1]).max() if len(cu) > 1 else torch.tensor(0, dtype=torch.int32),
     }
     if und:
         batch["und_images"] = torch.stack(und)
-    if gen:
-        batch["gen_images"] = torch.stack(gen)
+    for head, images in head_images.items():
+        if not images:
+            continue
+        key = "gen" if head == FLOW_HEAD else head
+        batch[f"{key}_images"] = torch.stack(images)
+        if head != FLOW_HEAD:
+            batch[f"{head}_sample_ids"] = torch.tensor(head_sample_ids[head], dtype=torch.long)
     return batch

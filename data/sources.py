@@ -9,7 +9,8 @@ config validation read the registry and need no edit.
 Shard layouts the bundled kinds read (``make_shards.py`` writes them):
 
 * ``generation``: one image (``jpg``/``png``/``webp``...) + caption (``txt``, or ``caption``
-  in ``json``) -> prompt -> image sample;
+  in ``json``) -> prompt -> image sample in the layout of the model's first image head;
+  ``generation:<head>`` (``generation:nextfreq``, ...) names the head that trains on it;
 * ``conversation``: ``json`` with a LLaVA/InternVL ``conversations`` list (``from``/``value``
   or ``role``/``content``; ``human``/``user`` and ``gpt``/``assistant``), ``<image>`` markers
   in user turns, images as ``jpg`` or ``0.jpg``, ``1.jpg``, ... in marker order; loss on
@@ -27,11 +28,13 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from data.images import IMAGE_EXTS, resize_crop, resize_pad
 from data.stream import BadSample, SampleShapes
 from mm.model.positions import image_runs
 from mm.sequence import (
+    FLOW_HEAD,
     IMAGE_MARKER,
     ROLE_ASSISTANT,
     ROLE_USER,
@@ -40,6 +43,7 @@ from mm.sequence import (
     Vocab,
     conversation_sample,
     generation_sample,
+    image_generation_sample,
     text_document_samples,
 )
 
@@ -106,7 +110,8 @@ def image_members(raw: dict) -> list[bytes]:
 
 
 # ---- kinds ------------------------------------------------------------------------
-def build_generation(raw: dict, ctx: BuildContext) -> list[Sample]:
+def build_generation(raw: dict, ctx: BuildContext, head: str = "") -> list[Sample]:
+    """One image + caption -> a generation sample in the layout of image head ``head`` ("" = the model's first)."""
     images = image_members(raw)
     if len(images) != 1:
         raise BadSample("missing_image" if not images else "too_many_images", f"{len(images)} images")
@@ -116,8 +121,23 @@ def build_generation(raw: dict, ctx: BuildContext) -> list[Sample]:
     if not isinstance(caption, str) or not caption.strip():
         raise BadSample("missing_caption", "no txt member and no json caption" if caption is None else "empty caption")
     s = ctx.shapes
-    image = resize_crop(images[0], s.gen_size, s.gen_channels, ctx.max_pixels)
-    return [generation_sample(ctx.vocab, image, s.gen_tokens, caption.strip(), key=raw["__key__"])]
+    if not s.gen_templates:  # shapes without image heads: the flow head's layout
+        if head not in ("", FLOW_HEAD):
+            raise ValueError(f"source kind generation:{head} needs the model's image-head templates (SampleShapes)")
+        image = resize_crop(images[0], s.gen_size, s.gen_channels, ctx.max_pixels)
+        return [generation_sample(ctx.vocab, image, s.gen_tokens, caption.strip(), key=raw["__key__"])]
+    head = head or next(iter(s.gen_templates))
+    if head not in s.gen_templates:
+        raise ValueError(
+            f"source kind generation:{head}: the model has no {head!r} head (it has {list(s.gen_templates)})"
+        )
+    t = s.gen_templates[head]
+    image = resize_crop(images[0], t.image_size, t.image_channels, ctx.max_pixels)
+    return [image_generation_sample(ctx.vocab, t, image, caption.strip(), key=raw["__key__"])]
+
+
+def _generation_for(head: str) -> SampleBuilder:
+    return partial(build_generation, head=head)
 
 
 ROLES = {"human": ROLE_USER, "user": ROLE_USER, "gpt": ROLE_ASSISTANT, "assistant": ROLE_ASSISTANT}
@@ -168,8 +188,15 @@ def build_text(raw: dict, ctx: BuildContext) -> list[Sample]:
         raise BadSample("empty_text", str(e)) from None
 
 
+GEN_HEAD_NAMES = (
+    FLOW_HEAD,
+    "nextfreq",
+    "raster",
+)  # mm.model.heads.IMAGE_HEADS (not imported: loader workers stay light)
+
 SOURCE_KINDS: dict[str, SourceKind] = {
     "generation": SourceKind(build_generation),
+    **{f"generation:{h}": SourceKind(_generation_for(h)) for h in GEN_HEAD_NAMES},
     "conversation": SourceKind(build_conversation),
     "text": SourceKind(build_text, splittable=True),
 }

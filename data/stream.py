@@ -28,7 +28,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -74,6 +74,7 @@ class SampleShapes:
     gen_tokens: int
     und_fill: int = 127  # pad value of understanding images: mid grey, ~0 after a 0.5/0.5 normalisation
     position_policy: PositionPolicy | None = None
+    gen_templates: dict = field(default_factory=dict)  # image head -> mm.sequence.ImageTemplate; first = default
 
 
 class ShardUnavailable(OSError):

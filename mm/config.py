@@ -167,6 +167,23 @@ class V2PEConfig:
 
 
 @dataclass
+class CodeHeadConfig:
+    """A head that predicts the codes of a frozen ``FreqTokenizer`` (``mm/model/heads/codes.py``):
+    ``nextfreq`` (NFIG: one forward pass per frequency stage) or ``raster`` (one code per pass)."""
+
+    tokenizer: str = "runs/tokenizer/tiny"  # FreqTokenizer.save_pretrained directory; "" = built from tokenizer_model
+    build_config: str = ""  # scripts/train_tokenizer.py config that trains the tokenizer when the directory is missing
+    tokenizer_model: FreqTokenizerConfig = field(default_factory=FreqTokenizerConfig)  # shapes when tokenizer == ""
+    loss_weight: float = 1.0
+    prompt_dropout: float = 0.1  # share of prompts replaced by pad (CFG)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0  # 1 = no nucleus cut
+    cfg_scale: float = 2.0  # logits = u + w (c - u); 1 = no guidance
+    cfg_schedule: str = "constant"  # key of mm.model.heads.codes.CFG_SCHEDULES: constant | linear (VAR)
+
+
+@dataclass
 class ModelConfig:
     und: UndEncoderConfig = field(default_factory=UndEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -175,6 +192,9 @@ class ModelConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     mod: MoDConfig = field(default_factory=MoDConfig)
     v2pe: V2PEConfig = field(default_factory=V2PEConfig)
+    heads: list[str] = field(default_factory=lambda: ["flow"])  # keys of mm.model.heads.IMAGE_HEADS; first = default
+    nextfreq: CodeHeadConfig = field(default_factory=CodeHeadConfig)
+    raster: CodeHeadConfig = field(default_factory=CodeHeadConfig)
     text_loss_weight: float = 1.0
     flow_loss_weight: float = 1.0
 
@@ -184,7 +204,9 @@ class SourceConfig:
     """One training source: shards of one sample kind, mixed in by weight (data/sources.py, data/loader.py)."""
 
     name: str = "digits"
-    kind: str = "conversation"  # key of data.sources.SOURCE_KINDS: generation | conversation | text
+    # key of data.sources.SOURCE_KINDS: generation (the model's first image head), generation:<head>,
+    # conversation or text
+    kind: str = "conversation"
     shards: str = ""  # brace pattern, several joined by '::'; "" = data.train_shards
     weight: float = 1.0  # share of drawn samples (JanusFlow stage 2: und:gen:text = 14:80:6)
     resample: bool = False  # False: exact epochs; True: shards drawn with replacement (open-ended pretraining)
@@ -375,9 +397,10 @@ def _describe(e: OmegaConfBaseException, source: str) -> str:
 def validate(cfg: Config) -> None:
     """Cross-field rules that types alone cannot express."""
     m = cfg.model
+    validate_heads(m)
     und_grid = m.und.image_size // m.und.patch_size
     gen_grid = m.autoencoder.image_size // m.autoencoder.downsample // m.gen.patch_size
-    if m.flow.repa_weight > 0 and und_grid != gen_grid:
+    if "flow" in m.heads and m.flow.repa_weight > 0 and und_grid != gen_grid:
         raise ConfigError(
             f"REPA needs the understanding grid ({und_grid}x{und_grid}) to equal the "
             f"generation token grid ({gen_grid}x{gen_grid})"
@@ -403,6 +426,12 @@ def validate(cfg: Config) -> None:
     if not m.v2pe.train_deltas or any(not 0 < d <= 1 for d in (*m.v2pe.train_deltas, m.v2pe.infer_delta)):
         raise ConfigError("model.v2pe deltas must be in (0, 1] and train_deltas non-empty")
     validate_data(cfg.data)
+    for s in cfg.data.sources:
+        head = s.kind.partition(":")[2]
+        if head and head not in m.heads:
+            raise ConfigError(
+                f"data.sources[{s.name}].kind={s.kind!r} trains image head {head!r}, which model.heads={m.heads} lacks"
+            )
     t = cfg.train
     if t.max_steps < 1:
         raise ConfigError("train.max_steps must be >= 1")
@@ -413,6 +442,26 @@ def validate(cfg: Config) -> None:
     for i, group in enumerate(t.param_groups):
         if not group.modules:
             raise ConfigError(f"train.param_groups[{i}].modules is empty: name the module prefixes it sets")
+
+
+def validate_heads(m: ModelConfig) -> None:
+    from mm.model.heads import CFG_SCHEDULES, IMAGE_HEADS  # the heads build on this module: import at use
+
+    if not m.heads:
+        raise ConfigError(f"model.heads is empty: list at least one image head of {sorted(IMAGE_HEADS)}")
+    unknown = [h for h in m.heads if h not in IMAGE_HEADS]
+    if unknown or len(set(m.heads)) != len(m.heads):
+        raise ConfigError(f"model.heads={m.heads}: each must be one of {sorted(IMAGE_HEADS)}, listed once")
+    for name in m.heads:
+        c = getattr(m, name, None)
+        if not isinstance(c, CodeHeadConfig):
+            continue
+        if c.cfg_schedule not in CFG_SCHEDULES:
+            raise ConfigError(f"model.{name}.cfg_schedule={c.cfg_schedule!r}; known: {sorted(CFG_SCHEDULES)}")
+        if c.temperature <= 0 or not 0 < c.top_p <= 1 or c.top_k < 0:
+            raise ConfigError(f"model.{name}: temperature must be > 0, top_p in (0, 1], top_k >= 0")
+        if not 0 <= c.prompt_dropout < 1:
+            raise ConfigError(f"model.{name}.prompt_dropout={c.prompt_dropout} must be in [0, 1)")
 
 
 def validate_data(d: DataConfig) -> None:

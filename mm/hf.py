@@ -137,6 +137,11 @@ def release_model_config(model: torch.nn.Module, model_cfg: ModelConfig) -> Mode
         cfg.und.image_size, cfg.und.patch_size, cfg.und.in_channels = t.image_size, t.patch_size, t.num_channels
     cfg.und.weights = ""
     cfg.autoencoder.path = ""
+    for name in cfg.heads:  # code heads: the tokenizer's weights are in the release, its shapes in the config
+        c = getattr(cfg, name, None)
+        if hasattr(c, "tokenizer_model"):
+            c.tokenizer_model = copy.deepcopy(model.heads[name].tokenizer.cfg)
+            c.tokenizer, c.build_config = "", ""
     llm = cfg.llm
     llm.pretrained, llm.tokenizer = "", ""
     llm.model_type = llm_config.model_type
@@ -226,7 +231,7 @@ class UnifiedMMModel(PreTrainedModel):
         return self._unified.answer(images, questions, max_new_tokens=max_new_tokens, on_token=on_token)
 
     def generate_images(self, prompts: list[str], **kwargs) -> torch.Tensor:
-        """Text -> [0,1] images (``UnifiedModel.generate``: generator, cfg_scale, steps, noise)."""
+        """Text -> [0,1] images (``UnifiedModel.generate``: head, generator and the head's sampler settings)."""
         return self._unified.generate(prompts, **kwargs)
 
 
@@ -251,10 +256,23 @@ def wrap(unified, model_cfg: ModelConfig) -> UnifiedMMModel:
     return UnifiedMMModel(cfg, unified=unified)
 
 
+# Recipe keys that are sampler arguments of ``UnifiedModel.generate`` (the rest describe the recipe).
+SAMPLER_KEYS = ("steps", "cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p")
+
+
 def image_head_recipes(model_cfg: ModelConfig) -> dict[str, dict]:
-    """Sampling recipe of each image head the model carries (today: JanusFlow's rectified flow)."""
-    f = model_cfg.flow
-    return {"flow": {"sampler": "euler", "steps": f.sample_steps, "cfg_scale": f.cfg_scale, "cfg_rule": "u + w(c - u)"}}
+    """Sampling recipe of each image head the model carries (``model.heads`` order: the first is the default)."""
+    from mm.model.heads import HEAD_RECIPES
+
+    return {name: HEAD_RECIPES[name](model_cfg) for name in model_cfg.heads}
+
+
+def sampler_kwargs(recipe: dict) -> dict:
+    """The ``generate`` arguments of a recipe: head and sampler settings."""
+    out = {k: recipe[k] for k in SAMPLER_KEYS if k in recipe}
+    if "head" in recipe:
+        out["head"] = recipe["head"]
+    return out
 
 
 def generation_config(model_cfg: ModelConfig, vocab, max_new_tokens: int = 16):

@@ -44,6 +44,7 @@ SPECIAL_TOKENS = [
 TASK_UND = "understanding"
 TASK_GEN = "generation"
 TASK_TEXT = "text"  # text-only documents (LM loss on every token; the packer may split them across rows)
+FLOW_HEAD = "flow"  # the image head of the original generation layout (its batch keys are gen_*)
 
 IMAGE_MARKER = "<image>"  # where an image goes in a conversation turn (LLaVA / InternVL convention)
 ROLE_USER = "user"
@@ -70,6 +71,8 @@ class Sample:
     key: str = ""
     token_kinds: list[int] = field(default_factory=list)  # TOKEN_* per token; [] = all text
     positions: torch.Tensor | None = None  # float32 per token (mm.model.positions); None = 0..n-1
+    head: str = ""  # generation samples: the image head that trains on it ("" = FLOW_HEAD)
+    block_ids: list[int] = field(default_factory=list)  # per token, >= 0: a full attention block; [] = all causal
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -164,6 +167,54 @@ def generation_sample(
     return Sample(
         ids, [IGNORE] * len(ids), TASK_GEN, gen_images=gen_images, prompt_mask=prompt_mask, key=key,
         token_kinds=kinds,
+    )  # fmt: skip
+
+
+GEN_IMAGE_BEGIN = {"bog": BEGIN_OF_GENERATION, "boi": BEGIN_OF_IMAGE}
+
+
+@dataclass(frozen=True)
+class ImageTemplate:
+    """How one image head lays out a generation sample (``mm.model.heads``); picklable, for loader workers.
+
+    ``<bos> <|user|> prompt <|assistant|> begin <gen_placeholder>*sum(blocks) [<end_of_image>]``.
+    ``blocks`` are the token counts of the image's successive blocks (NFIG: one per stage); with
+    ``full_blocks`` the tokens of one block see each other (block-causal attention), else every
+    image token is an ordinary causal token.
+    """
+
+    head: str
+    image_size: int
+    image_channels: int
+    blocks: tuple[int, ...]
+    full_blocks: bool = False
+    begin: str = "bog"  # key of GEN_IMAGE_BEGIN
+    end: bool = False  # close the image with <end_of_image>
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(self.blocks)
+
+
+def image_generation_sample(
+    vocab: Vocab, template: ImageTemplate, image: torch.Tensor | None, prompt: str, key: str = ""
+) -> Sample:
+    """Prompt -> image in ``template``'s layout; ``image=None`` builds the inference sequence (slots unfilled)."""
+    text = vocab.encode(prompt)
+    begin = {"bog": vocab.bog, "boi": vocab.boi}[template.begin]
+    head_ids = [vocab.bos, vocab.user] + text + [vocab.assistant, begin]
+    n = template.image_tokens
+    tail = [vocab.eoi] if template.end else []
+    ids = head_ids + [vocab.gen] * n + tail
+    blocks = [-1] * len(head_ids)
+    for b, size in enumerate(template.blocks):
+        blocks += [b if template.full_blocks else -1] * size
+    blocks += [-1] * len(tail)
+    prompt_mask = [False, False] + [True] * len(text) + [False] * (2 + n + len(tail))
+    kinds = [TOKEN_GEN_IMAGE if t == vocab.gen else TOKEN_TEXT for t in ids]
+    return Sample(
+        ids, [IGNORE] * len(ids), TASK_GEN, gen_images=[image] if image is not None else [], prompt_mask=prompt_mask,
+        key=key, token_kinds=kinds, head=template.head, block_ids=blocks if template.full_blocks else [],
     )  # fmt: skip
 
 

@@ -127,7 +127,9 @@ def sampling_recipe(model, gen_kwargs: dict) -> dict:
     if head not in recipes:
         raise KeyError(f"image head {head!r} not in this model; it has {sorted(recipes)}")
     recipe = {"head": head, **recipes[head]}
-    for k in ("steps", "cfg_scale"):
+    from mm.hf import SAMPLER_KEYS
+
+    for k in SAMPLER_KEYS:
         if gen_kwargs.get(k) is not None:
             recipe[k] = gen_kwargs[k]
     return recipe
@@ -135,15 +137,16 @@ def sampling_recipe(model, gen_kwargs: dict) -> dict:
 
 def generate_all(model, prompts: list[str], per_prompt: int, recipe: dict, seed: int, batch_size: int,
                  desc: str = "generate") -> list[list[np.ndarray]]:  # fmt: skip
-    """``per_prompt`` images ([C,H,W] floats in [0,1]) for each prompt, seeded, batched."""
+    """``per_prompt`` images ([C,H,W] floats in [0,1]) for each prompt, seeded, batched, with ``recipe``'s head."""
+    from mm.hf import sampler_kwargs
+
     flat = [i for i in range(len(prompts)) for _ in range(per_prompt)]
     gen = torch.Generator().manual_seed(seed)
     out: list[list[np.ndarray]] = [[] for _ in prompts]
     chunks = [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
     with torch.no_grad():
         for chunk in tqdm(chunks, desc=desc, unit="batch", dynamic_ncols=True):
-            images = model.generate([prompts[i] for i in chunk], generator=gen, cfg_scale=recipe["cfg_scale"],
-                                    steps=recipe["steps"])  # fmt: skip
+            images = model.generate([prompts[i] for i in chunk], generator=gen, **sampler_kwargs(recipe))
             for i, img in zip(chunk, images.float().cpu().numpy()):
                 out[i].append(img)
     return out

@@ -1,17 +1,15 @@
-"""The unified model: one LLM that reads images (text out) and draws them (rectified flow).
+"""The unified model: one LLM that reads images (text out) and draws them (image heads).
 
 Training forward on a packed batch (data/pack.py):
   text ids -> token embeddings
   und images -> understanding encoder -> aligner -> scattered at <image_placeholder>
-  gen images -> frozen autoencoder -> z_t = t*x1 + (1-t)*x0 -> gen encoder (FiLM t)
-             -> scattered at <gen_placeholder>; time embedding at <begin_of_generation>
-  -> LLM (block-diagonal causal attention over samples)
-  -> text CE on answer targets | gen decoder (long skip) -> velocity MSE | REPA cosine
+  each image head (mm/model/heads: flow, nextfreq, raster) fills its own placeholders
+  -> LLM (block-diagonal causal attention over samples; full blocks inside an image where a head asks)
+  -> text CE on answer targets | each head's losses (velocity MSE + REPA, code cross-entropy)
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -20,24 +18,22 @@ from torch import nn
 
 from data.pack import collate
 from data.stream import SampleShapes
-from mm.config import FlowConfig, ModelConfig
+from mm.config import ModelConfig
 from mm.kernels.attention import AttentionSpec
-from mm.model.autoencoder import build_autoencoder
 from mm.model.backbone import build_llm
 from mm.model.decoder import DecoderOutput, KVCache, check_decoder, run_layers
-from mm.model.flow import cfg_combine, euler_sample, interpolate, sample_t, target_velocity
-from mm.model.gen_codec import GenDecoder, GenEncoder, TimeEmbedding
+from mm.model.heads import IMAGE_HEADS, FlowHead, ImageHead
 from mm.model.positions import PositionPolicy
 from mm.model.routing import MoDRouters, routable_mask
-from mm.model.vision import UnderstandingEncoder, mlp
+from mm.model.vision import UnderstandingEncoder
 from mm.sequence import (
+    FLOW_HEAD,
     IGNORE,
     IMAGE_MARKER,
     ROLE_USER,
     TOKEN_KINDS,
     Vocab,
     conversation_sample,
-    generation_sample,
     scatter_placeholders,
 )
 
@@ -46,7 +42,7 @@ class UnifiedModel(nn.Module):
     # ZeRO-3 gathers a module's weights with a collective each time it runs, so every rank must run the
     # same modules in the same order. The DeepSpeed engine sets this: a batch without understanding
     # images, generation images or text targets then runs those modules on a zero placeholder whose
-    # output enters the loss times 0 (the LLaVA-on-ZeRO-3 remedy).
+    # output enters the loss times 0 (the LLaVA-on-ZeRO-3 remedy). Every image head does the same.
     run_every_module: bool = False
 
     def __init__(self, cfg: ModelConfig, vocab: Vocab):
@@ -59,25 +55,46 @@ class UnifiedModel(nn.Module):
         self.mod_routers = MoDRouters(self.llm.config.num_hidden_layers, d, cfg.mod) if cfg.mod.enabled else None
         self.checkpointing = False
         self.und = UnderstandingEncoder(cfg.und, d)
-        self.autoencoder = build_autoencoder(cfg.autoencoder)
-        ae = cfg.autoencoder
-        self.latent_shape = (ae.latent_channels, ae.image_size // ae.downsample, ae.image_size // ae.downsample)
-        self.time_embed = TimeEmbedding(cfg.gen.time_freq_dim, d)
-        self.gen_encoder = GenEncoder(cfg.gen, ae.latent_channels, d)
-        self.gen_decoder = GenDecoder(cfg.gen, ae.latent_channels, d)
-        self.repa_proj = mlp([d, cfg.flow.repa_hidden, cfg.flow.repa_hidden, self.und.tower.width])
+        # The heads' parts are registered on this module under the names the heads choose (the flow
+        # head keeps its historical top-level names: autoencoder, time_embed, gen_encoder, ...).
+        self.heads: dict[str, ImageHead] = {}
+        for name in cfg.heads:
+            if name not in IMAGE_HEADS:
+                raise KeyError(f"model.heads: unknown image head {name!r}; known: {sorted(IMAGE_HEADS)}")
+            head = IMAGE_HEADS[name](cfg, vocab, d, self.und.tower.width)
+            for key, module in head.modules().items():
+                self.add_module(key, module)
+            self.heads[name] = head
+
+    def head(self, name: str | None = None) -> ImageHead:
+        """An image head by name; None = the default (first configured) head."""
+        name = name or next(iter(self.heads))
+        if name not in self.heads:
+            raise KeyError(f"image head {name!r} not in this model; it has {list(self.heads)} (model.heads)")
+        return self.heads[name]
 
     # ---- shapes -----------------------------------------------------------------
     @property
+    def flow_head(self) -> FlowHead:
+        if FLOW_HEAD not in self.heads:
+            raise AttributeError(f"this model has no flow head (model.heads={list(self.heads)})")
+        return self.heads[FLOW_HEAD]
+
+    @property
     def gen_tokens_per_image(self) -> int:
-        return (self.latent_shape[1] // self.cfg.gen.patch_size) ** 2
+        return self.flow_head.tokens_per_image
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.flow_head.latent_shape
 
     def sample_shapes(self) -> SampleShapes:
-        u, ae = self.cfg.und, self.cfg.autoencoder
+        u = self.cfg.und
+        default = self.head().template
         return SampleShapes(
             und_size=u.image_size, und_channels=u.in_channels, und_tokens=self.und.tokens_per_image,
-            gen_size=ae.image_size, gen_channels=ae.image_channels, gen_tokens=self.gen_tokens_per_image,
-            position_policy=self.position_policy,
+            gen_size=default.image_size, gen_channels=default.image_channels, gen_tokens=default.image_tokens,
+            position_policy=self.position_policy, gen_templates={n: h.template for n, h in self.heads.items()},
         )  # fmt: skip
 
     @property
@@ -119,19 +136,10 @@ class UnifiedModel(nn.Module):
 
     # ---- training -----------------------------------------------------------------
     def add_flow_inputs(self, batch: dict, generator: torch.Generator) -> dict:
-        """Draw t, noise and prompt dropout for the batch's generation samples (seeded)."""
+        """Every head's seeded draws for its samples (flow: t, noise; all: prompt dropout), heads in order."""
         batch = dict(batch)
-        n = len(batch["gen_sample_ids"])
-        if n == 0:
-            return batch
-        f: FlowConfig = self.cfg.flow
-        batch["gen_t"] = sample_t(n, f.logit_normal_mean, f.logit_normal_std, generator)
-        batch["gen_noise"] = torch.randn((n, *self.latent_shape), generator=generator)
-        drop = torch.rand(n, generator=generator) < f.prompt_dropout
-        dropped = batch["gen_sample_ids"][drop]
-        if len(dropped):
-            hit = batch["prompt_mask"] & torch.isin(batch["sample_ids"], dropped)
-            batch["input_ids"] = batch["input_ids"].masked_fill(hit, self.vocab.pad)
+        for head in self.heads.values():
+            batch = head.add_inputs(self, batch, generator)
         return batch
 
     def _embed(self, input_ids: torch.Tensor, und_images: torch.Tensor | None) -> torch.Tensor:
@@ -151,47 +159,11 @@ class UnifiedModel(nn.Module):
         # weight outside its forward gathers it with a collective that only this rank would run.
         return torch.zeros(1, channels, size, size, device=like.device)
 
-    def _placeholder_gen_head(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The generation modules before the LLM on one zero image (run_every_module)."""
-        ae = self.cfg.autoencoder
-        with torch.no_grad():
-            x1 = self.autoencoder.encode(self._zero_image(ae.image_channels, ae.image_size, like))
-        temb = self.time_embed(x1.new_zeros(1))
-        tokens, skip = self.gen_encoder(x1, temb)
-        return tokens, skip, temb
-
-    def _placeholder_gen_tail(
-        self, tokens: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor, hidden: torch.Tensor, layer_h
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The generation modules after the LLM, in the real path's order: (flow, repa) zeros with their gradients.
-
-        Everything mirrors the real path, because ZeRO-3 traces the order of module calls and the
-        number of outputs needing a gradient (its backward hooks) and every rank must agree: the
-        inputs hang off the LLM's output (final and REPA layer, times 0), and flow and REPA come
-        back as separate loss tensors as the real path returns them.
-        """
-        ae = self.cfg.autoencoder
-        stand_in = torch.zeros_like(tokens) + 0.0 * hidden.sum()
-        flow = 0.0 * self.gen_decoder(stand_in, skip, temb).float().sum()
-        repa = None
-        if layer_h is not None:
-            repa = 0.0 * self.repa_proj(torch.zeros_like(tokens) + 0.0 * layer_h.sum()).float().sum()
-            with torch.no_grad():
-                self.und.features(self._to_und_images(self._zero_image(ae.image_channels, ae.image_size, tokens)))
-        return flow, repa
-
-    def _embed_gen(
-        self, embeds: torch.Tensor, input_ids: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        temb = self.time_embed(t)
-        tokens, skip = self.gen_encoder(z_t, temb)
-        embeds = scatter_placeholders(embeds, input_ids == self.vocab.gen, tokens.flatten(0, 1), "generation images")
-        embeds = scatter_placeholders(embeds, input_ids == self.vocab.bog, temb, "time tokens")
-        return embeds, skip, temb
-
     def loss_weights(self) -> dict[str, float]:
-        c = self.cfg
-        return {"text": c.text_loss_weight, "flow": c.flow_loss_weight, "repa": c.flow.repa_weight}
+        out = {"text": self.cfg.text_loss_weight}
+        for head in self.heads.values():
+            out.update(head.loss_weights())
+        return out
 
     def loss_counts(self, batch: dict) -> dict[str, float]:
         """Denominators of each loss in ``batch``, known before the forward pass.
@@ -199,14 +171,15 @@ class UnifiedModel(nn.Module):
         The trainer sums them over ranks and accumulation steps so every loss is
         normalised by its global count (torchtitan, BAGEL), not a per-rank mean.
         Text: the summed per-token weights of supervised tokens (1 each for
-        token-level reduction); flow and REPA: the number of generated images.
+        token-level reduction); flow and REPA: the number of generated images;
+        code heads: the number of predicted codes.
         """
         mask = batch["targets"] != IGNORE
         w = batch.get("loss_weights")
-        n_text = float(w[mask].sum()) if w is not None else float(mask.sum())
-        n_gen = float(len(batch["gen_images"])) if "gen_images" in batch else 0.0
-        repa = n_gen if self.cfg.flow.repa_weight > 0 else 0.0
-        return {"text": n_text, "flow": n_gen, "repa": repa}
+        out = {"text": float(w[mask].sum()) if w is not None else float(mask.sum())}
+        for head in self.heads.values():
+            out.update(head.loss_counts(batch))
+        return out
 
     def combine(self, out: dict[str, torch.Tensor], counts: dict[str, float]) -> torch.Tensor:
         """sum_k weight_k * sum_k / count_k over the losses that have a count.
@@ -225,33 +198,33 @@ class UnifiedModel(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loss sums and counts of a packed batch, and ``loss`` normalised by this batch's own counts.
 
-        ``{k}_sum`` (k in text, flow, repa) are sums over supervised tokens/images;
-        the trainer divides them by global counts (:meth:`loss_counts`). Per-token
-        and per-image losses are returned too (packing tests).
+        ``{k}_sum`` (k in :meth:`loss_weights`: text and each head's losses) are sums over
+        supervised tokens/images; the trainer divides them by global counts (:meth:`loss_counts`).
+        Per-token and per-image losses are returned too (packing tests).
         """
         ids = batch["input_ids"]
         embeds = self._embed(ids, as_unit_float(batch.get("und_images")))
-        gen_images = as_unit_float(batch.get("gen_images"))
-        has_gen = gen_images is not None
-        if has_gen:
-            with torch.no_grad():
-                x1 = self.autoencoder.encode(gen_images)
-            x0, t = batch["gen_noise"], batch["gen_t"]
-            embeds, skip, temb = self._embed_gen(embeds, ids, interpolate(x1, x0, t), t)
-        elif (ids == self.vocab.gen).any():
-            raise ValueError("batch has generation placeholders but no gen_images")
-        elif self.run_every_module:
-            placeholder = self._placeholder_gen_head(embeds)
-            embeds = embeds + 0.0 * placeholder[0].sum()
+        states, claimed = {}, 0
+        for name, head in self.heads.items():
+            embeds, states[name], n = head.embed(self, embeds, batch)
+            claimed += n
+        n_slots = int((ids == self.vocab.gen).sum())
+        if n_slots != claimed:
+            raise ValueError(
+                f"batch has {n_slots} generation placeholders but the image heads {list(self.heads)} filled "
+                f"{claimed}: no gen_images (or {{head}}_images) for some generation samples"
+            )
 
-        # under run_every_module the decoder returns the same outputs whatever the batch holds (ZeRO-3)
-        need_repa = (has_gen or self.run_every_module) and self.cfg.flow.repa_weight > 0
+        need_hidden = any(head.needs_hidden_states(states[n]) for n, head in self.heads.items())
         spec = AttentionSpec.packed(batch["sample_ids"], batch.get("block_ids"))
-        out = self.decode(embeds, batch["position_ids"], spec, batch.get("token_kinds"), output_hidden_states=need_repa)
+        out = self.decode(
+            embeds, batch["position_ids"], spec, batch.get("token_kinds"), output_hidden_states=need_hidden
+        )
         hidden = out.last_hidden_state
 
         zero = embeds.new_zeros((), dtype=torch.float32)
-        losses = {f"{k}_{s}": zero for k in ("text", "flow", "repa") for s in ("sum", "count")}
+        names = list(self.loss_weights())
+        losses = {f"{k}_{s}": zero for k in names for s in ("sum", "count")}
         targets = batch["targets"]
         text_mask = targets != IGNORE
         if text_mask.any() or self.run_every_module:
@@ -261,27 +234,10 @@ class UnifiedModel(nn.Module):
             w = w[text_mask].float() if w is not None else torch.ones_like(per_token)
             losses["text_sum"], losses["text_count"] = (per_token * w).sum(), w.sum().detach()
             losses["text_per_token"] = per_token.detach()
-        if has_gen:
-            gen_mask = ids == self.vocab.gen
-            n, m = x1.shape[0], self.gen_tokens_per_image
-            v = self.gen_decoder(hidden[gen_mask].view(n, m, -1), skip, temb)
-            per_image = (v.float() - target_velocity(x1, x0)).pow(2).flatten(1).mean(1)
-            losses["flow_sum"], losses["flow_count"] = per_image.sum(), zero + n
-            losses["flow_per_image"] = per_image.detach()
-            if need_repa:
-                layer_h = out.hidden_states[self.cfg.flow.repa_layer].reshape(embeds.shape)
-                pred = self.repa_proj(layer_h[gen_mask].view(n, m, -1))
-                with torch.no_grad():
-                    target = self.und.features(self._to_und_images(gen_images))
-                per_image_repa = -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean(1)
-                losses["repa_sum"], losses["repa_count"] = per_image_repa.sum(), zero + n
-        elif self.run_every_module:
-            layer_h = out.hidden_states[self.cfg.flow.repa_layer] if need_repa else None
-            losses["flow_sum"], repa = self._placeholder_gen_tail(*placeholder, hidden, layer_h)
-            if repa is not None:
-                losses["repa_sum"] = repa
-        counts = {k: float(losses[f"{k}_count"]) for k in ("text", "flow", "repa")}
-        for k in ("text", "flow", "repa"):  # per-batch means, for logs and tests
+        for name, head in self.heads.items():
+            losses.update(head.losses(self, hidden, out, batch, states[name]))
+        counts = {k: float(losses[f"{k}_count"]) for k in names}
+        for k in names:  # per-batch means, for logs and tests
             losses[k] = losses[f"{k}_sum"].detach() / max(counts[k], 1e-12)
         losses["loss"] = self.combine(losses, counts)
         return losses
@@ -307,9 +263,9 @@ class UnifiedModel(nn.Module):
         for s in samples:
             pad = L - len(s)
             rows.append(collate([[s]], L, self.vocab.pad))
-            for k in ("input_ids", "targets", "position_ids", "sample_ids", "token_kinds"):
+            for k in ("input_ids", "targets", "position_ids", "sample_ids", "block_ids", "token_kinds"):
                 rows[-1][k] = rows[-1][k].roll(pad, dims=1)
-        keys = ("input_ids", "position_ids", "sample_ids", "token_kinds")
+        keys = ("input_ids", "position_ids", "sample_ids", "block_ids", "token_kinds")
         batch = {k: torch.cat([r[k] for r in rows]) for k in keys}
         batch["sample_ids"] = batch["sample_ids"].clamp(max=0)  # one sample per row; padding stays -1
         return batch
@@ -396,65 +352,14 @@ class UnifiedModel(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self,
-        prompts: list[str],
-        generator: torch.Generator | None = None,
-        cfg_scale: float | None = None,
-        steps: int | None = None,
-        use_cache: bool = True,
-        noise: torch.Tensor | None = None,
+        self, prompts: list[str], generator: torch.Generator | None = None, head: str | None = None, **kwargs
     ) -> torch.Tensor:
-        """Text -> [0,1] images with the Euler sampler and classifier-free guidance.
+        """Text -> [0,1] images with image head ``head`` (None: the first configured one).
 
-        The prompt prefix (conditional and unconditional rows together) runs
-        through the LLM once; each step feeds only the time token and the latent
-        tokens against a copy of that KV cache. ``use_cache=False`` recomputes
-        the whole sequence every step (the reference the cached path is tested against).
+        ``kwargs`` are the head's sampler settings: flow ``cfg_scale, steps, use_cache, noise``;
+        nextfreq/raster ``cfg_scale, cfg_schedule, temperature, top_k, top_p, use_cache``.
         """
-        f = self.cfg.flow
-        cfg_scale = f.cfg_scale if cfg_scale is None else cfg_scale
-        steps = steps or f.sample_steps
-        dev = next(self.parameters()).device
-        n, m = len(prompts), self.gen_tokens_per_image
-        cond = [generation_sample(self.vocab, None, m, p) for p in prompts]
-        uncond = []
-        for s in cond:  # unconditional row: the prompt's tokens masked with pad, as in training
-            u = copy.copy(s)
-            u.input_ids = [self.vocab.pad if pm else t for t, pm in zip(s.input_ids, s.prompt_mask)]
-            uncond.append(u)
-        batch = {k: v.to(dev) for k, v in self._left_padded(cond + uncond).items()}
-        ids, pos, sid = batch["input_ids"], batch["position_ids"], batch["sample_ids"]
-        prefix = ids.shape[1] - (m + 1)  # everything before <begin_of_generation>
-        kinds = batch["token_kinds"]
-        spec = AttentionSpec.packed(sid)
-        text_embeds = self.llm.get_input_embeddings()(ids)
-        cache = None
-        if use_cache:
-            cache = KVCache()
-            prefix_spec = AttentionSpec.packed(sid[:, :prefix])
-            self.decode(text_embeds[:, :prefix], pos[:, :prefix], prefix_spec, kinds[:, :prefix], cache=cache)
-            # each step's tokens read the prefix cache and are not kept in it
-            step_spec = AttentionSpec(
-                sid[:, prefix:], sid[:, prefix:], spec.q_index[:, prefix:], spec.q_index[:, prefix:]
-            )
-
-        def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            z2, t2 = torch.cat([z, z]), torch.cat([t, t]).to(dev)
-            embeds, skip, temb = self._embed_gen(text_embeds, ids, z2, t2)
-            if use_cache:
-                out = self.decode(
-                    embeds[:, prefix:], pos[:, prefix:], step_spec, kinds[:, prefix:], cache=cache, write_cache=False
-                )
-                h = out.last_hidden_state
-            else:
-                h = self.decode(embeds, pos, spec, kinds).last_hidden_state[:, prefix:]
-            v = self.gen_decoder(h[:, 1:], skip, temb)  # h[:, 0] is the time token
-            return cfg_combine(v[:n], v[n:], cfg_scale)
-
-        if noise is None:
-            noise = torch.randn((n, *self.latent_shape), generator=generator)
-        latents = euler_sample(velocity, noise.to(dev), steps)
-        return self.autoencoder.decode(latents)
+        return self.head(head).generate(self, prompts, generator=generator, **kwargs)
 
 
 def as_unit_float(images: torch.Tensor | None) -> torch.Tensor | None:

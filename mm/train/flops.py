@@ -228,39 +228,49 @@ class ModelFlops:
         self.pair_macs = self.llm_shape.pair_macs  # q.k and p.v per (query, key) pair
         self.head_macs = self.llm_shape.head_macs
 
-        u, ae = model.cfg.und, model.cfg.autoencoder
-        width, g = llm.config.hidden_size, model.gen_tokens_per_image
-        latent = (1, *model.latent_shape)
-        side = model.latent_shape[1] // model.cfg.gen.patch_size
+        u = model.cfg.und
+        width = llm.config.hidden_size
         self.per_image = {  # forward FLOPs for one image
             "und_tower": forward_flops(model.und.features, (1, u.in_channels, u.image_size, u.image_size)),
             "und_aligner": forward_flops(model.und.aligner, (1, model.und.tokens_per_image, model.und.tower.width)),
-            "autoencoder": forward_flops(
-                model.autoencoder.encode, (1, ae.image_channels, ae.image_size, ae.image_size)
-            ),
-            "time_embed": forward_flops(model.time_embed, (1,)),
-            "gen_encoder": forward_flops(model.gen_encoder, latent, (1, width)),
-            "gen_decoder": forward_flops(
-                model.gen_decoder, (1, g, width), (1, model.cfg.gen.channels, side, side), (1, width)
-            ),
-            "repa_proj": forward_flops(model.repa_proj, (1, g, width)),
         }
-        self.repa = model.cfg.flow.repa_weight > 0
+        self.has_flow = "flow" in model.heads
+        if self.has_flow:
+            ae = model.cfg.autoencoder
+            g = model.gen_tokens_per_image
+            latent = (1, *model.latent_shape)
+            side = model.latent_shape[1] // model.cfg.gen.patch_size
+            self.per_image |= {
+                "autoencoder": forward_flops(
+                    model.autoencoder.encode, (1, ae.image_channels, ae.image_size, ae.image_size)
+                ),
+                "time_embed": forward_flops(model.time_embed, (1,)),
+                "gen_encoder": forward_flops(model.gen_encoder, latent, (1, width)),
+                "gen_decoder": forward_flops(
+                    model.gen_decoder, (1, g, width), (1, model.cfg.gen.channels, side, side), (1, width)
+                ),
+                "repa_proj": forward_flops(model.repa_proj, (1, g, width)),
+            }
+        else:  # no flow head: its parts cost nothing (the code heads' small projections are not counted)
+            flow_parts = ("autoencoder", "time_embed", "gen_encoder", "gen_decoder", "repa_proj")
+            self.per_image |= dict.fromkeys(flow_parts, 0.0)
+        self.repa = self.has_flow and model.cfg.flow.repa_weight > 0
         self.bwd = self._backward_factors(model)
 
     @staticmethod
     def _backward_factors(model: nn.Module) -> dict[str, float]:
         """Backward cost of each part in forwards: +1 if its weights train, +1 if its input needs a gradient."""
+        flow = "flow" in model.heads
         t = {
             "und_tower": _trains(model.und.tower),
             "und_aligner": _trains(model.und.aligner),
-            "time_embed": _trains(model.time_embed),
-            "gen_encoder": _trains(model.gen_encoder),
+            "time_embed": flow and _trains(model.time_embed),
+            "gen_encoder": flow and _trains(model.gen_encoder),
             "embeddings": _trains(model.llm.get_input_embeddings()),
             "llm": any(_trains(layer) for layer in model.llm.get_decoder().layers),
             "head": _trains(model.llm.get_output_embeddings()),
-            "gen_decoder": _trains(model.gen_decoder),
-            "repa_proj": _trains(model.repa_proj),
+            "gen_decoder": flow and _trains(model.gen_decoder),
+            "repa_proj": flow and _trains(model.repa_proj),
         }
         before_llm = t["und_tower"] or t["und_aligner"] or t["time_embed"] or t["gen_encoder"] or t["embeddings"]
         llm_out_needs_grad = t["llm"] or before_llm  # hidden states carry a gradient to something that trains

@@ -19,6 +19,9 @@ def _num(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+CONSOLE_LOSSES = ("text", "flow", "repa", "nextfreq", "raster")
+
+
 class ConsoleSink:
     def __init__(self, run_dir: Path, resume_step: int, max_steps: int):
         self.max_steps = max_steps
@@ -27,9 +30,11 @@ class ConsoleSink:
         mfu = f" (MFU {rec['mfu']:.1%})" if "mfu" in rec else ""
         skipped = sum(rec["skipped"].values())
         bad = f" | non-finite steps {rec['nonfinite_steps']}" if rec["nonfinite_steps"] else ""
+        # text, then each image head's losses (flow/repa, nextfreq, raster: whichever the model has)
+        parts = " ".join(f"{k} {_num(rec[k], '.4f')}" for k in CONSOLE_LOSSES if k in rec)
         print(
-            f"step {rec['step']}/{self.max_steps} | loss {_num(rec['loss'], '.4f')} text {_num(rec['text'], '.4f')} "
-            f"flow {_num(rec['flow'], '.4f')} repa {_num(rec['repa'], '.4f')} | gnorm {_num(rec['grad_norm'], '.3f')} "
+            f"step {rec['step']}/{self.max_steps} | loss {_num(rec['loss'], '.4f')} {parts} "
+            f"| gnorm {_num(rec['grad_norm'], '.3f')} "
             f"| lr {rec['lr']:.2e} | {rec['tokens_per_s_per_device']:.0f} tok/s/device "
             f"{rec['tflops_per_device']:.3f} TFLOP/s{mfu} | data wait {rec['data_wait']:.0%} | "
             f"mem {rec['peak_mem_gb']:.2f} GB{' | skipped samples ' + str(skipped) if skipped else ''}{bad} | "

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from data.digits import ensure_bundled_digits
 from data.loader import build_train_loader
 from data.longctx import ensure_longctx_shards
-from mm.config import Config, ConfigError, ModelConfig, resolve_path, to_yaml
+from mm.config import REPO_ROOT, CodeHeadConfig, Config, ConfigError, ModelConfig, resolve_path, to_yaml
 from mm.model.unified import UnifiedModel
 from mm.sequence import Vocab, load_vocab
 from mm.train.checkpoint import (
@@ -76,8 +76,14 @@ PRETRAINED_SOURCES: dict[str, Callable[[ModelConfig], str]] = {
     "und.tower": lambda m: m.und.weights,
     "llm": lambda m: m.llm.pretrained,
     "autoencoder": lambda m: m.autoencoder.path,
+    # the code heads' frozen tokenizers (mm/model/heads/codes.py)
+    "nextfreq.tokenizer": lambda m: m.nextfreq.tokenizer,
+    "raster.tokenizer": lambda m: m.raster.tokenizer,
 }
-SOURCE_KEYS = {"und.tower": "model.und.weights", "llm": "model.llm.pretrained", "autoencoder": "model.autoencoder.path"}
+SOURCE_KEYS = {
+    "und.tower": "model.und.weights", "llm": "model.llm.pretrained", "autoencoder": "model.autoencoder.path",
+    "nextfreq.tokenizer": "model.nextfreq.tokenizer", "raster.tokenizer": "model.raster.tokenizer",
+}  # fmt: skip
 
 
 # Bundled shard folders and what builds them (the long-context albums read the digits too).
@@ -96,6 +102,25 @@ def ensure_digit_shards(cfg: Config) -> None:
     if all(folders):
         for folder in dict.fromkeys(folders):
             BUNDLED_SHARDS[folder](folder.rstrip("/"))
+
+
+def ensure_head_tokenizers(cfg: Config) -> None:
+    """Train a code head's frequency tokenizer first when its directory is missing and ``build_config`` names how."""
+    for name in cfg.model.heads:
+        c = getattr(cfg.model, name, None)
+        if not isinstance(c, CodeHeadConfig) or not c.tokenizer or not c.build_config:
+            continue
+        out = resolve_path(c.tokenizer)
+        if (out / "model.safetensors").is_file():
+            continue
+        import importlib.util
+
+        # scripts/ is not a package: load the tokenizer's training script by path and call its main()
+        spec = importlib.util.spec_from_file_location("train_tokenizer", REPO_ROOT / "scripts" / "train_tokenizer.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        print(f"[{name}] no tokenizer at {out}: training it from {c.build_config}", flush=True)
+        script.main(["--config", str(resolve_path(c.build_config)), f"out_dir={out}"])
 
 
 def build_model(cfg: Config, init: bool = False) -> tuple[UnifiedModel, Vocab]:
@@ -217,10 +242,10 @@ def peak_memory_gb(device: torch.device) -> float:
 class Window:
     """Device-side sums between log steps (no host sync per step)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, n_losses: int = len(LOSSES)):
         z = lambda n=(): torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
-        self.local = z(len(LOSSES) + 1)  # this rank's share of the global loss sums and of the total loss
-        self.counts = z(len(LOSSES))  # global counts of applied steps (equal on every rank)
+        self.local = z(n_losses + 1)  # this rank's share of the global loss sums and of the total loss
+        self.counts = z(n_losses)  # global counts of applied steps (equal on every rank)
         self.grad_norm, self.applied, self.steps = z(), z(), 0
         self.max_nonfinite_run, self.nonfinite = z(), z()
         self.host = {"tokens": 0.0, "slots": 0.0, "samples": 0.0, "flops": 0.0, "data_wait": 0.0}
@@ -252,6 +277,7 @@ class Trainer:
         self.run_dir = cfg.run_dir()
         if self.rank == 0:
             ensure_digit_shards(cfg)
+            ensure_head_tokenizers(cfg)
         env.barrier()
         ckpt = self._checkpoint_to_resume(resume, overwrite)
 
@@ -265,6 +291,7 @@ class Trainer:
             model.set_activation_checkpointing(True)
         self.flops = ModelFlops(model)  # before an engine shards the parameters
         self.model = model
+        self.losses = tuple(model.loss_weights())  # text, then each image head's losses (LOSSES for the flow head)
         self.engine: Engine = build_engine(model, self.stage.groups, cfg, env, self.precision)
         self.ema = ShardedEMA(self.engine, t.ema_decay) if t.ema_decay > 0 else None
         self.loader = loader or build_train_loader(cfg.data, self.vocab, model.sample_shapes(), env.rank, env.world)
@@ -384,8 +411,8 @@ class Trainer:
             wait += time.perf_counter() - t0
         window.host["data_wait"] += wait
         local = [self.model.loss_counts(b) for b in micro]
-        counts_t = env.sum_host(torch.tensor([sum(c[k] for c in local) for k in LOSSES], dtype=torch.float64))
-        counts = dict(zip(LOSSES, counts_t.tolist()))  # global: summed over ranks and micro-steps
+        counts_t = env.sum_host(torch.tensor([sum(c[k] for c in local) for k in self.losses], dtype=torch.float64))
+        counts = dict(zip(self.losses, counts_t.tolist()))  # global: summed over ranks and micro-steps
         for b in micro:
             shape = batch_shape(b, self.flops.num_layers, self.cfg.model.mod)
             window.host["tokens"] += shape.tokens
@@ -397,7 +424,7 @@ class Trainer:
         self.lr_scale = schedule(self.step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         self.engine.set_lr_scale(self.lr_scale)
         self.model.train()
-        step_local = torch.zeros(len(LOSSES) + 1, dtype=torch.float64, device=self.device)
+        step_local = torch.zeros(len(self.losses) + 1, dtype=torch.float64, device=self.device)
         for i, batch in enumerate(micro):
             gen = torch.Generator().manual_seed(flow_seed(t.seed, self.step, self.rank * accum + i))
             batch = self.model.add_flow_inputs(batch, gen)
@@ -407,7 +434,7 @@ class Trainer:
                     out = self.engine.forward(batch)
                 loss = self.model.combine(out, counts)  # this rank's share of the global loss
                 self.engine.backward(loss)
-            parts = [out[f"{k}_sum"].detach() * (self.model.loss_weights()[k] > 0) for k in LOSSES]
+            parts = [out[f"{k}_sum"].detach() * (self.model.loss_weights()[k] > 0) for k in self.losses]
             step_local += torch.stack([*parts, loss.detach()]).double()
         result = self.engine.step()
         if self.ema is not None:
@@ -447,7 +474,7 @@ class Trainer:
             [*window.counts, window.grad_norm, window.applied, window.max_nonfinite_run, window.nonfinite]
         )
         reduced, same_host = local.tolist(), same.tolist()  # the host waits here, once per log step
-        n = len(LOSSES)
+        n = len(self.losses)
         sums, total_loss = reduced[:n], reduced[n]
         tokens, slots, samples, flops, data_wait = reduced[n + 1 :]
         counts, grad_norm, applied, max_run, nonfinite = same_host[:n], *same_host[n:]
@@ -464,7 +491,7 @@ class Trainer:
             skipped.update(counts_of_rank)
         rec: dict = {"step": self.step}
         rec["loss"] = total_loss / applied if applied else None
-        for k, s, c in zip(LOSSES, sums, counts):
+        for k, s, c in zip(self.losses, sums, counts):
             rec[k] = s / c if c > 0 else None  # token/image-weighted over the window's steps that had the task
         rec["grad_norm"] = grad_norm / applied if applied else None
         rec["lr"] = t.lr * self.lr_scale
@@ -504,7 +531,7 @@ class Trainer:
             )
         self.train_start, self.start_step = time.perf_counter(), self.step
         batches = iter(self.loader)
-        window = Window(self.device)
+        window = Window(self.device, len(self.losses))
         while self.step < stop:
             self.train_step(batches, window)
             logged = self.step % t.log_every == 0 or self.step == t.max_steps
@@ -513,7 +540,7 @@ class Trainer:
             if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
                 self.save()
             if logged:  # after the save: throughput windows leave checkpoint time out
-                window = Window(self.device)
+                window = Window(self.device, len(self.losses))
         if window.steps:  # an early stop between log steps still checks and reports its steps
             self._log(window)
         self.env.barrier()

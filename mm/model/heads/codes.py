@@ -1,0 +1,355 @@
+"""Heads that predict the codes of a frozen frequency-band tokenizer (``mm/model/freq_tokenizer.py``).
+
+``nextfreq`` (NFIG, next-frequency image generation): the image is the tokenizer's stages from low to
+high frequency, ``prompt <begin_of_image> [stage 1] ... [stage n] <end_of_image>``. As in VAR, the
+inputs of stage k+1's slots are the upsampled sum of stages 1..k sampled on stage k+1's grid (teacher
+forcing from the image's own codes in training); stage 1's slots hold a learned start vector. Each
+slot's output predicts its own code (cross-entropy over the codebook). Attention inside the image is
+block-causal: a stage's slots see each other and every earlier stage, nothing later. Sampling runs one
+LLM pass per stage and draws all of a stage's codes at once: n passes per image (the prompt's prefill
+is the first stage's pass).
+
+``raster``: the baseline of Janus/LlamaGen on the same tokenizer (its single-scale mode: one code per
+cell of the finest s_n x s_n grid), causal, one code per pass: slot i holds the embedding of code i-1
+(slot 1 the start vector) and predicts code i, so s_n^2 passes per image.
+
+Both heads are one implementation: a head is a sequence of blocks (NFIG: one block per stage; raster:
+s_n^2 blocks of one token) and two hooks, the inputs of block k+1 given the codes of block k, and the
+images from all codes. Classifier-free guidance: prompts are dropped (pad) in training; sampling
+mixes conditional and unconditional logits, u + w (c - u), with w constant or growing linearly from 1
+at the first block to ``cfg_scale`` at the last (VAR).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm.config import CodeHeadConfig, ModelConfig, resolve_path
+from mm.kernels.attention import AttentionSpec
+from mm.model.decoder import KVCache
+from mm.model.freq_tokenizer import FreqTokenizer
+from mm.model.heads.base import ImageHead, drop_prompts, head_sample_mask, unconditional
+from mm.sequence import ImageTemplate, Vocab, image_generation_sample, scatter_placeholders
+
+# w_k of block k of n: constant, or VAR's linear ramp (no guidance on the first block, full on the last)
+CFG_SCHEDULES: dict[str, Callable[[float, int, int], float]] = {
+    "constant": lambda w, k, n: w,
+    "linear": lambda w, k, n: 1.0 + (w - 1.0) * k / max(1, n - 1),
+}
+
+
+def load_tokenizer(cfg: CodeHeadConfig, where: str) -> FreqTokenizer:
+    """The head's frozen tokenizer: from its directory, or (release: weights in the model's state dict) its shapes."""
+    if not cfg.tokenizer:
+        tok = FreqTokenizer(cfg.tokenizer_model)
+    else:
+        path = resolve_path(cfg.tokenizer)
+        if not (path / "model.safetensors").is_file():
+            hint = f" (or set {where}.build_config to train it first)" if not cfg.build_config else ""
+            raise FileNotFoundError(
+                f"{where}.tokenizer: no tokenizer checkpoint at {path}; train one with "
+                f"scripts/train_tokenizer.py --config configs/tokenizer/tiny.yaml{hint}"
+            )
+        tok = FreqTokenizer.from_pretrained(path)
+    tok.requires_grad_(False)
+    return tok.eval()
+
+
+def sample_logits(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Draw one code per row of ``logits`` [..., V] after temperature, top-k and top-p (nucleus) cuts."""
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs > top_p  # the most likely code always stays
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    probs = logits.softmax(-1).reshape(-1, logits.shape[-1]).cpu()  # a CPU generator draws on CPU
+    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1]).to(logits.device)
+
+
+def code_recipe(name: str, cfg: ModelConfig) -> dict:
+    c: CodeHeadConfig = getattr(cfg, name)
+    return {"sampler": name, "cfg_scale": c.cfg_scale, "cfg_schedule": c.cfg_schedule, "temperature": c.temperature,
+            "top_k": c.top_k, "top_p": c.top_p, "cfg_rule": "u + w(c - u) on logits"}  # fmt: skip
+
+
+class CodeHeadNet(nn.Module):
+    """The learnable part of a code head: code vectors -> LLM width, a start vector, slot embeddings, logits."""
+
+    def __init__(self, tokenizer: FreqTokenizer, hidden_size: int, slots: int):
+        super().__init__()
+        self.tokenizer = tokenizer  # frozen; its weights load from the head's tokenizer path
+        self.in_proj = nn.Linear(tokenizer.code_dim, hidden_size)
+        self.start = nn.Parameter(torch.randn(hidden_size) * 0.02)
+        # which slot (stage and cell) a token is: RoPE alone orders slots but does not say where a stage begins
+        self.slot_embed = nn.Parameter(torch.randn(slots, hidden_size) * 0.02)
+        self.out = nn.Linear(hidden_size, tokenizer.codebook_size)
+
+
+@dataclass
+class CodeState:
+    codes: torch.Tensor | None  # [N, T] targets (None: ZeRO-3 placeholder)
+    mask: torch.Tensor | None
+
+
+class CodeHead(ImageHead):
+    single_scale: bool = False  # raster: the tokenizer's single-scale codes
+
+    def __init__(self, name: str, cfg: ModelConfig, vocab: Vocab, hidden_size: int):
+        self.name, self.vocab, self._model_cfg = name, vocab, cfg
+        self.cfg: CodeHeadConfig = getattr(cfg, name)
+        tok = load_tokenizer(self.cfg, f"model.{name}")
+        self.blocks = self.block_sizes(tok)
+        self.net = CodeHeadNet(tok, hidden_size, sum(self.blocks))
+        self.template = ImageTemplate(
+            name, tok.cfg.image_size, tok.cfg.image_channels, self.blocks,
+            full_blocks=not self.single_scale, begin="boi", end=True,
+        )  # fmt: skip
+        starts = [0]
+        for b in self.blocks:
+            starts.append(starts[-1] + b)
+        self.starts = starts
+
+    @staticmethod
+    def block_sizes(tok: FreqTokenizer) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def tokenizer(self) -> FreqTokenizer:
+        return self.net.tokenizer
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.starts[-1]
+
+    @property
+    def passes_per_image(self) -> int:
+        return len(self.blocks)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {self.name: self.net}
+
+    def loss_weights(self) -> dict[str, float]:
+        return {self.name: self.cfg.loss_weight}
+
+    def loss_counts(self, batch: dict) -> dict[str, float]:
+        images = batch.get(f"{self.name}_images")
+        return {self.name: float(len(images) * self.tokens_per_image) if images is not None else 0.0}
+
+    def recipe(self) -> dict:
+        return code_recipe(self.name, self._model_cfg)
+
+    # ---- codes <-> slot inputs (the two hooks) -------------------------------------
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """[0,1] images -> codes of each block [N, block size]."""
+        raise NotImplementedError
+
+    def block_vectors(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        """Teacher forcing: the code-space inputs of blocks 2..n [N, T - blocks[0], D] from the codes."""
+        raise NotImplementedError
+
+    def begin_sampling(self, n: int, device: torch.device) -> object:
+        raise NotImplementedError
+
+    def advance(self, state: object, k: int, codes_k: torch.Tensor) -> tuple[object, torch.Tensor | None]:
+        """Block k's sampled codes [N, size] -> (state, code-space inputs of block k+1 or None)."""
+        raise NotImplementedError
+
+    def images(self, state: object) -> torch.Tensor:
+        raise NotImplementedError
+
+    def slot_inputs(self, vectors: torch.Tensor | None, first: int, n: int) -> torch.Tensor:
+        """LLM-width inputs of the slots from ``first`` on: the start vector in block 1, else projected vectors."""
+        net = self.net
+        parts = []
+        n0 = self.blocks[0]
+        if first < n0:
+            parts.append(net.start.expand(n, n0 - first, -1))
+        if vectors is not None:
+            parts.append(net.in_proj(vectors.to(net.in_proj.weight.dtype)))
+        x = torch.cat(parts, 1)
+        return x + net.slot_embed[first : first + x.shape[1]]
+
+    # ---- training -----------------------------------------------------------------
+    def add_inputs(self, model, batch: dict, generator: torch.Generator) -> dict:
+        ids = batch.get(f"{self.name}_sample_ids")
+        if ids is None or not len(ids):
+            return batch
+        return drop_prompts(batch, ids, self.cfg.prompt_dropout, self.vocab.pad, generator)
+
+    def embed(self, model, embeds: torch.Tensor, batch: dict) -> tuple[torch.Tensor, CodeState | None, int]:
+        from mm.model.unified import as_unit_float
+
+        images = as_unit_float(batch.get(f"{self.name}_images"))
+        if images is not None:
+            with torch.no_grad():
+                codes = self.encode(images)
+            x = self.slot_inputs(self.block_vectors(codes), 0, len(images))
+            mask = head_sample_mask(batch, f"{self.name}_sample_ids", self.vocab.gen)
+            embeds = scatter_placeholders(embeds, mask, x.flatten(0, 1), f"{self.name} image tokens")
+            return embeds, CodeState(torch.cat(codes, 1), mask), int(mask.sum())
+        if model.run_every_module:  # every module of the head on one zero image, times 0 (ZeRO-3)
+            t = self.template
+            with torch.no_grad():
+                codes = self.encode(model._zero_image(t.image_channels, t.image_size, embeds))
+            x = self.slot_inputs(self.block_vectors(codes), 0, 1)
+            return embeds + 0.0 * x.sum(), CodeState(None, None), 0
+        return embeds, None, 0
+
+    def losses(self, model, hidden: torch.Tensor, decoder_out, batch: dict, state: CodeState | None) -> dict:
+        if state is None:
+            return {}
+        k = self.name
+        if state.codes is None:  # placeholder: the output layer hangs off the LLM's output, times 0
+            stand_in = hidden.new_zeros(1, hidden.shape[-1]) + 0.0 * hidden.sum()
+            return {f"{k}_sum": 0.0 * self.net.out(stand_in).float().sum()}
+        n, t = state.codes.shape
+        logits = self.net.out(hidden[state.mask]).float()
+        per_token = F.cross_entropy(logits, state.codes.reshape(-1), reduction="none")
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        per_image = per_token.view(n, t).mean(1)
+        return {
+            f"{k}_sum": per_token.sum(), f"{k}_count": zero + n * t, f"{k}_per_image": per_image.detach(),
+            f"{k}_accuracy": (logits.argmax(-1) == state.codes.reshape(-1)).float().mean().detach(),
+        }  # fmt: skip
+
+    # ---- sampling -----------------------------------------------------------------
+    @torch.no_grad()
+    def sample_codes(
+        self,
+        model,
+        prompts: list[str],
+        generator: torch.Generator | None = None,
+        cfg_scale: float | None = None,
+        cfg_schedule: str | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+    ) -> tuple[object, list[torch.Tensor], list[torch.Tensor]]:
+        """(sampler state, codes per block [N, size], guided logits per block [N, size, V]).
+
+        One LLM pass per block: the first runs the prompt and block 1's slots (prefill, into a KV
+        cache), each later one only that block's slots against the cache. ``use_cache=False``
+        recomputes the sequence so far every block (the reference the cached path is tested against).
+        """
+        c = self.cfg
+        w = c.cfg_scale if cfg_scale is None else cfg_scale
+        schedule = CFG_SCHEDULES[cfg_schedule or c.cfg_schedule]
+        temperature = c.temperature if temperature is None else temperature
+        top_k = c.top_k if top_k is None else top_k
+        top_p = c.top_p if top_p is None else top_p
+        dev = next(model.parameters()).device
+        n = len(prompts)
+        guided = w != 1.0
+        cond = [image_generation_sample(self.vocab, self.template, None, p) for p in prompts]
+        rows = cond + unconditional(cond, self.vocab.pad) if guided else cond
+        batch = {k: v.to(dev) for k, v in model._left_padded(rows).items()}
+        ids, pos, kinds = batch["input_ids"], batch["position_ids"], batch["token_kinds"]
+        spec = AttentionSpec.packed(batch["sample_ids"], batch["block_ids"])
+        first = ids.shape[1] - 1 - self.tokens_per_image  # the first slot (<end_of_image> closes the row)
+        seq = model.llm.get_input_embeddings()(ids[:, :first])  # grows by one block per pass
+        cache = KVCache() if use_cache else None
+        state = self.begin_sampling(n, dev)
+        vectors, all_codes, all_logits = None, [], []
+        for k, size in enumerate(self.blocks):
+            a, b = first + self.starts[k], first + self.starts[k + 1]
+            x = self.slot_inputs(vectors, self.starts[k], n)
+            x = torch.cat([x, x]) if guided else x
+            seq = torch.cat([seq, x.to(seq.dtype)], 1)
+            q0 = (0 if k == 0 else a) if use_cache else 0
+            # this pass's queries (the block, after the prompt on the first pass); the cache holds the rest
+            step = _slice_spec(spec, q0, b)
+            h = model.decode(seq[:, q0:b], pos[:, q0:b], step, kinds[:, q0:b], cache=cache).last_hidden_state
+            h = h[:, -size:]
+            logits = self.net.out(h).float()
+            if guided:
+                wk = schedule(w, k, len(self.blocks))
+                logits = logits[n:] + wk * (logits[:n] - logits[n:])
+            codes_k = sample_logits(logits, temperature, top_k, top_p, generator)
+            state, vectors = self.advance(state, k, codes_k)
+            all_codes.append(codes_k)
+            all_logits.append(logits)
+        return state, all_codes, all_logits
+
+    @torch.no_grad()
+    def generate(self, model, prompts: list[str], generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+        """Text -> [0,1] images; ``kwargs``: cfg_scale, cfg_schedule, temperature, top_k, top_p, use_cache."""
+        state, _, _ = self.sample_codes(model, prompts, generator, **kwargs)
+        return self.images(state)
+
+
+class NextFreqHead(CodeHead):
+    """NFIG: one block per frequency stage, full attention inside a stage."""
+
+    single_scale = False
+
+    @staticmethod
+    def block_sizes(tok: FreqTokenizer) -> tuple[int, ...]:
+        return tuple(s * s for s in tok.stages)
+
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [c.flatten(1) for c in self.tokenizer.encode(images)]
+
+    def _grids(self, codes: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [c.view(c.shape[0], s, s) for c, s in zip(codes, self.tokenizer.stages)]
+
+    def block_vectors(self, codes: list[torch.Tensor]) -> torch.Tensor | None:
+        vecs = self.tokenizer.stage_inputs(self._grids(codes))
+        return torch.cat(vecs, 1) if vecs else None
+
+    def begin_sampling(self, n: int, device: torch.device) -> torch.Tensor:
+        return self.tokenizer.empty_accumulator(n, device)
+
+    def advance(self, state: torch.Tensor, k: int, codes_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s = self.tokenizer.stages[k]
+        return self.tokenizer.next_stage_input(state, codes_k.view(-1, s, s), k)
+
+    def images(self, state: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.decode_features(state)
+
+
+class RasterHead(CodeHead):
+    """Raster-order baseline: the finest grid's single-scale codes, one causal token per pass."""
+
+    single_scale = True
+
+    @staticmethod
+    def block_sizes(tok: FreqTokenizer) -> tuple[int, ...]:
+        return (1,) * tok.feature_size**2
+
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.tokenizer.encode(images, single_scale=True)[0].flatten(1).split(1, dim=1))
+
+    def block_vectors(self, codes: list[torch.Tensor]) -> torch.Tensor | None:
+        flat = torch.cat(codes, 1)
+        return self.tokenizer.code_embedding(flat[:, :-1]) if flat.shape[1] > 1 else None
+
+    def begin_sampling(self, n: int, device: torch.device) -> list[torch.Tensor]:
+        return []
+
+    def advance(self, state: list, k: int, codes_k: torch.Tensor) -> tuple[list, torch.Tensor | None]:
+        state = state + [codes_k]
+        return state, self.tokenizer.code_embedding(codes_k)
+
+    def images(self, state: list[torch.Tensor]) -> torch.Tensor:
+        h = self.tokenizer.feature_size
+        grid = torch.cat(state, 1).view(-1, h, h)
+        return self.tokenizer.decode([grid], single_scale=True)
+
+
+def _slice_spec(spec: AttentionSpec, a: int, b: int) -> AttentionSpec:
+    """The self-attention spec of columns [a, b) (a KV cache supplies the keys before ``a``)."""
+    cut = lambda t: None if t is None else t[:, a:b]  # noqa: E731
+    seg, idx = spec.q_segments[:, a:b], spec.q_index[:, a:b]
+    return AttentionSpec(seg, seg, idx, idx, cut(spec.q_blocks), cut(spec.k_blocks))

@@ -1,0 +1,121 @@
+"""NFIG vs raster AR vs the flow head, trained the same number of steps, side by side (JSON on stdout).
+
+    python scripts/bench_gen.py --steps 1500            # trains runs/bench_gen/{nextfreq,raster,flow}, then measures
+    python scripts/bench_gen.py --reuse                 # measure the runs already there
+
+Each head trains from scratch on the digits' prompt -> image source alone (configs/tiny_nfig.yaml; the flow
+head with configs/tiny.yaml's flow settings), same steps, batch and LLM. Then each draws ``--per-prompt``
+images for each "draw the digit d" (the digits_t2i prompts) with its default recipe and reports:
+
+* ``forward_passes_per_image``: LLM forward passes counted by a hook on the decoder, per batch of images
+  (images of a batch are drawn in parallel, so this is the sequential depth of one image; prefill included);
+* ``wall_s_per_image``: sampling wall time / images (one thread, batch ``--batch``);
+* ``classifier_accuracy`` and ``fd``: digits_t2i's judge (mm/eval/tasks/digits_t2i/utils.py) on those images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mm.config import load_config, resolve_path  # noqa: E402
+
+HEAD_OVERRIDES = {
+    "nextfreq": ["model.heads=[nextfreq]"],
+    "raster": ["model.heads=[raster]", "model.raster.build_config=configs/tokenizer/tiny.yaml"],
+    "flow": ["model.heads=[flow]"],
+}
+
+
+def train_head(head: str, steps: int, out: Path) -> None:
+    from mm.train.trainer import Trainer
+
+    over = HEAD_OVERRIDES[head] + [f"train.max_steps={steps}", f"train.ckpt_every={steps}", f"run.dir={out}",
+                                   "train.metrics=[jsonl]"]  # fmt: skip
+    cfg = load_config(resolve_path("configs/tiny_nfig.yaml"), over)
+    trainer = Trainer(cfg, resume=None, overwrite=True)
+    trainer.train()
+
+
+def measure(head: str, run: Path, per_prompt: int, batch: int, seed: int) -> dict:
+    from data.digits import EVAL_PROMPT, digit_prompt, load_digit_split
+    from mm.eval.digits import frechet_distance, get_judge
+    from mm.eval.generation import to_gray8
+    from mm.eval.run import load_run
+    from mm.hf import image_head_recipes, sampler_kwargs
+
+    _, model, _, step = load_run(run)
+    recipe = {"head": head, **image_head_recipes(model.cfg)[head]}
+    calls = []
+    hook = model.llm.get_decoder().norm.register_forward_hook(  # one LLM pass = one final norm
+        lambda *a: calls.append(1)
+    )
+    prompts = [digit_prompt(d, EVAL_PROMPT) for d in range(10) for _ in range(per_prompt)]
+    labels = np.repeat(np.arange(10), per_prompt)
+    gen = torch.Generator().manual_seed(seed)
+    images, batches = [], 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            images.append(model.generate(prompts[i : i + batch], generator=gen, **sampler_kwargs(recipe)).float())
+            batches += 1
+    wall = time.perf_counter() - t0
+    hook.remove()
+    gray = to_gray8(torch.cat(images).cpu().numpy())
+    judge = get_judge()
+    real_te, _ = load_digit_split("heldout")
+    return {
+        "train_steps": step,
+        "recipe": recipe,
+        "forward_passes_per_image": len(calls) / batches,
+        "wall_s_per_image": wall / len(prompts),
+        "images": len(prompts),
+        "classifier_accuracy": float((judge.predict(gray) == labels).mean()),
+        "fd": frechet_distance(judge.features(gray), judge.features(real_te)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--heads", default="nextfreq,raster,flow")
+    ap.add_argument("--out", default="runs/bench_gen")
+    ap.add_argument("--reuse", action="store_true", help="measure existing runs instead of training")
+    ap.add_argument("--per-prompt", type=int, default=50, help="images per digit (digits_t2i: 50)")
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    heads = args.heads.split(",")
+    out = resolve_path(args.out)
+    result: dict = {"steps": args.steps, "heads": {}}
+    for head in heads:
+        run = out / head
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON object only
+            if not args.reuse:
+                train_head(head, args.steps, run)
+            result["heads"][head] = measure(head, run, args.per_prompt, args.batch, args.seed)
+    h = result["heads"]
+    if "nextfreq" in h and "raster" in h:
+        nf, ra = h["nextfreq"], h["raster"]
+        result["nextfreq_vs_raster"] = {
+            "fewer_passes_x": ra["forward_passes_per_image"] / nf["forward_passes_per_image"],
+            "faster_x": ra["wall_s_per_image"] / nf["wall_s_per_image"],
+            "accuracy_delta": nf["classifier_accuracy"] - ra["classifier_accuracy"],
+        }
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
