@@ -215,8 +215,13 @@ class UnifiedMMModel(PreTrainedModel):
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         # The UnifiedModel's parts initialise themselves when built (zero-init FiLM and velocity
-        # layers included); transformers' generic init must not overwrite that.
-        return
+        # layers included); transformers' generic init must not overwrite that. Derived buffers that
+        # no checkpoint holds (a code tokenizer's band masks) are recomputed: from_pretrained built
+        # them on the meta device.
+        from mm.model.freq_tokenizer import FreqTokenizer
+
+        if isinstance(module, FreqTokenizer):
+            module.init_derived_buffers()
 
     def train(self, mode: bool = True) -> UnifiedMMModel:
         super().train(mode)

@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="images per prompt")
     ap.add_argument("--head", default=None, help="image head (default: the release's; see generation_config.json)")
     ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
-    ap.add_argument("--steps", type=int, default=None, help="sampler steps")
+    ap.add_argument("--steps", type=int, default=None, help="sampler steps (flow head)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16, help="images per model call")
     ap.add_argument("--out", type=Path, default=Path("grid.png"))
@@ -42,6 +42,7 @@ def main() -> None:
 
     import mm  # noqa: F401  (registers the Auto classes)
     from mm.eval.generation import image_grid
+    from mm.hf import sampler_kwargs
 
     model = AutoModel.from_pretrained(str(args.release), local_files_only=True).eval()
     gen_cfg = GenerationConfig.from_pretrained(str(args.release))
@@ -49,9 +50,14 @@ def main() -> None:
     head = args.head or gen_cfg.image_head
     if head not in heads:
         sys.exit(f"generate: head {head!r} not in this release; it has {sorted(heads)}")
-    recipe = dict(heads[head])
-    recipe["steps"] = args.steps or recipe["steps"]
-    recipe["cfg_scale"] = recipe["cfg_scale"] if args.cfg is None else args.cfg
+    recipe = dict(heads[head], head=head)
+    if args.steps is not None:
+        if "steps" not in recipe:  # code heads take one pass per stage (nextfreq) or per code (raster)
+            sys.exit(f"generate: head {head!r} has no sampler steps; drop --steps")
+        recipe["steps"] = args.steps
+    if args.cfg is not None:
+        recipe["cfg_scale"] = args.cfg
+    kwargs = sampler_kwargs(recipe)
     print(f"head {head}: {recipe}, seed {args.seed}", flush=True)
 
     jobs = [p for p in args.prompt for _ in range(args.n)]
@@ -60,9 +66,7 @@ def main() -> None:
     with torch.no_grad():
         for i in tqdm(range(0, len(jobs), args.batch), desc="generate", unit="batch"):
             chunk = jobs[i : i + args.batch]
-            out = model.generate_images(
-                chunk, generator=generator, cfg_scale=recipe["cfg_scale"], steps=recipe["steps"]
-            )
+            out = model.generate_images(chunk, generator=generator, **kwargs)
             images.append(out.float().cpu())
     images = torch.cat(images).numpy()
     size = images.shape[-1]

@@ -271,3 +271,38 @@ def test_generation_source_builds_the_heads_layout(tok_dir, tmp_path, vocab, sha
     assert raster.block_ids == [] and max(default.block_ids) == 2
     with pytest.raises(ValueError, match="has no .flow. head"):
         build_samples("generation:flow", raw, ctx)
+
+
+def test_release_with_code_heads_mod_and_v2pe_round_trips(tok_dir, tmp_path, vocab):
+    """Export -> AutoModel: the same weights, answers (MoD + V2PE on) and next-frequency images per seed;
+    the release carries the code tokenizer and needs no path to it."""
+    import shutil
+
+    from transformers import AutoModel
+
+    import mm  # noqa: F401  (registers the Auto classes)
+    from mm.hf import UnifiedMMProcessor, wrap
+
+    extra = ("model.mod.enabled=true", "model.mod.ratio=0.5", "model.v2pe.enabled=true")
+    cfg = _cfg(tok_dir, tmp_path, "[flow,nextfreq]", extra)
+    torch.manual_seed(0)
+    model = _trained_looking(UnifiedModel(cfg.model, vocab))
+    for p in model.mod_routers.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    out = tmp_path / "release"
+    wrap(model, cfg.model).save_pretrained(str(out))
+    UnifiedMMProcessor.from_model_config(cfg.model, vocab.tokenizer).save_pretrained(str(out))
+    shutil.rmtree(tok_dir)  # the tokenizer's weights travel inside the release
+    try:
+        hf = AutoModel.from_pretrained(str(out), local_files_only=True).eval()
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, hf.state_dict()[k]), k
+        images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        questions = ["what digit is this ?", "digit ?"]
+        assert model.answer(images, questions, max_new_tokens=3) == hf.answer(images, questions, max_new_tokens=3)
+        g = torch.Generator
+        a = model.generate(["draw the digit 4"], generator=g().manual_seed(2), head="nextfreq")
+        b = hf.generate_images(["draw the digit 4"], generator=g().manual_seed(2), head="nextfreq")
+        assert torch.equal(a, b)
+    finally:
+        FreqTokenizer(TOK).save_pretrained(tok_dir)  # the module's fixture stays usable (weights differ)

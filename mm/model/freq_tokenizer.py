@@ -294,14 +294,23 @@ class FreqTokenizer(nn.Module):
         self.tokens_per_image = sum(s * s for s in self.stages)
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.codebook = EMACodebook(cfg.codebook_size, cfg.code_dim, cfg.lookup, cfg.ema_decay, cfg.dead_code_threshold)
+        self.init_derived_buffers()
+
+    def init_derived_buffers(self) -> None:
+        """(Re)compute the band masks and resampling matrices from the config.
+
+        Derived, not learned: non-persistent buffers (they follow .to(device); checkpoints hold weights
+        only). ``transformers.from_pretrained`` builds modules on the meta device and restores only what
+        a checkpoint holds, so a release calls this again after loading (``mm/hf.py: _init_weights``).
+        """
         h = self.feature_size
-        scopes = RESIDUAL_SCOPES[cfg.residual_scope](band_masks(h, h, self.stages))
-        # Derived, not learned: non-persistent buffers (they follow .to(device); checkpoints hold weights only).
-        self.register_buffer("scope_mask", scopes.float(), persistent=False)
+        scopes = RESIDUAL_SCOPES[self.cfg.residual_scope](band_masks(h, h, self.stages))
+        device = self.codebook.embed.device if self.codebook.embed.device.type != "meta" else None
+        self.register_buffer("scope_mask", scopes.float().to(device), persistent=False)
         self._full_scope = [bool(m.all()) for m in scopes]  # the last cumulative stage keeps everything: no FFT
         for i, s in enumerate(self.stages):
-            self.register_buffer(f"down_{i}", spectral_resample_matrix(h, s), persistent=False)
-            self.register_buffer(f"up_{i}", spectral_resample_matrix(s, h), persistent=False)
+            self.register_buffer(f"down_{i}", spectral_resample_matrix(h, s).to(device), persistent=False)
+            self.register_buffer(f"up_{i}", spectral_resample_matrix(s, h).to(device), persistent=False)
 
     # -- pieces ------------------------------------------------------------------------------------------------
 
