@@ -76,6 +76,11 @@ def test_skipped_tokens_write_no_kv_in_routed_layers(small_cfg, vocab):
         )
     L, n_img = batch["input_ids"].shape[1], model.und.tokens_per_image
     assert cache.lengths() == [L - n_img + n_img // 2] * len(cache.lengths())
+    # the KV accounting of scripts/flops.py counts exactly what the cache holds
+    from mm.train.flops import LLMShape, kv_cache_bytes, layer_counts
+
+    counts = layer_counts([L], [n_img], model.mod_routers.ratios)  # the row's padding is cached too
+    assert cache.nbytes() == kv_cache_bytes(LLMShape.from_llm(model.llm), counts, dtype_bytes=4)
 
 
 def _lm_head_logits(model, images, questions, use_cache):

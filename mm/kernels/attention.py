@@ -105,11 +105,11 @@ class AttentionSpec:
         """Self-attention among a subset of each row's tokens (``idx`` [B, K], ``valid`` [B, K] bool).
 
         Kept tokens keep their segments, order indices and blocks; the filler slots of rows that keep
-        fewer than K tokens become padding that sees only itself.
+        fewer than K tokens become padding (segment -1) ordered after every real token, so no real
+        token sees them.
         """
         seg = self.q_segments.gather(1, idx).masked_fill(~valid, PAD_SEGMENT)
         order = self.q_index.gather(1, idx)
-        # fillers: after every real token, each its own position, so a filler sees only fillers
         order = torch.where(valid, order, order.new_tensor(2**40) + torch.arange(idx.shape[1], device=idx.device))
         blocks = None
         if self.has_blocks:
@@ -117,7 +117,15 @@ class AttentionSpec:
         return AttentionSpec(seg, seg, order, order, blocks, blocks)
 
     def to(self, device: torch.device) -> AttentionSpec:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        moved: dict[int, torch.Tensor] = {}  # shared tensors stay shared (``self_attention`` checks identity)
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if id(t) not in moved:
+                moved[id(t)] = t.to(device)
+            return moved[id(t)]
+
         return replace(self, **{f: move(getattr(self, f)) for f in self.__dataclass_fields__})
 
 

@@ -66,16 +66,6 @@ class KVCache:
             torch.cat([old.index, idx], 1), blk,
         )  # fmt: skip
 
-    def repeat_rows(self, times: int) -> KVCache:
-        """The cache with every row repeated ``times`` times (one prefix, several continuations)."""
-        rep = lambda t: None if t is None else t.repeat_interleave(times, 0)  # noqa: E731
-        return KVCache(
-            {
-                i: LayerCache(*(rep(getattr(c, f)) for f in ("k", "v", "segments", "index", "blocks")))
-                for i, c in self.layers.items()
-            }
-        )
-
 
 @dataclass
 class DecoderOutput:
