@@ -17,7 +17,7 @@ neighbours, so connected components separate the digits).
 | digits_pope | 3 splits x 360 | "Is there a d in the image?" on 3-digit canvases: 3 present, 3 absent |
 | digits_mme | 4 x 40 images x 2 | yes/no pairs (one yes, one no per image): existence, count, position, recognition |
 | digits_geneval | 80 prompts | GenEval metadata: single object, two objects, counting, position |
-| digits_longctx | (100 val + 200 test) x 4 | "which image is a d ?" over 8-64 labelled digits (data/longctx.py) |
+| digits_longctx | (100 val + 200 test) x 5 | "what digit is image 3 7 ?" over 4-64 labelled digits (data/longctx.py) |
 
 POPE's absent objects: drawn at random (random), from the most frequent digits (popular)
 or, for adversarial, POPE takes the objects that co-occur most with the present ones;

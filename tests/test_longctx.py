@@ -29,15 +29,17 @@ from tests.conftest import SMALL
 
 ROOT = Path(__file__).resolve().parent.parent
 VQA_FLOOR = 0.9  # single-digit recognition of the tiny_longctx run (measured: see the slow test)
+LOOKUP_FLOOR = 0.2  # digits_longctx_4 of the tiny_longctx run (measured 0.29-0.33 on val; chance ~0.1)
 
 
 def _check_album(a, n: int) -> None:
-    assert len(a.images) == len(a.digits) == len(a.labels) == n
-    assert [i for i, d in enumerate(a.digits) if d == a.digit] == [a.index]  # one image of the asked digit
-    assert a.answer == label_text(a.labels[a.index]) and len(a.answer.split()) == 2
+    assert len(a.images) == len(a.digits) == len(a.labels) == n and 0 <= a.index < n
+    assert a.answer == str(a.digits[a.index])  # the asked image's digit, as digits_vqa answers
     assert a.labels == list(range(a.labels[0], a.labels[0] + n)) and 0 <= a.labels[0] <= MAX_IMAGES - n
     assert len({img.tobytes() for img in a.images}) == n  # distinct images
-    assert a.prompt.count("<image>") == n and a.prompt.endswith(f"which image is a {a.digit} ?")
+    label = label_text(a.labels[a.index])
+    assert a.prompt.count("<image>") == n and a.prompt.endswith(f"what digit is image {label} ?")
+    assert a.prompt.count(f"<image> {label}\n") == 1  # the asked label names exactly one image
 
 
 def test_training_albums_are_right_distinct_short_and_deterministic():
@@ -48,9 +50,11 @@ def test_training_albums_are_right_distinct_short_and_deterministic():
     again = training_albums(300)
     assert all(x.prompt == y.prompt and all((p == q).all() for p, q in zip(x.images, y.images))
                for x, y in zip(albums, again))  # fmt: skip
-    # every label 00..63 is taught, and every answer position within a window
+    # every label 00..63 is taught and asked, every answer position within a window, every digit answered
     assert {lab for a in albums for lab in a.labels} == set(range(MAX_IMAGES))
+    assert {a.labels[a.index] for a in training_albums(2000)} == set(range(MAX_IMAGES))
     assert {a.index for a in albums} == set(range(TRAIN_IMAGES[1]))
+    assert {a.answer for a in albums} == {str(d) for d in range(10)}
     # training images come from the training split only
     train = {img.tobytes() for img in DigitPool.split("train").images}
     assert all(img.tobytes() in train for a in albums for img in a.images)
@@ -62,6 +66,10 @@ def test_benchmark_albums_are_held_out_split_into_val_and_test_and_deterministic
     val, test = DigitPool.split("heldout", "val"), DigitPool.split("heldout", "test")
     val_set, test_set = {i.tobytes() for i in val.images}, {i.tobytes() for i in test.images}
     assert len(val.labels) + len(test.labels) == 359 and not val_set & test_set  # two disjoint halves
+    full = build_longctx_bench()  # the benchmark's answers are near-balanced digits: chance is ~1/10
+    for split, rows in full.items():
+        counts = np.bincount([int(r["answer"]) for r in rows], minlength=10)
+        assert counts.max() <= 0.25 * len(rows) and counts.min() > 0, (split, counts)  # val_4: 21 of 100 sevens
     for split, rows in bench.items():
         half, n = split.split("_")
         for row in rows:
@@ -69,8 +77,8 @@ def test_benchmark_albums_are_held_out_split_into_val_and_test_and_deterministic
             digits = json.loads(row["digits"])
             assert len(imgs) == row["n_images"] == int(n) and len({i.tobytes() for i in imgs}) == int(n)
             assert all(i.tobytes() in (val_set if half == "val" else test_set) for i in imgs)
-            assert [k for k, d in enumerate(digits) if d == row["digit"]] == [row["index"]]
-            assert row["answer"] == label_text(row["index"])  # whole albums are labelled from 00
+            assert row["answer"] == str(digits[row["index"]]) and row["label"] == label_text(row["index"])
+            assert row["question"].endswith(f"what digit is image {row['label']} ?")  # labelled from 00
     assert build_longctx_bench(per_length={"val": 3, "test": 5}) == bench
 
 
@@ -81,6 +89,8 @@ def test_bad_pools_and_labels_are_refused():
         DigitPool.split("heldout", "train")
     with pytest.raises(ValueError, match="0..99"):
         label_text(100)
+    with pytest.raises(ValueError, match="0..99"):
+        DigitPool.split("heldout", "test").album(8, np.random.default_rng(0), first_label=95)
 
 
 def _v2pe_model(vocab, infer_delta: float = 1 / 16):
@@ -101,14 +111,19 @@ def _training_sample(model, album, draw: bool = False):
     return build_samples("conversation", raw, ctx)[0]
 
 
-def test_training_sample_supervises_the_label_and_draws_v2pe_deltas(vocab):
+def test_training_sample_supervises_every_answer_fits_a_row_and_draws_v2pe_deltas(vocab):
     model = _v2pe_model(vocab)
-    album = training_albums(1)[0]
+    album = next(a for a in training_albums(20) if len(a.images) == TRAIN_IMAGES[1])  # the longest sample
     s = _training_sample(model, album)
     n = len(album.images)
     assert sum(k == TOKEN_UND_IMAGE for k in s.kinds()) == n * model.und.tokens_per_image and len(s.und_images) == n
+    assert len(s) <= load_config(ROOT / "configs" / "tiny_longctx.yaml").data.seq_len  # never cut by the packer
+    # one supervised answer per image, in the order asked: the first turn's question, then the follow-ups
     supervised = [t for t in s.targets if t != IGNORE]
-    assert model.vocab.decode(supervised) == album.answer and supervised[-1] == model.vocab.eos
+    asked = [album.index, *album.more]
+    assert sorted(asked) == list(range(n))
+    assert model.vocab.decode(supervised) == " ".join(str(album.digits[i]) for i in asked)
+    assert supervised.count(model.vocab.eos) == n and supervised[-1] == model.vocab.eos
     # positions follow the policy with per-image deltas from the training set (not 0..n-1)
     pos = s.position_ids()
     assert pos.dtype == torch.float32 and pos[-1] < len(s) - 1
@@ -163,8 +178,8 @@ def test_answer_uses_the_policy_positions_of_the_training_template(vocab, delta)
         torch.testing.assert_close(pos[row, L - len(prompt) :], expected, rtol=0, atol=0)
         if delta == 1.0:  # the standard encoding
             assert torch.equal(expected, torch.arange(len(prompt), dtype=torch.float32))
-        else:  # 16 image tokens within one position step: 5 positions per labelled image, 6 for the question
-            assert float(expected[-1]) == 8 + 5 * len(a.images)
+        else:  # 16 image tokens within one position step: 5 positions per labelled image, 7 for the question
+            assert float(expected[-1]) == 9 + 5 * len(a.images)
     # the next token continues at the last position + 1
     torch.testing.assert_close(calls[1][0][:, -1], pos[:, -1] + 1, rtol=0, atol=0)
 
@@ -196,7 +211,7 @@ def test_answer_batched_equals_alone_and_one_image_paths_agree(vocab):
 
 
 def test_tiny_longctx_run_trains_and_evaluates_digits_longctx(shard_dir, tmp_path):
-    """A few steps of the small config on the three sources (albums included), then the eval task on it."""
+    """A few steps of the small config on its two sources (albums included), then the eval task on it."""
     from mm.config import EvalConfig
     from mm.eval.harness import evaluate
     from mm.eval.run import load_run_model
@@ -210,11 +225,12 @@ def test_tiny_longctx_run_trains_and_evaluates_digits_longctx(shard_dir, tmp_pat
             f"data.train_shards={shard_dir}/digits/train-{{000000..000003}}.tar",
             f"data.heldout_shards={shard_dir}/digits/heldout-000000.tar",
             f"run.dir={run}", "train.max_steps=4", "train.ckpt_every=4", "data.num_workers=0",
+            "data.seq_len=128",  # the recipe's rows (SMALL's 96 would cut the longest albums)
         ],
     )  # fmt: skip
-    assert [s.name for s in cfg.data.sources] == ["digits_vqa", "digits_t2i", "digits_longctx"]
-    cfg.data.sources[2].shards = f"{tmp_path}/longctx/train-{{000000..000003}}.tar"
-    assert cfg.model.v2pe.enabled and cfg.data.seq_len >= 12 + 20 * TRAIN_IMAGES[1]  # the longest album fits a row
+    assert [s.name for s in cfg.data.sources] == ["digits_vqa", "digits_longctx"]
+    cfg.data.sources[1].shards = f"{tmp_path}/longctx/train-{{000000..000003}}.tar"
+    assert cfg.model.v2pe.enabled
     Trainer(cfg).train()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -226,18 +242,18 @@ def test_tiny_longctx_run_trains_and_evaluates_digits_longctx(shard_dir, tmp_pat
     assert res["tasks"] == [f"digits_longctx_{n}" for n in EVAL_LENGTHS]
     for n in EVAL_LENGTHS:
         r = res[f"digits_longctx_{n}"]
-        assert r["n"] == 3 and 0 <= r["accuracy"] <= r["in_album"] <= 1  # a right answer is a label of the album
+        assert r["n"] == 3 and 0 <= r["accuracy"] + r["neighbour"] <= 1  # a right answer is not a slip
         sample = json.loads((tmp_path / "eval" / f"samples_digits_longctx_{n}.jsonl").read_text().splitlines()[0])
-        assert sample["prompt"].count("<image>") == n and len(sample["target"].split()) == 2
+        assert sample["prompt"].count("<image>") == n and sample["target"] in list("0123456789")
 
 
 @pytest.mark.slow
 def test_tiny_longctx_default_run_reports_both_deltas(tmp_path):
     """The full recipe: train configs/tiny_longctx.yaml (~6 min on 2 cores), evaluate delta = 1 and the V2PE delta.
 
-    Measured (README of the issue): both deltas sit at chance on 8-64 images because the tiny model
-    does not learn the retrieval even on its 2-4 image training albums; this pins what it does learn
-    (labels of the album, single-digit recognition) so a regression there shows.
+    Measured (configs/tiny_longctx.yaml): the lookup is learned only in part (~0.3 at 4 images,
+    chance 0.1) and both deltas fall to near chance by 32-64 images; this pins what the recipe
+    does learn (recognition, the lookup at a training length) so a regression there shows.
     """
     import os
     import subprocess
@@ -255,6 +271,5 @@ def test_tiny_longctx_default_run_reports_both_deltas(tmp_path):
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
         assert p.returncode == 0, p.stderr[-3000:]
         res = json.loads((out / "results.json").read_text())
-        for n in EVAL_LENGTHS:
-            assert res[f"digits_longctx_{n}"]["in_album"] >= 0.95  # answers are labels of the album
+        assert res["digits_longctx_4"]["accuracy"] >= LOOKUP_FLOOR  # above chance (~0.1) at a training length
         assert res["digits_vqa"]["accuracy"] >= VQA_FLOOR
