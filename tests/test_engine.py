@@ -159,6 +159,15 @@ def test_zero3_matches_ddp(ddp_reference, shard_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_zero3_with_mod_and_v2pe_matches_ddp(shard_dir, tmp_path):
+    """p-MoD routers and V2PE under ZeRO-3: every rank calls every router whatever its batch holds."""
+    extra = ("model.mod.enabled=true", "model.mod.ratio=0.5", "model.v2pe.enabled=true")
+    ddp = tmp_path / "ddp"
+    _train_2proc(_overrides(shard_dir, ddp, *extra))
+    _zero_parity(3, ddp, shard_dir, tmp_path / "zero3", *extra)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_stages_match_ddp(stage, ddp_reference, shard_dir, tmp_path):
     _zero_parity(stage, ddp_reference, shard_dir, tmp_path / f"zero{stage}")

@@ -127,3 +127,23 @@ def test_v2pe_inference_positions_use_the_fixed_delta(small_cfg, vocab):
     image = torch.tensor(und.kinds()) == 1
     steps = pos[image].diff()
     assert torch.allclose(steps, torch.full_like(steps, 0.25)) and len(s) > 0
+
+
+def test_routers_run_on_every_rank_even_without_routable_tokens(small_cfg, vocab):
+    """ZeRO-3 (run_every_module): a batch with no image tokens still calls every router, and the
+    result is the dense one exactly (non-routable tokens are always kept with weight 1)."""
+    model = _model(small_cfg, vocab, ["model.mod.enabled=true", "model.mod.ratio=0.5"])
+    s = generation_sample(vocab, torch.rand(1, 8, 8), model.gen_tokens_per_image, "draw the digit 3")
+    batch = collate([[s]], len(s), vocab.pad)
+    embeds = model.llm.get_input_embeddings()(batch["input_ids"])
+    spec = AttentionSpec.packed(batch["sample_ids"])
+    calls = []
+    hooks = [r.register_forward_hook(lambda *a: calls.append(1)) for r in model.mod_routers.routers.values()]
+    with torch.no_grad():
+        plain = model.decode(embeds, batch["position_ids"], spec, batch["token_kinds"]).last_hidden_state
+        assert not calls  # nothing routable: the routers are skipped
+        model.run_every_module = True
+        forced = model.decode(embeds, batch["position_ids"], spec, batch["token_kinds"]).last_hidden_state
+    for h in hooks:
+        h.remove()
+    assert len(calls) == len(model.mod_routers.routers) and torch.equal(plain, forced)

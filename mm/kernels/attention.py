@@ -20,7 +20,8 @@ backend is derived from the same spec:
   (plain causal segments, queries == keys, no KV cache); otherwise it falls back to ``sdpa``.
 
 Rows that carry several samples waste most of a dense mask; :func:`attention` therefore runs ``sdpa``
-per segment when a row's dense work is mostly masked (the ``sdpa`` default on long packed rows).
+per sample when a row's dense work is mostly masked (the ``sdpa`` default on long packed rows);
+padding is then not attended at all (its output is 0, which nothing reads).
 
 flash-attn and FlexAttention are imported only when chosen, so nothing here needs them installed.
 """
@@ -173,11 +174,11 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
     L = q.shape[2]
     if not spec.self_attention or L < SEGMENTED_MIN_LEN or torch.jit.is_tracing():
         return sdpa_dense(q, k, v, spec, scale)
-    runs = [_segments_of_row(row) for row in spec.q_segments]
+    runs = [[(a, b) for a, b in _segments_of_row(row) if int(row[a]) != PAD_SEGMENT] for row in spec.q_segments]
     pairs = sum((b - a) * (b - a + 1) / 2 for row in runs for a, b in row)
     if pairs > SEGMENTED_MAX_DENSITY * len(runs) * L * (L + 1) / 2:
         return sdpa_dense(q, k, v, spec, scale)
-    out = torch.empty_like(q)
+    out = torch.zeros_like(q)  # padding stays 0: nothing reads it, so no attention is computed for it
     for r, row in enumerate(runs):
         for a, b in row:
             sub = AttentionSpec.packed(

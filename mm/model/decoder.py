@@ -172,20 +172,23 @@ def run_layers(
     routable: torch.Tensor | None = None,
     output_hidden_states: bool = False,
     checkpointing: bool = False,
+    route_always: bool = False,
 ) -> DecoderOutput:
     """The decoder on ``embeds`` [B, L, D] at float ``positions`` [B, L] under ``spec``.
 
     ``cache``: keys/values of earlier tokens (their metadata inside), extended unless
     ``write_cache=False`` (a step that must not stay in the cache, e.g. one flow step).
     ``routers``/``routable``: p-MoD; routed layers keep, per sample, the top share of its
-    ``routable`` tokens (others pass as ``w*x``). With no routable token present every layer is dense.
+    ``routable`` tokens (others pass as ``w*x``). With no routable token present every layer is dense;
+    ``route_always`` runs the routers anyway (the result is the dense one exactly: ZeRO-3 needs every
+    rank to call the same modules whatever its batch holds).
     """
     rotary = decoder.rotary_emb
     cos, sin = rotary(embeds, positions.float())
     h = embeds
     hidden = [h] if output_hidden_states else None
     kept: list[torch.Tensor | None] = []
-    route = routers is not None and routable is not None and bool(routable.any())
+    route = routers is not None and routable is not None and (route_always or bool(routable.any()))
     for i, layer in enumerate(decoder.layers):
         if route and routers.routed(i):
             h, keep = _routed_layer(

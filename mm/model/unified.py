@@ -131,7 +131,7 @@ class UnifiedModel(nn.Module):
         return run_layers(
             self.llm.get_decoder(), embeds, positions, spec, self.backend, cache=cache, write_cache=write_cache,
             routers=self.mod_routers, routable=routable, output_hidden_states=output_hidden_states,
-            checkpointing=self.checkpointing and self.training,
+            checkpointing=self.checkpointing and self.training, route_always=self.run_every_module,
         )  # fmt: skip
 
     # ---- training -----------------------------------------------------------------
