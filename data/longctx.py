@@ -129,13 +129,27 @@ class DigitPool:
         )
 
 
-def training_albums(n: int, seed: int = 0) -> list[Album]:
-    """``n`` short album windows (TRAIN_IMAGES images) from the training split, labels at random offsets."""
+def _check_images(images: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = (int(i) for i in images)
+    if not 1 <= lo <= hi <= MAX_IMAGES:
+        raise ValueError(
+            f"images per training sample must be (min, max) with 1 <= min <= max <= {MAX_IMAGES}, got {images}"
+        )
+    return lo, hi
+
+
+def training_albums(n: int, seed: int = 0, images: tuple[int, int] = TRAIN_IMAGES) -> list[Album]:
+    """``n`` short album windows (``images`` = (min, max) images) from the training split, labels at random offsets.
+
+    ``images`` other than TRAIN_IMAGES is for curricula (e.g. (1, 2) as a first stage); the draw for the
+    default is unchanged, so the default shards are the same.
+    """
+    lo, hi = _check_images(images)
     pool = DigitPool.split("train", seed=seed)
     rng = np.random.default_rng([seed, 1])
     out = []
     for _ in range(n):
-        k = int(rng.integers(TRAIN_IMAGES[0], TRAIN_IMAGES[1] + 1))
+        k = int(rng.integers(lo, hi + 1))
         album = pool.album(k, rng, first_label=int(rng.integers(MAX_IMAGES - k + 1)))
         # every image is asked about once, in random order: one answer per image (not one per album)
         # is what lets the tiny model find the lookup within a few thousand steps
@@ -161,14 +175,18 @@ def shard_sample(key: str, album: Album) -> dict:
     return sample
 
 
-def build_longctx_shards(out_dir: str | Path, n: int = TRAIN_SAMPLES, seed: int = 0) -> list[Path]:
+def build_longctx_shards(
+    out_dir: str | Path, n: int = TRAIN_SAMPLES, seed: int = 0, images: tuple[int, int] = TRAIN_IMAGES
+) -> list[Path]:
     """``train-00000{0..3}.tar`` of short album windows (+ ``sizes.json``), from the training split only."""
     out_dir = Path(out_dir)
     writer = ShardWriter(out_dir, "train", max_count=-(-n // TRAIN_SHARDS))
-    for i, album in enumerate(training_albums(n, seed)):
+    for i, album in enumerate(training_albums(n, seed, images)):
         writer.write(shard_sample(f"album{i:06d}", album))
     paths = writer.close()
-    (out_dir / SCHEMA_FILE).write_text(SCHEMA + "\n")
+    # other album sizes get another schema line, so the default folder is rebuilt if they were written there
+    schema = SCHEMA if tuple(images) == TRAIN_IMAGES else f"{SCHEMA} (images {images[0]}-{images[1]})"
+    (out_dir / SCHEMA_FILE).write_text(schema + "\n")
     return paths
 
 
@@ -217,6 +235,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/shards/longctx")
     ap.add_argument("--samples", type=int, default=TRAIN_SAMPLES)
+    ap.add_argument(
+        "--images", type=int, nargs=2, default=TRAIN_IMAGES, metavar=("MIN", "MAX"), help="images per sample"
+    )
     args = ap.parse_args()
-    for p in build_longctx_shards(resolve_path(args.out), args.samples):
+    for p in build_longctx_shards(resolve_path(args.out), args.samples, images=tuple(args.images)):
         print(p)
