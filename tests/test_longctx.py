@@ -273,3 +273,11 @@ def test_tiny_longctx_default_run_reports_both_deltas(tmp_path):
         res = json.loads((out / "results.json").read_text())
         assert res["digits_longctx_4"]["accuracy"] >= LOOKUP_FLOOR  # above chance (~0.1) at a training length
         assert res["digits_vqa"]["accuracy"] >= VQA_FLOOR
+
+
+def test_album_size_option_bounds():
+    """Curricula may draw other album sizes (a first stage of 1-2 images); a bad range is named."""
+    short = training_albums(200, images=(1, 2))
+    assert {len(a.images) for a in short} == {1, 2}
+    with pytest.raises(ValueError, match="images"):
+        training_albums(5, images=(3, 2))
