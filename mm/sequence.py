@@ -158,19 +158,8 @@ def understanding_sample(
 def generation_sample(
     vocab: Vocab, image: torch.Tensor | None, n_gen_tokens: int, prompt: str, key: str = ""
 ) -> Sample:
-    """Prompt -> image. ``image=None`` builds the inference prompt (images come from the sampler)."""
-    text = vocab.encode(prompt)
-    ids = [vocab.bos, vocab.user] + text + [vocab.assistant, vocab.bog] + [vocab.gen] * n_gen_tokens
-    prompt_mask = [False, False] + [True] * len(text) + [False] * (2 + n_gen_tokens)
-    gen_images = [image] if image is not None else []
-    kinds = [TOKEN_GEN_IMAGE if t == vocab.gen else TOKEN_TEXT for t in ids]
-    return Sample(
-        ids, [IGNORE] * len(ids), TASK_GEN, gen_images=gen_images, prompt_mask=prompt_mask, key=key,
-        token_kinds=kinds,
-    )  # fmt: skip
-
-
-GEN_IMAGE_BEGIN = {"bog": BEGIN_OF_GENERATION, "boi": BEGIN_OF_IMAGE}
+    """Prompt -> image in the flow head's layout. ``image=None`` builds the inference prompt."""
+    return _image_sample(vocab, FLOW_HEAD, (n_gen_tokens,), False, vocab.bog, False, image, prompt, key)
 
 
 @dataclass(frozen=True)
@@ -188,7 +177,7 @@ class ImageTemplate:
     image_channels: int
     blocks: tuple[int, ...]
     full_blocks: bool = False
-    begin: str = "bog"  # key of GEN_IMAGE_BEGIN
+    begin: str = "bog"  # the Vocab attribute of the token that opens the image: bog | boi
     end: bool = False  # close the image with <end_of_image>
 
     @property
@@ -200,21 +189,38 @@ def image_generation_sample(
     vocab: Vocab, template: ImageTemplate, image: torch.Tensor | None, prompt: str, key: str = ""
 ) -> Sample:
     """Prompt -> image in ``template``'s layout; ``image=None`` builds the inference sequence (slots unfilled)."""
+    if template.begin not in ("bog", "boi"):
+        raise ValueError(f"ImageTemplate.begin={template.begin!r}; known: bog, boi")
+    begin = getattr(vocab, template.begin)
+    t = template
+    return _image_sample(vocab, t.head, t.blocks, t.full_blocks, begin, t.end, image, prompt, key)
+
+
+def _image_sample(
+    vocab: Vocab,
+    head: str,
+    blocks: tuple[int, ...],
+    full_blocks: bool,
+    begin: int,
+    end: bool,
+    image: torch.Tensor | None,
+    prompt: str,
+    key: str,
+) -> Sample:
     text = vocab.encode(prompt)
-    begin = {"bog": vocab.bog, "boi": vocab.boi}[template.begin]
     head_ids = [vocab.bos, vocab.user] + text + [vocab.assistant, begin]
-    n = template.image_tokens
-    tail = [vocab.eoi] if template.end else []
+    n = sum(blocks)
+    tail = [vocab.eoi] if end else []
     ids = head_ids + [vocab.gen] * n + tail
-    blocks = [-1] * len(head_ids)
-    for b, size in enumerate(template.blocks):
-        blocks += [b if template.full_blocks else -1] * size
-    blocks += [-1] * len(tail)
+    block_ids = [-1] * len(head_ids)
+    for b, size in enumerate(blocks):
+        block_ids += [b if full_blocks else -1] * size
+    block_ids += [-1] * len(tail)
     prompt_mask = [False, False] + [True] * len(text) + [False] * (2 + n + len(tail))
     kinds = [TOKEN_GEN_IMAGE if t == vocab.gen else TOKEN_TEXT for t in ids]
     return Sample(
         ids, [IGNORE] * len(ids), TASK_GEN, gen_images=[image] if image is not None else [], prompt_mask=prompt_mask,
-        key=key, token_kinds=kinds, head=template.head, block_ids=blocks if template.full_blocks else [],
+        key=key, token_kinds=kinds, head=head, block_ids=block_ids if full_blocks else [],
     )  # fmt: skip
 
 

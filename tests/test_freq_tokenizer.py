@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,15 +27,11 @@ BAND_CASES = [(16, 16, PAPER_STAGES), (4, 4, (1, 2, 4)), (8, 8, (1, 2, 3, 4, 6, 
 SMALL = dict(channels=(16, 32), code_dim=8, codebook_size=64)
 
 
-def _script():
-    """scripts/train_tokenizer.py as a module (scripts/ is not a package)."""
-    name = "train_tokenizer_script"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "train_tokenizer.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclass type hints resolve through sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def _trainer():
+    """The tokenizer's trainer (``mm/train/tokenizer.py``; ``scripts/train_tokenizer.py`` is its command line)."""
+    from mm.train import tokenizer
+
+    return tokenizer
 
 
 def _digits(split: str, n: int | None = None) -> torch.Tensor:
@@ -253,7 +247,7 @@ def test_ema_moves_codes_to_their_cluster_means():
 
 
 def test_reconstruction_error_falls_as_stages_are_added(tmp_path):
-    script = _script()
+    script = _trainer()
     cfg = script.load_run_config(
         ROOT / "configs/tokenizer/tiny.yaml",
         [f"model.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in SMALL.items()]
@@ -278,7 +272,7 @@ def test_reconstruction_error_falls_as_stages_are_added(tmp_path):
 
 
 def test_script_trains_on_shards_and_writes_the_checkpoint_folder(shard_dir, tmp_path):
-    script = _script()
+    script = _trainer()
     out, smoke = tmp_path / "tok", f"{shard_dir}/smoke/smoke-000000.tar"
     report = script.main(
         ["--config", str(ROOT / "configs/tokenizer/tiny.yaml"), f"out_dir={out}", "data.kind=shards",
@@ -298,18 +292,18 @@ def test_script_trains_on_shards_and_writes_the_checkpoint_folder(shard_dir, tmp
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/tokenizer").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_tokenizer_config_loads(path):
-    cfg = _script().load_run_config(path)
+    cfg = _trainer().load_run_config(path)
     assert cfg.name == path.stem and cfg.model.stages[-1] == cfg.model.image_size // 2 ** (len(cfg.model.channels) - 1)
 
 
 def test_tiny_config_gives_5x_fewer_passes_than_raster():
-    cfg = _script().load_run_config(ROOT / "configs/tokenizer/tiny.yaml")
+    cfg = _trainer().load_run_config(ROOT / "configs/tokenizer/tiny.yaml")
     stages = cfg.model.stages
     assert stages[-1] ** 2 / len(stages) >= 5  # raster: one pass per finest token; NFIG: one per stage
 
 
 def test_nfig_256_config_has_the_papers_shapes():
-    cfg = _script().load_run_config(ROOT / "configs/tokenizer/nfig_256.yaml")
+    cfg = _trainer().load_run_config(ROOT / "configs/tokenizer/nfig_256.yaml")
     m = cfg.model
     assert m.stages == PAPER_STAGES and m.codebook_size == 4096 and m.image_size == 256
     with torch.device("meta"):
@@ -333,14 +327,14 @@ def test_nfig_256_config_has_the_papers_shapes():
 )  # fmt: skip
 def test_bad_tokenizer_config_names_the_problem(override, named):
     with pytest.raises(ConfigError, match=named):
-        _script().load_run_config(ROOT / "configs/tokenizer/tiny.yaml", [override])
+        _trainer().load_run_config(ROOT / "configs/tokenizer/tiny.yaml", [override])
 
 
 def test_perceptual_hook_loads_local_weights_only(tmp_path):
     from safetensors.torch import save_file
     from torchvision.models.vgg import cfgs, make_layers
 
-    script = _script()
+    script = _trainer()
     with pytest.raises(FileNotFoundError, match="perceptual.weights"):
         script.VGG16FeatureDistance(str(tmp_path / "missing.safetensors"))
     torch.manual_seed(0)
@@ -384,7 +378,7 @@ def test_nfig_256_trains_a_step_at_full_size_on_gpu():
 
     from data.stream import fit_image
 
-    cfg = _script().load_run_config(ROOT / "configs/tokenizer/nfig_256.yaml")
+    cfg = _trainer().load_run_config(ROOT / "configs/tokenizer/nfig_256.yaml")
     photos = [
         torch.from_numpy(getattr(skdata, n)()).permute(2, 0, 1).float() / 255
         for n in ("astronaut", "coffee", "chelsea")
@@ -412,7 +406,7 @@ def test_nfig_256_trains_a_step_at_full_size_on_gpu():
 
 @pytest.mark.slow
 def test_tiny_tokenizer_reconstructions_are_recognised(tmp_path):
-    report = _script().main(["--config", str(ROOT / "configs/tokenizer/tiny.yaml"), f"out_dir={tmp_path}"])
+    report = _trainer().main(["--config", str(ROOT / "configs/tokenizer/tiny.yaml"), f"out_dir={tmp_path}"])
     judge = report["digit_classifier"]
     assert judge["nfig_accuracy"] >= 0.95 and judge["single_scale_accuracy"] >= 0.95, judge
     assert judge["real_heldout_accuracy"] - judge["nfig_accuracy"] < 0.03

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from data.digits import ensure_bundled_digits
 from data.loader import build_train_loader
 from data.longctx import ensure_longctx_shards
-from mm.config import REPO_ROOT, CodeHeadConfig, Config, ConfigError, ModelConfig, resolve_path, to_yaml
+from mm.config import CodeHeadConfig, Config, ConfigError, ModelConfig, resolve_path, to_yaml
 from mm.model.unified import UnifiedModel
 from mm.sequence import Vocab, load_vocab
 from mm.train.checkpoint import (
@@ -113,14 +113,10 @@ def ensure_head_tokenizers(cfg: Config) -> None:
         out = resolve_path(c.tokenizer)
         if (out / "model.safetensors").is_file():
             continue
-        import importlib.util
+        from mm.train.tokenizer import main as train_tokenizer  # only when one is missing
 
-        # scripts/ is not a package: load the tokenizer's training script by path and call its main()
-        spec = importlib.util.spec_from_file_location("train_tokenizer", REPO_ROOT / "scripts" / "train_tokenizer.py")
-        script = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(script)
         print(f"[{name}] no tokenizer at {out}: training it from {c.build_config}", flush=True)
-        script.main(["--config", str(resolve_path(c.build_config)), f"out_dir={out}"])
+        train_tokenizer(["--config", str(resolve_path(c.build_config)), f"out_dir={out}"])
 
 
 def build_model(cfg: Config, init: bool = False) -> tuple[UnifiedModel, Vocab]:

@@ -22,6 +22,7 @@ at the first block to ``cfg_scale`` at the last (VAR).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -121,8 +122,9 @@ class CodeHead(ImageHead):
         self.starts = starts
 
     @staticmethod
+    @abstractmethod
     def block_sizes(tok: FreqTokenizer) -> tuple[int, ...]:
-        raise NotImplementedError
+        """Tokens per block (one LLM pass each when sampling): NFIG's stages, raster's single codes."""
 
     @property
     def tokenizer(self) -> FreqTokenizer:
@@ -149,24 +151,26 @@ class CodeHead(ImageHead):
     def recipe(self) -> dict:
         return code_recipe(self.name, self._model_cfg)
 
-    # ---- codes <-> slot inputs (the two hooks) -------------------------------------
+    # ---- codes <-> slot inputs: what NextFreqHead and RasterHead each define ---------------------
+    @abstractmethod
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """[0,1] images -> codes of each block [N, block size]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def block_vectors(self, codes: list[torch.Tensor]) -> torch.Tensor:
         """Teacher forcing: the code-space inputs of blocks 2..n [N, T - blocks[0], D] from the codes."""
-        raise NotImplementedError
 
+    @abstractmethod
     def begin_sampling(self, n: int, device: torch.device) -> object:
-        raise NotImplementedError
+        """The sampler's state before block 1 (what :meth:`advance` and :meth:`images` read)."""
 
+    @abstractmethod
     def advance(self, state: object, k: int, codes_k: torch.Tensor) -> tuple[object, torch.Tensor | None]:
         """Block k's sampled codes [N, size] -> (state, code-space inputs of block k+1 or None)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def images(self, state: object) -> torch.Tensor:
-        raise NotImplementedError
+        """The finished sampler state -> [0,1] images."""
 
     def slot_inputs(self, vectors: torch.Tensor | None, first: int, n: int) -> torch.Tensor:
         """LLM-width inputs of the slots from ``first`` on: the start vector in block 1, else projected vectors."""
