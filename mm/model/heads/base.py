@@ -67,10 +67,6 @@ class ImageHead(ABC):
     def generate(self, model, prompts: list[str], generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
         """Text -> [0,1] images [N,C,H,W]."""
 
-    @abstractmethod
-    def recipe(self) -> dict:
-        """The default sampling settings (release generation_config, eval recipes)."""
-
     @property
     @abstractmethod
     def passes_per_image(self) -> int:

@@ -107,7 +107,7 @@ class CodeHead(ImageHead):
     single_scale: bool = False  # raster: the tokenizer's single-scale codes
 
     def __init__(self, name: str, cfg: ModelConfig, vocab: Vocab, hidden_size: int):
-        self.name, self.vocab, self._model_cfg = name, vocab, cfg
+        self.name, self.vocab = name, vocab
         self.cfg: CodeHeadConfig = getattr(cfg, name)
         tok = load_tokenizer(self.cfg, f"model.{name}")
         self.blocks = self.block_sizes(tok)
@@ -147,9 +147,6 @@ class CodeHead(ImageHead):
     def loss_counts(self, batch: dict) -> dict[str, float]:
         images = batch.get(f"{self.name}_images")
         return {self.name: float(len(images) * self.tokens_per_image) if images is not None else 0.0}
-
-    def recipe(self) -> dict:
-        return code_recipe(self.name, self._model_cfg)
 
     # ---- codes <-> slot inputs: what NextFreqHead and RasterHead each define ---------------------
     @abstractmethod

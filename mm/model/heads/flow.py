@@ -80,9 +80,6 @@ class FlowHead(ImageHead):
         n_gen = float(len(batch["gen_images"])) if "gen_images" in batch else 0.0
         return {"flow": n_gen, "repa": n_gen if self.repa else 0.0}
 
-    def recipe(self) -> dict:
-        return flow_recipe(self.cfg)
-
     @property
     def passes_per_image(self) -> int:
         return 1 + self.cfg.flow.sample_steps  # the prompt prefix once, then one pass per Euler step
