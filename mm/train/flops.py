@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from mm.config import MoDConfig
-from mm.model.routing import kept_count, layer_ratios, routable_kind_ids
+from mm.model.routing import kept_count, layer_ratios, routable_mask
 from mm.sequence import IGNORE
 
 # Dense (no sparsity) peak TFLOP/s per device from the vendors' datasheets, by the precision the
@@ -119,11 +119,8 @@ def batch_shape(batch: dict, num_layers: int, mod: MoDConfig | None = None) -> B
     ratios = layer_ratios(num_layers, mod) if mod is not None else [1.0] * num_layers
     routable = torch.zeros_like(lengths)
     if any(r < 1.0 for r in ratios):
-        kinds = batch["token_kinds"]
-        is_routable = torch.zeros_like(valid)
-        for kind in routable_kind_ids(mod.routable_kinds):
-            is_routable |= kinds == kind
-        routable = torch.bincount(sid[valid & is_routable], minlength=len(lengths))
+        is_routable = routable_mask(batch["token_kinds"], sid, mod.routable_kinds)  # what the model routes
+        routable = torch.bincount(sid[is_routable], minlength=len(lengths))
     present = lengths > 0  # ids may skip numbers; absent ids are not samples
     counts = layer_counts(lengths[present].tolist(), routable[present].tolist(), ratios)
     und = batch.get("und_images")
