@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from mm.config import resolve_path  # noqa: E402
+from mm.schema import resolve_path  # noqa: E402
 
 
 def main() -> None:
@@ -36,9 +36,11 @@ def main() -> None:
     )
     args = ap.parse_args()
 
+    # here, not at the top: --help stays fast
     from mm.eval.harness import evaluate
-    from mm.eval.run import latest_run, load_release, load_run_model, plot_losses
     from mm.eval.taskfile import DEFAULT_TASK_DIR, discover
+    from mm.load import latest_run, load_release, load_run_model
+    from mm.train.metrics import plot_loss_curve
 
     overrides = args.overrides + ([f"eval.task_dirs={list(args.task_dir)}"] if args.task_dir else [])
     if args.list:
@@ -59,7 +61,7 @@ def main() -> None:
         torch.set_num_threads(loaded.config.eval.threads)
     evaluate(loaded, tasks, loaded.config.eval, out)
     if not args.model and (run_dir / "metrics.jsonl").exists():
-        plot_losses(run_dir, out / "loss_curve.png")
+        plot_loss_curve(run_dir / "metrics.jsonl", out / "loss_curve.png")
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ def main() -> None:
     args = ap.parse_args()
     try:
         cfg = load_config(args.config, args.overrides)
-        from mm.train.trainer import main_cli
+        from mm.train.launch import main as launch  # here, not at the top: --help stays fast
 
-        main_cli(cfg, args.resume, args.overwrite)
+        launch(cfg, args.resume, args.overwrite)
     except ConfigError as e:  # a config mistake is one line naming the key, not a traceback
         sys.exit(str(e))
 

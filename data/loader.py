@@ -49,19 +49,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.config import DataConfig
 from data.images import set_pixel_cap
-from data.pack import PACKERS, PackItem, collate
-from data.sources import SOURCE_KINDS, BuildContext, build_samples
+from data.pack import PACKERS
+from data.sources import BuildContext, SourceConfig, build_samples, source_kind
 from data.stream import (
     BadSample,
-    SampleShapes,
     ShardUnavailable,
     check_openable,
     expand_shards,
     iter_samples,
     open_shard,
 )
-from mm.config import DataConfig
+from mm.batch import Batch, PackItem, SampleShapes, collate
 from mm.sequence import Vocab
 
 STATE_VERSION = 1
@@ -76,25 +76,36 @@ def stable_seed(*parts: Any) -> int:
 class SourceSpec:
     """A configured source with its shard list resolved."""
 
-    name: str
-    kind: str
-    weight: float
-    resample: bool
+    source: SourceConfig
     urls: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def kind(self) -> str:
+        return self.source.kind
+
+    @property
+    def weight(self) -> float:
+        return self.source.weight
+
+    @property
+    def resample(self) -> bool:
+        return self.source.resample
 
 
 def resolve_sources(cfg: DataConfig) -> list[SourceSpec]:
     """Expand every source's shards (``shards: ""`` means ``data.train_shards``); fail naming what is wrong."""
     specs = []
     for src in cfg.sources:
-        if src.kind not in SOURCE_KINDS:
-            raise KeyError(f"data.sources[{src.name}].kind={src.kind!r}; known: {sorted(SOURCE_KINDS)}")
         pattern = src.shards or cfg.train_shards
         try:
             urls = expand_shards(pattern, cfg.allow_shell_urls)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"data.sources[{src.name}]: {e}") from None
-        specs.append(SourceSpec(src.name, src.kind, src.weight, src.resample, tuple(urls)))
+        specs.append(SourceSpec(src, tuple(urls)))
     return specs
 
 
@@ -327,9 +338,9 @@ class WorkerStream:
 
     def _items(self, source: int, ptr: tuple[int, int, int], raw: dict) -> list[PackItem]:
         spec = self.specs[source]
-        splittable = SOURCE_KINDS[spec.kind].splittable
+        splittable = source_kind(spec.kind)[0].splittable
         items = []
-        for sub, sample in enumerate(build_samples(spec.kind, raw, self._context(source, ptr))):
+        for sub, sample in enumerate(build_samples(spec.source, raw, self._context(source, ptr))):
             if len(sample) > self.cfg.seq_len and not splittable:
                 self.skip(
                     f"{spec.name}/too_long", f"{sample.key}: {len(sample)} tokens > data.seq_len={self.cfg.seq_len}"
@@ -360,7 +371,7 @@ class WorkerStream:
                 f"skipped: {dict(self.skip.counts)}"
             )
 
-    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
+    def __iter__(self) -> Iterator[tuple[Batch, dict]]:
         while True:
             rows = []
             for _ in range(self.cfg.rows_per_batch):
@@ -427,14 +438,14 @@ class _Slices(IterableDataset):
             self.states.get(worker),
         )  # fmt: skip
 
-    def __iter__(self) -> Iterator[tuple[dict, dict]]:
+    def __iter__(self) -> Iterator[tuple[Batch, dict]]:
         info = get_worker_info()
         # The DataLoader starts its round robin at process 0; on resume, process 0 plays the logical worker
         # whose batch comes next, so the order continues where it stopped.
         worker = (self.first + (info.id if info else 0)) % self.workers
         for batch, state in self.stream(worker):
             if info is not None:
-                batch = {k: to_transport(v) for k, v in batch.items()}
+                batch = batch.map_tensors(to_transport)
             yield batch, state
 
 
@@ -469,7 +480,7 @@ class TrainLoader:
                     flush=True,
                 )
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         self.close()  # one live DataLoader at a time
         batches = self._batches()
         # A weak reference: the iterator refers to this loader, so a strong one would make a cycle that only the
@@ -484,7 +495,7 @@ class TrainLoader:
             batches.close()
         self._active = None
 
-    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(self) -> Iterator[Batch]:
         first = self.consumed % self.workers
         dataset = _Slices(self, first)
         if self.cfg.num_workers == 0:
@@ -496,7 +507,7 @@ class TrainLoader:
             )  # fmt: skip
         expected = first
         for batch, state in source:
-            batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+            batch = batch.map_tensors(lambda v: torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
             if state["worker"] != expected:  # the resume logic relies on the DataLoader's in-order round robin
                 raise RuntimeError(f"batch from worker {state['worker']}, expected worker {expected}")
             self.worker_states[expected] = state

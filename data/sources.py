@@ -1,10 +1,11 @@
 """Source kinds: what a raw webdataset sample means, as one registered builder per kind.
 
-A *source* (``mm.config.SourceConfig``) is a shard pattern + a kind + a weight. A
-*kind* turns one raw sample (``{"__key__": ..., ext: bytes}``) into training
-:class:`~mm.sequence.Sample` s with :mod:`mm.sequence`'s templates. Adding a task or an
-image head means adding one entry to :data:`SOURCE_KINDS`; the loader, packer and
-config validation read the registry and need no edit.
+A *source* (:class:`SourceConfig`) is a shard pattern + a kind + a weight (+ the kind's own
+``options``). A *kind* turns one raw sample (``{"__key__": ..., ext: bytes}``) into training
+:class:`~mm.sequence.Sample` s with :mod:`mm.sequence`'s templates. Adding a kind is one entry in
+:data:`SOURCE_KINDS` (a :class:`SourceKind`: its builder, its options class); the loader, packer and
+config validation read the registry and need no edit. ``kind: "name:value"`` is shorthand for the
+kind's one ``argument`` option (``generation:nextfreq`` = ``generation`` with ``head: nextfreq``).
 
 Shard layouts the bundled kinds read (``make_shards.py`` writes them):
 
@@ -25,16 +26,18 @@ is counted under; anything else is a bug and propagates.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
+from typing import Any
 
 from data.images import IMAGE_EXTS, resize_crop, resize_pad
-from data.stream import BadSample, SampleShapes
-from mm.model.positions import image_runs
+from data.stream import BadSample
+from mm.batch import SampleShapes
+from mm.positions import image_runs
+from mm.schema import ConfigError, parse_part
 from mm.sequence import (
-    FLOW_HEAD,
     IMAGE_MARKER,
     ROLE_ASSISTANT,
     ROLE_USER,
@@ -42,7 +45,6 @@ from mm.sequence import (
     TemplateError,
     Vocab,
     conversation_sample,
-    generation_sample,
     image_generation_sample,
     text_document_samples,
 )
@@ -59,13 +61,20 @@ class BuildContext:
     rng: random.Random  # seeded per raw sample: the same draws on resume and under any packing
 
 
-SampleBuilder = Callable[[dict, BuildContext], list[Sample]]
+@dataclass
+class NoOptions:
+    """A kind without options."""
+
+
+SampleBuilder = Callable[[dict, BuildContext, Any], list[Sample]]  # (raw sample, context, the kind's options)
 
 
 @dataclass(frozen=True)
 class SourceKind:
     build: SampleBuilder
+    Config: type = NoOptions  # the kind's options (a source's ``options`` section)
     splittable: bool = False  # its samples are text only and may be cut across packed rows
+    argument: str = ""  # the option that ``kind: "name:value"`` sets
 
 
 # ---- members --------------------------------------------------------------------
@@ -110,8 +119,13 @@ def image_members(raw: dict) -> list[bytes]:
 
 
 # ---- kinds ------------------------------------------------------------------------
-def build_generation(raw: dict, ctx: BuildContext, head: str = "") -> list[Sample]:
-    """One image + caption -> a generation sample in the layout of image head ``head`` ("" = the model's first)."""
+@dataclass
+class GenerationOptions:
+    head: str = ""  # the image head that trains on these samples; "" = the model's first
+
+
+def build_generation(raw: dict, ctx: BuildContext, options: GenerationOptions) -> list[Sample]:
+    """One image + caption -> a generation sample in the layout of the options' image head."""
     images = image_members(raw)
     if len(images) != 1:
         raise BadSample("missing_image" if not images else "too_many_images", f"{len(images)} images")
@@ -121,12 +135,7 @@ def build_generation(raw: dict, ctx: BuildContext, head: str = "") -> list[Sampl
     if not isinstance(caption, str) or not caption.strip():
         raise BadSample("missing_caption", "no txt member and no json caption" if caption is None else "empty caption")
     s = ctx.shapes
-    if not s.gen_templates:  # shapes without image heads: the flow head's layout
-        if head not in ("", FLOW_HEAD):
-            raise ValueError(f"source kind generation:{head} needs the model's image-head templates (SampleShapes)")
-        image = resize_crop(images[0], s.gen_size, s.gen_channels, ctx.max_pixels)
-        return [generation_sample(ctx.vocab, image, s.gen_tokens, caption.strip(), key=raw["__key__"])]
-    head = head or next(iter(s.gen_templates))
+    head = options.head or s.default_head
     if head not in s.gen_templates:
         raise ValueError(
             f"source kind generation:{head}: the model has no {head!r} head (it has {list(s.gen_templates)})"
@@ -134,10 +143,6 @@ def build_generation(raw: dict, ctx: BuildContext, head: str = "") -> list[Sampl
     t = s.gen_templates[head]
     image = resize_crop(images[0], t.image_size, t.image_channels, ctx.max_pixels)
     return [image_generation_sample(ctx.vocab, t, image, caption.strip(), key=raw["__key__"])]
-
-
-def _generation_for(head: str) -> SampleBuilder:
-    return partial(build_generation, head=head)
 
 
 ROLES = {"human": ROLE_USER, "user": ROLE_USER, "gpt": ROLE_ASSISTANT, "assistant": ROLE_ASSISTANT}
@@ -162,7 +167,7 @@ def parse_conversation(meta: dict, n_images: int) -> list[tuple[str, str]]:
     return turns
 
 
-def build_conversation(raw: dict, ctx: BuildContext) -> list[Sample]:
+def build_conversation(raw: dict, ctx: BuildContext, options: NoOptions) -> list[Sample]:
     meta = _json(raw)
     if meta is None:
         raise BadSample("missing_json", "no json member")
@@ -176,7 +181,7 @@ def build_conversation(raw: dict, ctx: BuildContext) -> list[Sample]:
         raise BadSample("bad_conversation", str(e)) from None
 
 
-def build_text(raw: dict, ctx: BuildContext) -> list[Sample]:
+def build_text(raw: dict, ctx: BuildContext, options: NoOptions) -> list[Sample]:
     text = _text(raw, "txt")
     if text is None:
         text = (_json(raw) or {}).get("text")
@@ -188,23 +193,53 @@ def build_text(raw: dict, ctx: BuildContext) -> list[Sample]:
         raise BadSample("empty_text", str(e)) from None
 
 
-GEN_HEAD_NAMES = (
-    FLOW_HEAD,
-    "nextfreq",
-    "raster",
-)  # mm.model.heads.IMAGE_HEADS (not imported: loader workers stay light)
-
 SOURCE_KINDS: dict[str, SourceKind] = {
-    "generation": SourceKind(build_generation),
-    **{f"generation:{h}": SourceKind(_generation_for(h)) for h in GEN_HEAD_NAMES},
+    "generation": SourceKind(build_generation, GenerationOptions, argument="head"),
     "conversation": SourceKind(build_conversation),
     "text": SourceKind(build_text, splittable=True),
 }
 
 
-def build_samples(kind: str, raw: dict, ctx: BuildContext) -> list[Sample]:
-    """Run the kind's builder, then draw the sample's image position deltas (V2PE hook)."""
-    samples = SOURCE_KINDS[kind].build(raw, ctx)
+def source_kind(kind: str) -> tuple[SourceKind, str]:
+    """The registered kind of ``kind`` ("name" or "name:value") and the shorthand's value."""
+    name, _, value = kind.partition(":")
+    if name not in SOURCE_KINDS:
+        raise ConfigError(f"source kind {kind!r}; known: {sorted(SOURCE_KINDS)}")
+    found = SOURCE_KINDS[name]
+    if value and not found.argument:
+        raise ConfigError(f"source kind {name!r} takes no ':value' shorthand (got {kind!r})")
+    return found, value
+
+
+@dataclass
+class SourceConfig:
+    """One training source: shards of one sample kind, mixed in by weight (data/loader.py)."""
+
+    name: str = "digits"
+    kind: str = "conversation"  # key of SOURCE_KINDS, or "name:value" (generation:nextfreq)
+    shards: str = ""  # brace pattern, several joined by '::'; "" = data.train_shards
+    weight: float = 1.0  # share of drawn samples (JanusFlow stage 2: und:gen:text = 14:80:6)
+    resample: bool = False  # False: exact epochs; True: shards drawn with replacement (open-ended pretraining)
+    options: Any = field(default_factory=dict)  # the kind's own settings (its SourceKind.Config)
+
+    def __post_init__(self) -> None:
+        where = f"data.sources[{self.name}]"
+        try:
+            found, value = source_kind(self.kind)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.kind: {e}") from None
+        options = dict(self.options) if isinstance(self.options, dict) else self.options
+        if value:
+            options = (options if isinstance(options, dict) else {}) | {found.argument: value}
+        self.options = parse_part(found.Config, options, f"{where}.options")
+        if self.weight < 0 or not math.isfinite(self.weight):
+            raise ConfigError(f"{where}.weight={self.weight} must be >= 0")
+
+
+def build_samples(source: SourceConfig, raw: dict, ctx: BuildContext) -> list[Sample]:
+    """Run the source kind's builder, then draw the sample's image position deltas (V2PE hook)."""
+    found, _ = source_kind(source.kind)
+    samples = found.build(raw, ctx, source.options)
     policy = ctx.shapes.position_policy
     if policy is not None and policy.enabled:
         for sample in samples:

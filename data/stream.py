@@ -20,7 +20,6 @@ is the tar), which is how object stores are read (``pipe:aws s3 cp s3://b/x.tar 
 
 from __future__ import annotations
 
-import io
 import os
 import shlex
 import struct
@@ -28,18 +27,12 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import braceexpand
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
 
-from mm.config import resolve_path
-from mm.model.positions import PositionPolicy
+from mm.schema import resolve_path
 
 BLOCK = 512
 SHELL_PREFIX = "pipe:"
@@ -56,25 +49,6 @@ class BadSample(Exception):
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.message}" if self.message else self.reason
-
-
-@dataclass
-class SampleShapes:
-    """What the model needs of each image: sizes, channels and token counts (``UnifiedModel.sample_shapes``).
-
-    ``position_policy``: V2PE's per-image position deltas, drawn when a sample is
-    built (None or a disabled policy = the standard 0..n-1 positions).
-    """
-
-    und_size: int
-    und_channels: int
-    und_tokens: int
-    gen_size: int
-    gen_channels: int
-    gen_tokens: int
-    und_fill: int = 127  # pad value of understanding images: mid grey, ~0 after a 0.5/0.5 normalisation
-    position_policy: PositionPolicy | None = None
-    gen_templates: dict = field(default_factory=dict)  # image head -> mm.sequence.ImageTemplate; first = default
 
 
 class ShardUnavailable(OSError):
@@ -338,30 +312,3 @@ def read_samples(pattern: str, allow_shell: bool = False) -> Iterator[dict]:
         with open_shard(url) as f:
             for _, sample in iter_samples(f, fail):
                 yield sample
-
-
-# ---- float helpers for evaluation code that reads shards directly --------------------
-def decode_image(data: bytes) -> torch.Tensor:
-    """PNG/JPEG bytes -> [C,H,W] float in [0,1] (C=1 for grey, 3 for colour)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        mode = "L" if img.mode in ("L", "1", "I;16", "I") else "RGB"
-        arr = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
-    t = torch.from_numpy(arr)
-    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
-
-
-def fit_image(image: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """Centre-crop a [0,1] float image to square, resize to ``size`` and convert grey<->RGB."""
-    c, h, w = image.shape
-    s = min(h, w)
-    image = image[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
-    if s != size:
-        image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    if c == channels:
-        return image.clamp(0, 1)
-    if channels == 3 and c == 1:
-        return image.expand(3, -1, -1).clamp(0, 1)
-    if channels == 1 and c == 3:
-        return image.mean(0, keepdim=True).clamp(0, 1)
-    raise ValueError(f"cannot convert a {c}-channel image to {channels} channels")

@@ -8,12 +8,12 @@
     processor = AutoProcessor.from_pretrained("release/")  # tokenizer + per-tower image preprocessing
     model.answer(processor.und_images([img]), ["what digit is this ?"])
 
-* ``UnifiedMMConfig`` carries our ``ModelConfig`` as one sub-config per part (``und``,
-  ``autoencoder``, ``gen``, ``llm``, ``flow``, ... every dataclass field, listed in
-  ``mm_parts``, so a field added later travels without changes here), the LLM's own
-  ``transformers`` config as ``text_config``, and ``part_configs``: the configs of
-  parts that were built from local weights (a diffusers VAE, a transformers vision
-  tower), so ``from_pretrained`` needs no original weights directory.
+* ``UnifiedMMConfig`` carries our ``ModelConfig`` as one sub-config per part (``und``, ``llm``,
+  ``mod``, ``v2pe``, ``heads``, ... every dataclass field, listed in ``mm_parts``, so a field added
+  later travels without changes here), the LLM's own ``transformers`` config as ``text_config``,
+  and ``part_configs``: the configs of parts that were built from local weights (a diffusers VAE, a
+  transformers vision tower), so ``from_pretrained`` needs no original weights directory. Releases
+  written before image heads owned their parts (format 1) load through ``mm.model.legacy``.
 * ``UnifiedMMModel`` holds a ``UnifiedModel`` built from that config; the UnifiedModel's
   parts are its own children, so the state-dict keys are the UnifiedModel's, unchanged.
 * ``UnifiedMMProcessor`` = tokenizer + image preprocessing of each tower (size,
@@ -25,27 +25,24 @@ Weights are safetensors, configs JSON: no pickle anywhere in a release.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, ProcessorMixin
 
-from mm.config import ConfigError, ModelConfig
+from mm.images import fit_image
+from mm.model.autoencoder import DiffusersKL
+from mm.model.config import ModelConfig, model_config_from_dict
+from mm.model.freq_tokenizer import FreqTokenizer
+from mm.model.legacy import FORMAT, legacy_key
+from mm.model.towers import HFSiglipTower
+from mm.model.unified import UnifiedModel
+from mm.schema import ConfigError, to_plain
+from mm.sequence import Vocab
 
 MODEL_TYPE = "unified_mm"
-
-
-def _model_config_from_dict(parts: dict) -> ModelConfig:
-    """Validate the parts against today's schema: a key this version does not know is an error."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), parts))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"release config does not match this version's ModelConfig: {e}") from None
 
 
 class UnifiedMMConfig(PreTrainedConfig):
@@ -57,9 +54,11 @@ class UnifiedMMConfig(PreTrainedConfig):
         mm_parts: list[str] | None = None,
         text_config: dict | PreTrainedConfig | None = None,
         part_configs: dict | None = None,
+        mm_format: int = 1,
         **kwargs,
     ):
         # One attribute per ModelConfig field (``mm_parts`` lists them); the rest of kwargs is transformers'.
+        self.mm_format = mm_format  # 1: written before image heads owned their parts (mm.model.legacy)
         self.mm_parts = list(mm_parts or [])
         for name in self.mm_parts:
             if name not in kwargs:
@@ -68,19 +67,24 @@ class UnifiedMMConfig(PreTrainedConfig):
         if isinstance(text_config, dict):
             text_config = AutoConfig.for_model(**text_config)
         self.text_config = text_config
-        self.part_configs = dict(part_configs or {})
+        parts = dict(part_configs or {})
+        self.part_configs = {legacy_key(k): v for k, v in parts.items()} if mm_format < 2 else parts
         super().__init__(**kwargs)
 
     @classmethod
     def from_model_config(
         cls, model_cfg: ModelConfig, text_config: PreTrainedConfig, part_configs: dict | None = None
     ) -> UnifiedMMConfig:
-        parts = asdict(model_cfg)
+        parts = to_plain(model_cfg)
         return cls(mm_parts=[f.name for f in fields(ModelConfig)], text_config=text_config.to_dict(),
-                   part_configs=part_configs, **parts)  # fmt: skip
+                   part_configs=part_configs, mm_format=FORMAT, **parts)  # fmt: skip
 
     def to_model_config(self) -> ModelConfig:
-        return _model_config_from_dict({name: getattr(self, name) for name in self.mm_parts})
+        try:
+            parts = {name: getattr(self, name) for name in self.mm_parts}
+            return model_config_from_dict(parts, "the release config")
+        except ConfigError as e:
+            raise ConfigError(f"release config does not match this version's ModelConfig: {e}") from None
 
 
 # ---------------------------------------------------------------------------------
@@ -102,47 +106,58 @@ def _library_class(library: str, name: str):
     return cls
 
 
-def describe_loaded_parts(model: torch.nn.Module, model_cfg: ModelConfig) -> dict:
+def _loaded_parts(model: UnifiedModel) -> dict[str, torch.nn.Module]:
+    """Sub-modules built from local weights by a library (transformers, diffusers), by state-dict prefix."""
+    out: dict[str, torch.nn.Module] = {}
+    if isinstance(model.und.tower, HFSiglipTower) and model.und.tower.cfg.weights:
+        out["und.tower.model"] = model.und.tower.model
+    for name, head in model.heads.items():
+        ae = getattr(head, "autoencoder", None)
+        if isinstance(ae, DiffusersKL) and ae.path:
+            out[f"heads.{name}.autoencoder.vae"] = ae.vae
+    return out
+
+
+def describe_loaded_parts(model: UnifiedModel) -> dict:
     """Configs of the sub-modules that the model config builds from local paths (tower, VAE).
 
     In a release those paths are gone; the parts are rebuilt from these configs and
     their weights come from the release's safetensors.
     """
     out = {}
-    if model_cfg.und.weights and model_cfg.und.kind == "hf_siglip":
-        m = model.und.tower.model
-        out["und.tower.model"] = {"library": "transformers", "class": type(m).__name__, "config": m.config.to_dict()}
-    if model_cfg.autoencoder.path and model_cfg.autoencoder.kind == "diffusers_kl":
-        m = model.autoencoder.vae
-        out["autoencoder.vae"] = {"library": "diffusers", "class": type(m).__name__, "config": dict(m.config)}
-    for path, spec in out.items():
-        spec["dtype"] = str(next(model.get_submodule(path).parameters()).dtype).removeprefix("torch.")
+    for path, m in _loaded_parts(model).items():
+        library = "diffusers" if type(m).__module__.startswith("diffusers") else "transformers"
+        config = dict(m.config) if library == "diffusers" else m.config.to_dict()
+        dtype = str(next(m.parameters()).dtype).removeprefix("torch.")
+        out[path] = {"library": library, "class": type(m).__name__, "config": config, "dtype": dtype}
     return out
 
 
-def release_model_config(model: torch.nn.Module, model_cfg: ModelConfig) -> ModelConfig:
+def release_model_config(model: UnifiedModel, model_cfg: ModelConfig) -> ModelConfig:
     """The model config of a release: no local paths, the loaded parts' true shapes, SDPA for inference.
 
-    Paths are cleared because the weights they named are inside the release; the shape
-    fields are what the UnifiedModel sizes its aligners and REPA projection from (a part
-    loaded from a path ignores them); flash-attn varlen cannot take the padded, masked
-    rows of inference, so a release says ``sdpa``.
+    Paths are cleared because the weights they named are inside the release; the shape fields are
+    what the UnifiedModel sizes its aligners and REPA projection from (a part loaded from a path
+    ignores them); flash-attn varlen cannot take the padded, masked rows of inference, so a release
+    says ``sdpa``.
     """
     cfg = copy.deepcopy(model_cfg)
-    llm_config = model.llm.config
-    if cfg.und.weights and cfg.und.kind == "hf_siglip":
+    tower = cfg.und.tower
+    if isinstance(model.und.tower, HFSiglipTower) and tower.weights:
         t = model.und.tower.model.config
-        cfg.und.width, cfg.und.layers, cfg.und.heads = t.hidden_size, t.num_hidden_layers, t.num_attention_heads
-        cfg.und.mlp_ratio = t.intermediate_size / t.hidden_size
-        cfg.und.image_size, cfg.und.patch_size, cfg.und.in_channels = t.image_size, t.patch_size, t.num_channels
-    cfg.und.weights = ""
-    cfg.autoencoder.path = ""
-    for name in cfg.heads:  # code heads: the tokenizer's weights are in the release, its shapes in the config
-        c = getattr(cfg, name, None)
-        if hasattr(c, "tokenizer_model"):
-            c.tokenizer_model = copy.deepcopy(model.heads[name].tokenizer.cfg)
-            c.tokenizer, c.build_config = "", ""
-    llm = cfg.llm
+        tower.width, tower.layers, tower.heads = t.hidden_size, t.num_hidden_layers, t.num_attention_heads
+        tower.mlp_ratio = t.intermediate_size / t.hidden_size
+        tower.image_size, tower.patch_size, tower.channels = t.image_size, t.patch_size, t.num_channels
+    if hasattr(tower, "weights"):
+        tower.weights = ""
+    for name, head_cfg in cfg.heads.items():
+        if hasattr(head_cfg, "autoencoder"):
+            head_cfg.autoencoder.path = ""
+        tok = getattr(head_cfg, "tokenizer", None)
+        if tok is not None and hasattr(tok, "build_config"):  # its weights are in the release, its shapes here
+            tok.config = copy.deepcopy(model.heads[name].tokenizer.cfg)
+            tok.path, tok.build_config = "", ""
+    llm, llm_config = cfg.llm, model.llm.config
     llm.pretrained, llm.tokenizer = "", ""
     llm.model_type = llm_config.model_type
     llm.hidden_size = llm_config.hidden_size
@@ -160,9 +175,6 @@ def release_model_config(model: torch.nn.Module, model_cfg: ModelConfig) -> Mode
 def build_unified(config: UnifiedMMConfig, tokenizer):
     """A ``UnifiedModel`` of the release config; the LLM and path-loaded parts come from their saved configs."""
     from transformers import AutoModelForCausalLM
-
-    from mm.model.unified import UnifiedModel
-    from mm.sequence import Vocab
 
     model_cfg = config.to_model_config()
     unified = UnifiedModel(model_cfg, Vocab(tokenizer))
@@ -218,8 +230,6 @@ class UnifiedMMModel(PreTrainedModel):
         # layers included); transformers' generic init must not overwrite that. Derived buffers that
         # no checkpoint holds (a code tokenizer's band masks) are recomputed: from_pretrained built
         # them on the meta device.
-        from mm.model.freq_tokenizer import FreqTokenizer
-
         if isinstance(module, FreqTokenizer):
             module.init_derived_buffers()
 
@@ -228,8 +238,8 @@ class UnifiedMMModel(PreTrainedModel):
         self._unified.training = mode
         return self
 
-    def forward(self, **batch) -> dict[str, torch.Tensor]:
-        """Training losses of a packed batch (``data/pack.py: collate`` keys), as ``UnifiedModel.forward``."""
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        """Training losses of a packed ``mm.batch.Batch``, as ``UnifiedModel.forward``."""
         return self._unified(batch)
 
     def answer(self, images: torch.Tensor, questions: list[str], max_new_tokens: int = 8, on_token=None) -> list[str]:
@@ -253,23 +263,16 @@ def _load_tokenizer(folder: str):
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def wrap(unified, model_cfg: ModelConfig) -> UnifiedMMModel:
+def wrap(unified: UnifiedModel, model_cfg: ModelConfig) -> UnifiedMMModel:
     """A ``UnifiedMMModel`` around an existing ``UnifiedModel`` (shares its parameters), ready to save."""
     cfg = UnifiedMMConfig.from_model_config(
-        release_model_config(unified, model_cfg), unified.llm.config, describe_loaded_parts(unified, model_cfg)
+        release_model_config(unified, model_cfg), unified.llm.config, describe_loaded_parts(unified)
     )
     return UnifiedMMModel(cfg, unified=unified)
 
 
 # Recipe keys that are sampler arguments of ``UnifiedModel.generate`` (the rest describe the recipe).
 SAMPLER_KEYS = ("steps", "cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p")
-
-
-def image_head_recipes(model_cfg: ModelConfig) -> dict[str, dict]:
-    """Sampling recipe of each image head the model carries (``model.heads`` order: the first is the default)."""
-    from mm.model.heads import HEAD_RECIPES
-
-    return {name: HEAD_RECIPES[name](model_cfg) for name in model_cfg.heads}
 
 
 def sampler_kwargs(recipe: dict) -> dict:
@@ -284,7 +287,7 @@ def generation_config(model_cfg: ModelConfig, vocab, max_new_tokens: int = 16):
     """``generation_config.json``: greedy text decoding, and the default image head with its recipe."""
     from transformers import GenerationConfig
 
-    recipes = image_head_recipes(model_cfg)
+    recipes = model_cfg.head_recipes()
     head = next(iter(recipes))
     return GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, bos_token_id=vocab.bos, eos_token_id=vocab.eos,
@@ -311,8 +314,8 @@ class UnifiedMMProcessor(ProcessorMixin):
         tokenizer=None,
         und_image_size: int = 8,
         und_channels: int = 3,
-        und_mean: float = 0.5,
-        und_std: float = 0.5,
+        und_mean: float | list[float] = 0.5,
+        und_std: float | list[float] = 0.5,
         gen_image_size: int = 8,
         gen_channels: int = 1,
         **kwargs,
@@ -323,10 +326,12 @@ class UnifiedMMProcessor(ProcessorMixin):
         super().__init__(tokenizer, **kwargs)
 
     @classmethod
-    def from_model_config(cls, model_cfg: ModelConfig, tokenizer) -> UnifiedMMProcessor:
-        u, ae = model_cfg.und, model_cfg.autoencoder
-        return cls(tokenizer, und_image_size=u.image_size, und_channels=u.in_channels, und_mean=u.mean,
-                   und_std=u.std, gen_image_size=ae.image_size, gen_channels=ae.image_channels)  # fmt: skip
+    def from_model(cls, model: UnifiedModel) -> UnifiedMMProcessor:
+        """A built model's processor: its tower's size, channels and normalisation; its default head's images."""
+        u, t = model.und, model.head().template
+        return cls(model.vocab.tokenizer, und_image_size=u.image_size, und_channels=u.channels,
+                   und_mean=list(u.tower.mean), und_std=list(u.tower.std), gen_image_size=t.image_size,
+                   gen_channels=t.image_channels)  # fmt: skip
 
     def und_images(self, images: list[Any]) -> torch.Tensor:
         """Images (PIL, HxW(xC) uint8 arrays, or [C,H,W] tensors in [0,1]) -> [N, C, S, S] for ``answer``."""
@@ -363,9 +368,7 @@ def to_unit_tensor(image: Any) -> torch.Tensor:
 
 
 def fit(image: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """The training pipeline's resize (``data.stream.fit_image``): centre crop, resize, channel conversion."""
-    from data.stream import fit_image
-
+    """Centre crop, resize, channel conversion (``mm.images.fit_image``)."""
     return fit_image(image, size, channels)
 
 

@@ -4,12 +4,13 @@ Understanding sample (image + question -> answer)::
 
     <bos> <|user|> <begin_of_image> <image_placeholder>*N <end_of_image> question <|assistant|> answer <eos>
 
-Generation sample (prompt -> image)::
+Generation sample (prompt -> image), in the layout its image head's :class:`ImageTemplate` gives::
 
-    <bos> <|user|> prompt <|assistant|> <begin_of_generation> <gen_placeholder>*M
+    <bos> <|user|> prompt <|assistant|> <begin_of_generation> <gen_placeholder>*M [<end_of_image>]
 
-``<begin_of_generation>``'s slot carries the flow time embedding (JanusFlow's
-time token); the M placeholders carry the generation encoder's latent tokens.
+(the flow head: ``<begin_of_generation>``'s slot carries the flow time embedding, JanusFlow's time
+token, and the M placeholders the generation encoder's latent tokens; code heads open with
+``<begin_of_image>`` and close the image).
 Targets are next-token ids at positions whose next token is part of the answer
 (answer + <eos>); everything else is IGNORE. Tokenizers only ever load from a
 local directory: nothing comes from a hub.
@@ -44,7 +45,6 @@ SPECIAL_TOKENS = [
 TASK_UND = "understanding"
 TASK_GEN = "generation"
 TASK_TEXT = "text"  # text-only documents (LM loss on every token; the packer may split them across rows)
-FLOW_HEAD = "flow"  # the image head of the original generation layout (its batch keys are gen_*)
 
 IMAGE_MARKER = "<image>"  # where an image goes in a conversation turn (LLaVA / InternVL convention)
 ROLE_USER = "user"
@@ -71,7 +71,7 @@ class Sample:
     key: str = ""
     token_kinds: list[int] = field(default_factory=list)  # TOKEN_* per token; [] = all text
     positions: torch.Tensor | None = None  # float32 per token (mm.model.positions); None = 0..n-1
-    head: str = ""  # generation samples: the image head that trains on it ("" = FLOW_HEAD)
+    head: str = ""  # generation samples: the name of the image head that trains on it
     block_ids: list[int] = field(default_factory=list)  # per token, >= 0: a full attention block; [] = all causal
 
     def __len__(self) -> int:
@@ -153,13 +153,6 @@ def understanding_sample(
     return Sample(
         ids, targets, TASK_UND, und_images=[image], prompt_mask=[False] * len(ids), key=key, token_kinds=kinds
     )
-
-
-def generation_sample(
-    vocab: Vocab, image: torch.Tensor | None, n_gen_tokens: int, prompt: str, key: str = ""
-) -> Sample:
-    """Prompt -> image in the flow head's layout. ``image=None`` builds the inference prompt."""
-    return _image_sample(vocab, FLOW_HEAD, (n_gen_tokens,), False, vocab.bog, False, image, prompt, key)
 
 
 @dataclass(frozen=True)

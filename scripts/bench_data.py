@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data.bench import (  # noqa: E402
+from data.bundled.mixes import (  # noqa: E402
     TEXT_SIGMA,
     ffd_efficiency,
     first_fit_efficiency,
@@ -49,7 +49,8 @@ from data.bench import (  # noqa: E402
     padding_efficiency,
     realistic_mix,
 )
-from mm.config import DataConfig, SourceConfig, load_config, resolve_path  # noqa: E402
+from mm.config import DataConfig, SourceConfig, load_config
+from mm.schema import resolve_path  # noqa: E402
 from mm.sequence import load_vocab  # noqa: E402
 
 BUDGET = 4096
@@ -78,7 +79,7 @@ def bench_packing(n: int) -> dict:
 
 # ---- loader throughput ---------------------------------------------------------------------
 def make_photo_shards(root: Path, n: int) -> str:
-    from data.bench import write_photo_folder
+    from data.bundled.mixes import write_photo_folder
     from data.shards import ImageOptions, make_shards
 
     captions = write_photo_folder(root / "src", n)
@@ -162,7 +163,7 @@ STEP_MODEL = [
 
 def realistic_samples(vocab, n: int, seed: int = 0) -> list:
     """Real template-built samples with the realistic mix's lengths (576-token images, random words)."""
-    from data.bench import realistic_mix
+    from data.bundled.mixes import realistic_mix
     from mm.sequence import generation_sample, text_document_samples, understanding_sample
 
     rng = random.Random(seed)
@@ -273,7 +274,7 @@ def bench_step(n_samples: int, rounds: int, device: torch.device, attn: list[str
 
 # ---- data wait of the tiny default ------------------------------------------------------------
 def bench_wait(steps: int, workers: list[int]) -> dict:
-    from data.digits import ensure_bundled_digits
+    from data.bundled.digits import ensure_bundled_digits
     from data.loader import build_train_loader
     from mm.model.unified import UnifiedModel
 

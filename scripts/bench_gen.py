@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mm.config import load_config, resolve_path  # noqa: E402
+from mm.config import load_config
+from mm.schema import resolve_path  # noqa: E402
 
 HEAD_OVERRIDES = {
     "nextfreq": ["model.heads=[nextfreq]"],
@@ -51,8 +52,9 @@ def train_head(head: str, steps: int, out: Path) -> None:
 
 
 def measure(head: str, run: Path, per_prompt: int, batch: int, seed: int) -> tuple[dict, object, dict]:
-    from data.digits import EVAL_PROMPT, digit_prompt, load_digit_split
-    from mm.eval.digits import frechet_distance, get_judge
+    from data.bundled.digits import EVAL_PROMPT, digit_prompt, load_digit_split
+    from data.bundled.judge import get_judge
+from mm.eval.digits import frechet_distance
     from mm.eval.generation import to_gray8
     from mm.eval.run import load_run
     from mm.hf import image_head_recipes, sampler_kwargs

@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data.digits import all_texts  # noqa: E402
+from data.bundled.digits import all_texts  # noqa: E402
 from mm.sequence import build_word_tokenizer  # noqa: E402
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mm.config import Config, LLMConfig, load_config, resolve_path  # noqa: E402
+from mm.config import Config, LLMConfig, load_config
+from mm.schema import resolve_path  # noqa: E402
 from mm.model.routing import layer_ratios  # noqa: E402
 from mm.model.vision import UnderstandingEncoder  # noqa: E402
 from mm.train.flops import (  # noqa: E402

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mm.config import load_config, resolve_path  # noqa: E402
+from mm.config import load_config
+from mm.schema import resolve_path  # noqa: E402
 from mm.model.unified import UnifiedModel, count_parameters  # noqa: E402
 from mm.sequence import load_vocab  # noqa: E402
 

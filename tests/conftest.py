@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from data.digits import build_digit_shards, build_smoke_shard  # noqa: E402
+from data.bundled.digits import build_digit_shards, build_smoke_shard  # noqa: E402
 from mm.config import Config, load_config  # noqa: E402
 from mm.sequence import Vocab, load_vocab  # noqa: E402
 

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.config import ConfigError, load_config
+from mm.config import load_config
+from mm.schema import ConfigError
 from mm.model.unified import UnifiedModel, count_parameters
 from mm.sequence import load_vocab
 

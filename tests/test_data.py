@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.digits import DIGIT_NAMES, FACTS, build_digit_shards, load_digit_split
+from data.bundled.digits import DIGIT_NAMES, FACTS, build_digit_shards, load_digit_split
 from data.images import resize_crop, resize_pad
 from data.shards import ImageOptions, ShardWriter, make_shards
 from data.stream import (

@@ -329,7 +329,7 @@ def test_bf16_autocast_keeps_positions_and_flow_in_fp32(small_cfg):
 
 
 def test_bf16_weights_need_deepspeed(small_cfg):
-    from mm.config import ConfigError
+    from mm.schema import ConfigError
 
     cfg = replace(small_cfg, engine=replace(small_cfg.engine, precision="bf16"))
     with pytest.raises(ConfigError, match="engine.kind=deepspeed"):
@@ -337,7 +337,7 @@ def test_bf16_weights_need_deepspeed(small_cfg):
 
 
 def test_deepspeed_json_may_not_set_what_the_yaml_owns(small_cfg, tmp_path):
-    from mm.config import ConfigError
+    from mm.schema import ConfigError
     from mm.train.engine import deepspeed_config
     from mm.train.precision import PRECISIONS
 

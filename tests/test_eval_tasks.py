@@ -16,7 +16,7 @@ TASKS = ROOT / "mm" / "eval" / "tasks"
 @pytest.fixture(scope="session")
 def bench_dir(tmp_path_factory) -> Path:
     """The bundled benchmark datasets, built from scratch into a temp folder."""
-    from data.bench_digits import build_bench
+    from data.bundled.benchmark import build_bench
 
     out = tmp_path_factory.mktemp("bench")
     build_bench(out, ["digits_mcq", "digits_pope", "digits_mme", "digits_geneval"])
@@ -110,7 +110,7 @@ def test_vlmevalkit_tsv_round_trip(bench_dir, tmp_path):
 
 
 def test_geneval_rules_by_hand():
-    from mm.eval.digits import Detection
+    from data.bundled.judge import Detection
     from mm.eval.generation import geneval_judge, geneval_summary, relative_position
 
     assert relative_position((0, 0, 8, 8), (20, 0, 28, 8)) == {"left of"}
@@ -140,8 +140,8 @@ def test_geneval_rules_by_hand():
 
 
 def test_detector_finds_real_digits_on_a_canvas_and_layout_round_trips(tmp_path):
-    from data.bench_digits import Sampler, geneval_metadata, render_geneval
-    from mm.eval.digits import detect_digits, get_judge
+    from data.bundled.benchmark import Sampler, geneval_metadata, render_geneval
+    from data.bundled.judge import detect_digits, get_judge
     from mm.eval.generation import geneval_judge, read_geneval_layout, write_geneval_layout
 
     judge = get_judge(crops=True)
@@ -247,7 +247,7 @@ def test_clip_score_with_a_local_open_clip_checkpoint(tmp_path):
 
 
 def test_bench_datasets_are_deterministic_and_shaped_like_their_benchmarks():
-    from data.bench_digits import BENCH_DATASETS, class_similarity_order
+    from data.bundled.benchmark import BENCH_DATASETS, class_similarity_order
 
     pope = BENCH_DATASETS["digits_pope"](0)
     assert pope == BENCH_DATASETS["digits_pope"](0)  # seeded: the same bytes every build
@@ -278,7 +278,7 @@ def test_bench_datasets_are_deterministic_and_shaped_like_their_benchmarks():
 def test_training_records_are_llava_conversations_with_images(tmp_path):
     from PIL import Image
 
-    from data.bench_digits import bench_texts, write_training_data
+    from data.bundled.benchmark import bench_texts, write_training_data
 
     counts = write_training_data(tmp_path, per_kind=3)
     conv = [json.loads(ln) for ln in (tmp_path / "conversations.jsonl").read_text().splitlines()]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.config import ConfigError, FreqTokenizerConfig
+from mm.config import FreqTokenizerConfig
+from mm.schema import ConfigError
 from mm.model.freq_tokenizer import (
     EMACodebook,
     FreqTokenizer,
@@ -35,7 +36,7 @@ def _trainer():
 
 
 def _digits(split: str, n: int | None = None) -> torch.Tensor:
-    from data.digits import load_digit_split
+    from data.bundled.digits import load_digit_split
 
     x, _ = load_digit_split(split)
     return torch.from_numpy(x[:n])[:, None]

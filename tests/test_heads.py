@@ -10,7 +10,8 @@ import torch
 from data.pack import collate
 from data.sources import GEN_HEAD_NAMES, SOURCE_KINDS, BuildContext, build_samples
 from data.stream import read_samples
-from mm.config import ConfigError, FreqTokenizerConfig, load_config
+from mm.config import FreqTokenizerConfig, load_config
+from mm.schema import ConfigError
 from mm.kernels.attention import block_causal_mask
 from mm.model.freq_tokenizer import FreqTokenizer
 from mm.model.heads import IMAGE_HEADS

@@ -9,7 +9,8 @@ import torch
 from data.loader import SourceReader, SourceSpec, WorkerStream, build_train_loader, resolve_sources
 from data.shards import ShardWriter
 from data.stream import read_samples
-from mm.config import ConfigError, DataConfig, SourceConfig, load_config
+from mm.config import DataConfig, SourceConfig, load_config
+from mm.schema import ConfigError
 from mm.model.unified import UnifiedModel
 
 

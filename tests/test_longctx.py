@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.longctx import (
+from data.bundled.longctx import (
     EVAL_LENGTHS,
     MAX_IMAGES,
     TRAIN_IMAGES,

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from data.bench import ffd_efficiency, packer_efficiency, padding_efficiency, realistic_mix
+from data.bundled.mixes import ffd_efficiency, packer_efficiency, padding_efficiency, realistic_mix
 from data.pack import PACKERS, PackItem, collate, pack_all
 from data.sources import BuildContext, build_samples
 from data.stream import read_samples

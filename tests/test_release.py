@@ -72,7 +72,7 @@ def test_export_then_auto_classes_give_identical_logits_and_images(tiny_run, rel
     from transformers import AutoModel, AutoProcessor
 
     import mm  # noqa: F401
-    from data.digits import load_digit_split
+    from data.bundled.digits import load_digit_split
     from mm.eval.run import load_run
     from mm.hf import UnifiedMMModel, UnifiedMMProcessor
 
@@ -166,7 +166,7 @@ def test_release_from_a_newer_version_fails_naming_the_unknown_part(release, tmp
     from transformers import AutoModel
 
     import mm  # noqa: F401
-    from mm.config import ConfigError
+    from mm.schema import ConfigError
 
     copy = tmp_path / "newer"
     shutil.copytree(release, copy)
@@ -217,7 +217,8 @@ os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT="29
 from pathlib import Path
 import deepspeed, torch
 from safetensors.torch import save_file
-from mm.config import load_config, to_yaml
+from mm.config import load_config
+from mm.schema import to_yaml
 from mm.train.trainer import build_model
 from tests.conftest import SMALL
 run = Path(sys.argv[1])

@@ -22,7 +22,7 @@ def test_generation_template(vocab):
 
 
 def test_tokenizer_round_trip_and_no_unknowns(vocab):
-    from data.digits import all_texts
+    from data.bundled.digits import all_texts
 
     for text in all_texts():
         ids = vocab.encode(text)

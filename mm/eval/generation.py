@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mm.eval.digits import Detection, frechet_distance
+from data.bundled.judge import Detection, frechet_distance, get_judge
 
 GENEVAL_THRESHOLD = 0.3
 GENEVAL_COUNTING_THRESHOLD = 0.9
@@ -213,8 +213,6 @@ class DigitFeatures:
     is_inception = False
 
     def __init__(self):
-        from mm.eval.digits import get_judge
-
         self.judge = get_judge()
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

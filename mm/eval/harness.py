@@ -27,9 +27,13 @@ import torch
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from mm.config import REPO_ROOT, EvalConfig
+from data.bundled.benchmark import BENCH_DATASETS, build_bench
+from mm.config import EvalConfig
+from mm.eval.generation import write_geneval_layout
 from mm.eval.sources import load_task_docs, resolve_data_path
 from mm.eval.taskfile import DEFAULT_TASK_DIR, TaskConfig, call_doc_fn, load_tasks
+from mm.hf import SAMPLER_KEYS, sampler_kwargs
+from mm.schema import REPO_ROOT
 
 DEFAULT_TASKS = ["digits_vqa", "digits_mcq", "digits_pope", "digits_mme", "digits_t2i", "digits_geneval"]
 MODEL_NAME = "unified_mm"  # our lmms-eval model id: the key of a task's lmms_eval_specific_kwargs
@@ -52,8 +56,6 @@ def task_seed(eval_cfg: EvalConfig, task: str) -> int:
 
 def ensure_bench_datasets(tasks: list[TaskConfig], build: bool) -> None:
     """Build bundled datasets (``data/bench/<name>``) that a task needs and that are missing."""
-    from data.bench_digits import BENCH_DATASETS, build_bench
-
     for t in tasks:
         if not (t.dataset_kwargs or {}).get("load_from_disk"):
             continue
@@ -62,7 +64,7 @@ def ensure_bench_datasets(tasks: list[TaskConfig], build: bool) -> None:
             continue
         if not build:
             raise FileNotFoundError(
-                f"{path} missing: run `python -m data.bench_digits` (or eval.build_if_missing=true)"
+                f"{path} missing: run `python -m data.bundled.benchmark` (or eval.build_if_missing=true)"
             )
         print(f"building bundled benchmark dataset {path}", flush=True)
         build_bench(BENCH_ROOT, [path.name])
@@ -120,14 +122,11 @@ def answer_all(
 
 def sampling_recipe(model, gen_kwargs: dict) -> dict:
     """The image head's sampling settings a generation task runs with (task values over model defaults)."""
-    from mm.hf import image_head_recipes
-
-    recipes = image_head_recipes(model.cfg)
+    recipes = model.cfg.head_recipes()
     head = gen_kwargs.get("head") or next(iter(recipes))
     if head not in recipes:
         raise KeyError(f"image head {head!r} not in this model; it has {sorted(recipes)}")
     recipe = {"head": head, **recipes[head]}
-    from mm.hf import SAMPLER_KEYS
 
     for k in SAMPLER_KEYS:
         if gen_kwargs.get(k) is not None:
@@ -138,8 +137,6 @@ def sampling_recipe(model, gen_kwargs: dict) -> dict:
 def generate_all(model, prompts: list[str], per_prompt: int, recipe: dict, seed: int, batch_size: int,
                  desc: str = "generate") -> list[list[np.ndarray]]:  # fmt: skip
     """``per_prompt`` images ([C,H,W] floats in [0,1]) for each prompt, seeded, batched, with ``recipe``'s head."""
-    from mm.hf import sampler_kwargs
-
     flat = [i for i in range(len(prompts)) for _ in range(per_prompt)]
     gen = torch.Generator().manual_seed(seed)
     out: list[list[np.ndarray]] = [[] for _ in prompts]
@@ -206,8 +203,6 @@ def _visuals(task: TaskConfig, doc: dict, i: int) -> list:
 
 def run_task(task: TaskConfig, loaded, eval_cfg: EvalConfig, out_dir: Path) -> tuple[dict, list[dict]]:
     """(metrics, per-sample records) of one task."""
-    from mm.eval.generation import write_geneval_layout
-
     docs = load_task_docs(task)
     if eval_cfg.limit:
         docs = docs.select(range(min(eval_cfg.limit, len(docs))))

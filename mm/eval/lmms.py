@@ -33,6 +33,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
 from mm.eval.harness import MODEL_NAME, answer_all
+from mm.load import load_release, load_run_model
 
 MANIFEST = ModelManifest(model_id=MODEL_NAME, simple_class_path="mm.eval.lmms.UnifiedMMLmms")
 
@@ -46,8 +47,6 @@ class UnifiedMMLmms(lmms):
     ):  # fmt: skip
         super().__init__()
         if loaded is None:
-            from mm.eval.run import load_release, load_run_model
-
             if bool(pretrained) == bool(run):
                 raise ValueError("UnifiedMMLmms: give exactly one of pretrained=<release folder> or run=<run dir>")
             loaded = load_release(Path(pretrained)) if pretrained else load_run_model(Path(run))

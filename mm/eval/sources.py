@@ -24,8 +24,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from mm.config import REPO_ROOT
 from mm.eval.taskfile import FunctionRef, TaskConfig, TaskFileError
+from mm.schema import REPO_ROOT
 
 PACKAGED_BUILDERS = ("json", "parquet", "csv")
 # pandas converters that keep VLMEvalKit's text columns as written (empty cells still read as missing)

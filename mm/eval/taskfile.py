@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from mm.config import REPO_ROOT
+from mm.schema import REPO_ROOT
 
 OUTPUT_TYPES = ("generate_until", "generate_image")
 IGNORED_KEYS = {

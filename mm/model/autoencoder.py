@@ -6,10 +6,39 @@ latents back to [0,1] images.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from mm.config import AutoencoderConfig, resolve_path
+from mm.schema import ConfigError, resolve_path
+
+
+@dataclass
+class AutoencoderConfig:
+    """Latent autoencoder of the flow head's generation path (frozen); kind: a key of AUTOENCODERS."""
+
+    kind: str = "identity"
+    path: str = ""  # local diffusers AutoencoderKL directory for kind=diffusers_kl
+    image_size: int = 8  # pixel size of generated images
+    image_channels: int = 1
+    latent_channels: int = 1
+    downsample: int = 1  # pixels per latent cell
+    dtype: str = "float32"  # SDXL-VAE overflows in fp16: use bfloat16 or float32
+
+    def __post_init__(self) -> None:
+        if self.kind not in AUTOENCODERS:
+            raise ConfigError(f"autoencoder.kind={self.kind!r}; known: {sorted(AUTOENCODERS)}")
+        if self.image_size % self.downsample:
+            raise ConfigError(f"autoencoder.image_size={self.image_size} is not a multiple of "
+                              f"downsample={self.downsample}")  # fmt: skip
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"autoencoder.dtype={self.dtype!r}; known: float32, bfloat16, float16")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.image_size // self.downsample
+        return (self.latent_channels, side, side)
 
 # SDXL-VAE's architecture (used when no local weights are given: shape tests, meta builds).
 SDXL_VAE = dict(
@@ -25,7 +54,10 @@ class IdentityAutoencoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         if cfg.latent_channels != cfg.image_channels or cfg.downsample != 1:
-            raise ValueError("identity autoencoder needs latent_channels == image_channels and downsample == 1")
+            raise ConfigError("identity autoencoder needs latent_channels == image_channels and downsample == 1")
+
+    def pretrained_source(self) -> tuple[str, str] | None:
+        return None
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images * 2 - 1
@@ -50,7 +82,11 @@ class DiffusersKL(nn.Module):
         else:
             self.vae = AutoencoderKL(**SDXL_VAE).to(self.dtype)
         self.vae.requires_grad_(False).eval()
-        self.scaling = float(self.vae.config.scaling_factor)
+        self.scaling = float(self.vae.config.scaling_factor)  # the VAE's own latent scale
+        self.path = cfg.path
+
+    def pretrained_source(self) -> tuple[str, str] | None:
+        return ("autoencoder.path", self.path) if self.path else None
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -72,6 +108,4 @@ AUTOENCODERS: dict[str, type[nn.Module]] = {"identity": IdentityAutoencoder, "di
 
 
 def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
-    if cfg.kind not in AUTOENCODERS:
-        raise KeyError(f"model.autoencoder.kind={cfg.kind!r}; known: {sorted(AUTOENCODERS)}")
     return AUTOENCODERS[cfg.kind](cfg)

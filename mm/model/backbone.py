@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from mm.config import LLMConfig, resolve_path
+from mm.kernels.attention import ATTENTION_BACKENDS
+from mm.schema import ConfigError, resolve_path
+
+
+@dataclass
+class LLMConfig:
+    """Autoregressive backbone from ``transformers``: a local ``pretrained`` directory, or the shape fields."""
+
+    pretrained: str = ""  # local directory for from_pretrained; "" = from_config
+    model_type: str = "llama"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    vocab_size: int = 0  # embedding rows; 0 = the tokenizer's size (must be >= it otherwise)
+    attn_implementation: str = "sdpa"  # key of mm.kernels.attention.ATTENTION_BACKENDS
+    tokenizer: str = "configs/tokenizers/digits"  # local directory (tokenizer.json)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("model.llm.hidden_size must be divisible by model.llm.num_heads")
+        if self.attn_implementation not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"model.llm.attn_implementation={self.attn_implementation!r}; known: {sorted(ATTENTION_BACKENDS)}"
+            )
 
 # Our decoder loop computes attention itself (mm/kernels/attention.py, chosen by llm.attn_implementation);
 # the HF model is built with SDPA so that loading never needs flash-attn installed.

@@ -23,11 +23,12 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mm.kernels.attention import AttentionSpec, attention
-from mm.model.routing import MoDRouters, select_tokens, string_combine, tanh_norm
+from mm.model.routing import LayerPlan, Routing, select_tokens, string_scatter, tanh_norm
 
 
 @dataclass
@@ -123,11 +124,10 @@ def attention_block(
 ) -> torch.Tensor:
     """x + Attn(norm(x)) for one layer; reads and (optionally) extends the layer's cache."""
     attn = layer.self_attn
-    B, L, _ = x.shape
     h = layer.input_layernorm(x)
-    q = attn.q_proj(h).view(B, L, -1, attn.head_dim)
-    k = attn.k_proj(h).view(B, L, -1, attn.head_dim)
-    v = attn.v_proj(h).view(B, L, -1, attn.head_dim).transpose(1, 2)
+    heads = lambda t: rearrange(t, "b l (h d) -> b l h d", d=attn.head_dim)  # noqa: E731
+    q, k = heads(attn.q_proj(h)), heads(attn.k_proj(h))
+    v = rearrange(attn.v_proj(h), "b l (h d) -> b h l d", d=attn.head_dim)
     if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before rotary
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = _rotary_fn(attn)(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -139,7 +139,7 @@ def attention_block(
     if cache is not None and write_cache:
         cache.append(layer_idx, k, v, spec)
     out = attention(backend, q, k_all, v_all, spec_l, attn.scaling)
-    return x + attn.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+    return x + attn.o_proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
 def layer_forward(
@@ -168,32 +168,28 @@ def run_layers(
     backend: str = "sdpa",
     cache: KVCache | None = None,
     write_cache: bool = True,
-    routers: MoDRouters | None = None,
-    routable: torch.Tensor | None = None,
+    routing: Routing | None = None,
     output_hidden_states: bool = False,
     checkpointing: bool = False,
-    route_always: bool = False,
 ) -> DecoderOutput:
     """The decoder on ``embeds`` [B, L, D] at float ``positions`` [B, L] under ``spec``.
 
     ``cache``: keys/values of earlier tokens (their metadata inside), extended unless
     ``write_cache=False`` (a step that must not stay in the cache, e.g. one flow step).
-    ``routers``/``routable``: p-MoD; routed layers keep, per sample, the top share of its
-    ``routable`` tokens (others pass as ``w*x``). With no routable token present every layer is dense;
-    ``route_always`` runs the routers anyway (the result is the dense one exactly: ZeRO-3 needs every
-    rank to call the same modules whatever its batch holds).
+    ``routing``: p-MoD; routed layers keep, per sample, the top share of its routable tokens (others
+    pass as ``w*x``); None = every layer dense. With the routing's host plan (and the spec's host
+    varlen) nothing here reads a device tensor back to the host.
     """
     rotary = decoder.rotary_emb
     cos, sin = rotary(embeds, positions.float())
     h = embeds
     hidden = [h] if output_hidden_states else None
     kept: list[torch.Tensor | None] = []
-    route = routers is not None and routable is not None and (route_always or bool(routable.any()))
     for i, layer in enumerate(decoder.layers):
-        if route and routers.routed(i):
-            h, keep = _routed_layer(
-                layer, h, positions, spec, backend, cache, i, write_cache, routers, routable, rotary, checkpointing
-            )
+        if routing is not None and routing.routers.routed(i):
+            plan = routing.plans.get(i) if routing.plans is not None else None
+            h, keep = _routed_layer(layer, h, positions, spec, backend, cache, i, write_cache, routing, plan, rotary,
+                                    checkpointing)  # fmt: skip
             kept.append(keep)
         else:
             args = (layer, h, cos, sin, spec, backend, cache, i, write_cache)
@@ -217,22 +213,26 @@ def _routed_layer(
     cache: KVCache | None,
     i: int,
     write_cache: bool,
-    routers: MoDRouters,
-    routable: torch.Tensor,
+    routing: Routing,
+    plan: LayerPlan | None,
     rotary: nn.Module,
     checkpointing: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A p-MoD layer: the kept tokens of every row gathered to the front, run, scattered back (STRing)."""
+    """A p-MoD layer: the kept tokens of every row gathered to the front, run, scattered back (STRing).
+
+    The gathered width and runs come from ``plan`` (host); without one they are read from the device.
+    """
+    routers, routable = routing.routers, routing.routable
     scores = routers[i](x)
     keep = select_tokens(scores, routable, spec.q_segments, routers.ratios[i])
     w = torch.where(routable, tanh_norm(scores, routers.cfg.tanh_scale), torch.ones_like(scores))
     counts = keep.sum(1)
-    K = int(counts.max())
+    K = plan.width if plan is not None else int(counts.max())
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]  # kept first, in sequence order
     valid = torch.arange(K, device=x.device)[None, :] < counts[:, None]
     sub_x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     sub_pos = positions.gather(1, order)
-    sub_spec = spec.gather(order, valid)
+    sub_spec = spec.gather(order, valid, plan.varlen if plan is not None else None)
     cos, sin = rotary(sub_x, sub_pos.float())  # kept tokens keep their positions
     args = (layer, sub_x, cos, sin, sub_spec, backend, cache, i, write_cache, w.gather(1, order))
     out = (
@@ -240,4 +240,4 @@ def _routed_layer(
         if checkpointing and torch.is_grad_enabled()
         else layer_forward(*args)
     )
-    return string_combine(x, out[valid], keep, w), keep
+    return string_scatter(x, out, order, valid, w), keep

@@ -47,17 +47,50 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm.config import FreqTokenizerConfig
+from mm.schema import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Frequency bands and spectral resampling (pure functions: tested on their own, any size)
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FreqTokenizerConfig:
+    """Frequency-band image tokenizer (NFIG's FR-VAE), this module; trained by
+    ``scripts/train_tokenizer.py``. Defaults are the tiny digits tokenizer (8x8 grey -> 4x4 map)."""
+
+    image_size: int = 8
+    image_channels: int = 1
+    channels: tuple[int, ...] = (64, 128)  # conv widths per resolution level, finest first; len - 1 = 2x downsamples
+    blocks_per_level: int = 1  # residual blocks per level (encoder and decoder)
+    code_dim: int = 16  # channels of the feature map = width of a code vector
+    codebook_size: int = 256  # one codebook shared by every stage (and by single-scale mode)
+    stages: tuple[int, ...] = (1, 2, 4)  # s_1..s_n: stage i has s_i x s_i tokens; s_n = side of the feature map
+    residual_scope: str = "cumulative"  # key of freq_tokenizer.RESIDUAL_SCOPES
+    lookup: str = "cosine"  # key of freq_tokenizer.CODE_LOOKUPS (cosine = l2-normalised matching)
+    commitment: float = 0.25  # beta of ||f - sg(f_hat_k)||^2
+    ema_decay: float = 0.99  # codebook EMA (k-means) decay
+    dead_code_threshold: float = 1.0  # EMA assignments per step below which a code is restarted
+
+    def __post_init__(self) -> None:
+        s = list(self.stages)
+        if not s or s[0] < 1 or any(b <= a for a, b in zip(s, s[1:])):
+            raise ConfigError(f"tokenizer stages must be strictly increasing positive sizes, got {s}")
+        levels = len(self.channels)
+        if levels < 1 or self.image_size % 2 ** (levels - 1) or self.image_size // 2 ** (levels - 1) != s[-1]:
+            raise ConfigError(
+                f"tokenizer: image_size={self.image_size} with {levels} levels ({levels - 1} 2x downsamples) gives a "
+                f"{self.image_size / 2 ** (levels - 1):g} map, but the last stage is {s[-1]}; they must be equal"
+            )
+        if self.codebook_size < 2 or self.code_dim < 1:
+            raise ConfigError("tokenizer: codebook_size must be >= 2 and code_dim >= 1")
 
 
 def frequency_radius(height: int, width: int) -> torch.Tensor:
@@ -283,6 +316,8 @@ class Decoder(nn.Module):
 
 
 class FreqTokenizer(nn.Module):
+    Config = FreqTokenizerConfig  # the shapes (mm.model.image_tokenizers reads it)
+
     def __init__(self, cfg: FreqTokenizerConfig):
         super().__init__()
         if cfg.residual_scope not in RESIDUAL_SCOPES:
@@ -291,6 +326,7 @@ class FreqTokenizer(nn.Module):
         self.stages: tuple[int, ...] = tuple(cfg.stages)
         self.codebook_size, self.code_dim = cfg.codebook_size, cfg.code_dim
         self.feature_size = self.stages[-1]
+        self.image_size, self.image_channels = cfg.image_size, cfg.image_channels
         self.tokens_per_image = sum(s * s for s in self.stages)
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.codebook = EMACodebook(cfg.codebook_size, cfg.code_dim, cfg.lookup, cfg.ema_decay, cfg.dead_code_threshold)

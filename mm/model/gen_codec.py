@@ -10,11 +10,28 @@ the identity in its residual branch's modulation and the predicted velocity is 0
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import nn
 
-from mm.config import GenCodecConfig
+from mm.schema import ConfigError
+
+
+@dataclass
+class GenCodecConfig:
+    """ConvNeXt-v2 generation encoder/decoder with FiLM time conditioning."""
+
+    channels: int = 64
+    patch_size: int = 2
+    encoder_blocks: int = 1
+    decoder_blocks: int = 1
+    time_freq_dim: int = 64  # sinusoidal embedding width of t*1000
+
+    def __post_init__(self) -> None:
+        if min(self.channels, self.patch_size, self.time_freq_dim) < 1 or self.time_freq_dim % 2:
+            raise ConfigError("codec: channels, patch_size >= 1 and time_freq_dim an even number >= 2")
 
 
 class TimeEmbedding(nn.Module):
@@ -62,11 +79,11 @@ class ConvNeXtFiLMBlock(nn.Module):
         self.fc2 = nn.Linear(4 * dim, dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # [N,H,W,C]
+        h = self.norm(rearrange(self.dwconv(x), "n c h w -> n h w c"))
         scale, shift = self.film(cond)[:, None, None, :].chunk(2, dim=-1)
         h = h * (1 + scale) + shift
         h = self.fc2(self.grn(self.act(self.fc1(h))))
-        return x + h.permute(0, 3, 1, 2)
+        return x + rearrange(h, "n h w c -> n c h w")
 
 
 class GenEncoder(nn.Module):
@@ -82,7 +99,7 @@ class GenEncoder(nn.Module):
         x = self.patchify(latents)
         for block in self.blocks:
             x = block(x, temb)
-        tokens = self.proj(self.norm(x.flatten(2).transpose(1, 2)))
+        tokens = self.proj(self.norm(rearrange(x, "n c h w -> n (h w) c")))
         return tokens, x
 
 
@@ -102,10 +119,10 @@ class GenDecoder(nn.Module):
 
     def forward(self, hidden: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """hidden [N, g*g, D], skip [N, c, g, g], temb [N, D] -> velocity [N, C, h, w]."""
-        n, c, g, _ = skip.shape
-        x = self.in_proj(self.in_norm(hidden)).transpose(1, 2).reshape(n, c, g, g)
+        g = skip.shape[-1]
+        x = rearrange(self.in_proj(self.in_norm(hidden)), "n (h w) c -> n c h w", h=g, w=g)
         x = self.merge(torch.cat([x, skip], dim=1))
         for block in self.blocks:
             x = block(x, temb)
-        x = self.out_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = rearrange(self.out_norm(rearrange(x, "n c h w -> n h w c")), "n h w c -> n c h w")
         return self.unpatchify(self.out(x))

@@ -17,12 +17,39 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mm.config import MoDConfig
+from mm.kernels.attention import Varlen
+from mm.schema import ConfigError
 from mm.sequence import TOKEN_KINDS
+
+
+@dataclass
+class MoDConfig:
+    """p-MoD mixture-of-depths: routed layers skip low-scoring tokens of the routable kinds.
+
+    Layer l of L keeps ``ratio_l = cos(l*pi/(L-1))/2 + 0.5 + shift`` of each sample's routable
+    tokens (shifted cosine); layers with a ratio above ``dense_above`` stay dense; ratios clamp at
+    ``min_ratio``. ``enabled=False`` (or every ratio 1.0) is the dense model exactly.
+    """
+
+    enabled: bool = False
+    routable_kinds: tuple[str, ...] = ("und_image",)  # keys of mm.sequence.TOKEN_KINDS
+    dense_above: float = 0.85
+    min_ratio: float = 0.15
+    shift: float = 0.0  # added to the cosine before clamping (the paper: 0)
+    ratio: float = 0.0  # > 0: one fixed ratio for every layer instead of the schedule (tests, ablations)
+    tanh_scale: float = 0.2  # TanhNorm: w = tanh_scale * tanh(r) + 1
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.routable_kinds if k not in TOKEN_KINDS]
+        if unknown:
+            raise ConfigError(f"model.mod.routable_kinds: unknown token kinds {unknown}; known: {sorted(TOKEN_KINDS)}")
+        if not 0 < self.min_ratio <= 1 or not 0 <= self.ratio <= 1:
+            raise ConfigError("model.mod.min_ratio must be in (0, 1] and model.mod.ratio in [0, 1]")
 
 # floor(n * ratio) is computed with this slack so that ratios that are exact in decimal (0.29 * 100)
 # keep the count a person expects despite binary rounding (28.999999999999996 -> 29); it is far below
@@ -187,3 +214,66 @@ class MoDRouters(nn.Module):
         if not self.routed(layer):
             raise KeyError(f"MoDRouters: layer {layer} is dense (ratio 1.0) and has no router")
         return self.routers[str(layer)]
+
+
+def string_scatter(
+    x: torch.Tensor, out: torch.Tensor, order: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """STRing output of a routed layer from its gathered run -> [B, L, D], with no host synchronisation.
+
+    ``out`` [B, K, D] holds the layer's outputs for the tokens ``order`` [B, K] gathered (kept tokens
+    first; ``valid`` [B, K] marks them, the rest are filler). Every token starts as ``w * x``; the kept
+    ones are overwritten by their outputs. Filler slots write their own ``w * x`` back, so one scatter
+    with the whole ``order`` (a permutation prefix: no index repeats) does it. Equal to
+    :func:`string_combine` of the kept outputs.
+    """
+    skipped = weights.unsqueeze(-1).to(x.dtype) * x
+    index = order.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    src = torch.where(valid.unsqueeze(-1), out.to(x.dtype), skipped.gather(1, index))
+    return skipped.scatter(1, index, src)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What a routed layer's gather needs from the host: the widest row's kept count and the kept runs."""
+
+    width: int  # K: tokens gathered per row (the largest row's kept count)
+    varlen: Varlen  # runs of the kept tokens of each sample in the gathered order
+
+
+def plan_layers(
+    spans: Sequence[Sequence], length: int, routable_ids: Sequence[int], ratios: Sequence[float]
+) -> dict[int, LayerPlan]:
+    """Per routed layer (ratio < 1): the gathered layout of packed rows, from the host-side spans.
+
+    ``spans``: per row, the samples' ``mm.batch.Span`` s (start, length, token count per kind). A sample
+    keeps its non-routable tokens and ``floor(n_routable * ratio)`` routable ones (:func:`kept_count`,
+    exactly what :func:`select_tokens` keeps); padding is never routable, so it is kept in place.
+    """
+    plans = {}
+    for layer, ratio in enumerate(ratios):
+        if ratio >= 1.0:
+            continue
+        runs, widest = [], 0
+        for row in spans:
+            pos, out, cursor = 0, [], 0  # cursor: tokens of the row consumed; pos: gathered position
+            for s in row:
+                pos += s.start - cursor  # padding before the sample stays (it is not routable)
+                n_r = sum(s.kinds[k] for k in routable_ids)
+                kept = s.length - n_r + kept_count(n_r, ratio)
+                out.append((pos, pos + kept))
+                pos, cursor = pos + kept, s.start + s.length
+            pos += length - cursor
+            runs.append(tuple(out))
+            widest = max(widest, pos)
+        plans[layer] = LayerPlan(widest, Varlen.from_runs(tuple(runs), widest))
+    return plans
+
+
+@dataclass
+class Routing:
+    """p-MoD for one forward pass: the routers, which tokens may be routed, and (when known) the host plan."""
+
+    routers: MoDRouters
+    routable: torch.Tensor  # [B, L] bool
+    plans: dict[int, LayerPlan] | None = None  # None: derived on the device with a host read per layer

@@ -42,7 +42,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mm.config import Config, ConfigError, resolve_path
+from mm.checkpoint import load_tensors
+from mm.config import EngineConfig, TrainConfig
+from mm.schema import ConfigError, resolve_path
 from mm.train.precision import Precision
 
 
@@ -116,9 +118,8 @@ class ParamGroup:
     weight_decay: float
 
 
-def build_optimizer(groups: list[ParamGroup], cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[ParamGroup], t: TrainConfig) -> torch.optim.Optimizer:
     """Fused AdamW (one kernel per step; takes the device-side skip flag)."""
-    t = cfg.train
     return torch.optim.AdamW(
         [
             {"params": g.params, "lr": g.lr, "base_lr": g.lr, "weight_decay": g.weight_decay, "name": g.name}
@@ -140,8 +141,13 @@ def shard_bounds(numel: int, rank: int, world: int) -> tuple[int, int]:
 class Engine(ABC):
     """One training engine; see the module docstring for the contract."""
 
-    def __init__(self, model: nn.Module, groups: list[ParamGroup], cfg: Config, env: DistEnv, precision: Precision):
-        self.model, self.cfg, self.env, self.precision = model, cfg, env, precision
+    needs_process_group: bool = False  # a process group even in a one-process run
+
+    def __init__(
+        self, model: nn.Module, groups: list[ParamGroup], train: TrainConfig, cfg: EngineConfig, env: DistEnv,
+        precision: Precision,
+    ):  # fmt: skip
+        self.model, self.train_cfg, self.cfg, self.env, self.precision = model, train, cfg, env, precision
         self.trainable: list[tuple[str, nn.Parameter]] = [
             (n, p) for n, p in model.named_parameters() if p.requires_grad
         ]
@@ -190,15 +196,18 @@ class Engine(ABC):
 class DDPEngine(Engine):
     """torch DDP (or the bare module in one process), fp32 or bf16-autocast, fused AdamW."""
 
-    def __init__(self, model: nn.Module, groups: list[ParamGroup], cfg: Config, env: DistEnv, precision: Precision):
+    def __init__(
+        self, model: nn.Module, groups: list[ParamGroup], train: TrainConfig, cfg: EngineConfig, env: DistEnv,
+        precision: Precision,
+    ):  # fmt: skip
         if precision.weights_bf16:
             raise ConfigError(
                 "engine.precision=bf16 keeps an fp32 master copy inside DeepSpeed's optimizer: use "
                 "engine.kind=deepspeed, or engine.precision=bf16_autocast with ddp"
             )
-        super().__init__(model, groups, cfg, env, precision)
+        super().__init__(model, groups, train, cfg, env, precision)
         model.to(env.device)
-        self._optimizer = build_optimizer(groups, cfg)
+        self._optimizer = build_optimizer(groups, train)
         self.wrapped: nn.Module = model
         if env.world > 1:
             self.wrapped = nn.parallel.DistributedDataParallel(
@@ -230,7 +239,7 @@ class DDPEngine(Engine):
             # and weight decay then move it alike whichever engine runs the trainer (torch would skip it).
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip, foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.train_cfg.grad_clip, foreach=True)
         applied = torch.isfinite(norm)
         # Fused AdamW skips the whole update (steps, moments, weights) when found_inf is 1, on the device.
         self._optimizer.grad_scale, self._optimizer.found_inf = None, (~applied).float()
@@ -258,8 +267,6 @@ class DDPEngine(Engine):
             torch.save(self._optimizer.state_dict(), ckpt_dir / "optimizer.pt")
 
     def load(self, ckpt_dir: Path) -> None:
-        from mm.train.checkpoint import load_tensors
-
         weights = load_tensors(ckpt_dir / "model.safetensors")
         with torch.no_grad():
             for n, p in self.trainable:
@@ -275,9 +282,11 @@ DEEPSPEED_OWNED_KEYS = (
 )  # fmt: skip
 
 
-def deepspeed_config(cfg: Config, world: int, precision: Precision, device: torch.device) -> dict:
+def deepspeed_config(
+    train: TrainConfig, cfg: EngineConfig, world: int, precision: Precision, device: torch.device
+) -> dict:
     """The JSON of ``engine.deepspeed_config`` completed from the YAML (batch, accumulation, clipping, precision)."""
-    path = resolve_path(cfg.engine.deepspeed_config)
+    path = resolve_path(cfg.deepspeed_config)
     if not path.is_file():
         raise ConfigError(f"engine.deepspeed_config: no such file {path}")
     ds = json.loads(path.read_text())
@@ -289,19 +298,19 @@ def deepspeed_config(cfg: Config, world: int, precision: Precision, device: torc
         )
     if "zero_optimization" not in ds or ds["zero_optimization"].get("stage") not in (1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3")
-    a = cfg.train.grad_accum_steps
+    a = train.grad_accum_steps
     ds.update(
         train_micro_batch_size_per_gpu=1,  # one packed batch is one micro-batch
         gradient_accumulation_steps=a,
         train_batch_size=a * world,
-        gradient_clipping=cfg.train.grad_clip,
+        gradient_clipping=train.grad_clip,
         bf16={"enabled": precision.weights_bf16, "check_grad_overflow": True},
         # DeepSpeed switches an outer torch.autocast off inside its forward unless told to run it itself
         torch_autocast={"enabled": precision.autocast_dtype is not None, "dtype": "bfloat16"},
         zero_allow_untested_optimizer=True,  # our fused torch AdamW with per-group learning rates
     )
     ds.setdefault("steps_per_print", 10**12)  # the trainer logs
-    if cfg.engine.offload_optimizer:
+    if cfg.offload_optimizer:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
         ds["zero_force_ds_cpu_optimizer"] = False  # torch AdamW steps the CPU partitions
     return ds
@@ -340,19 +349,24 @@ class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO 1/2/3 (``engine.deepspeed_config``), bf16 with fp32 master weights or fp32."""
 
     TAG = "deepspeed"  # the sub-directory of a checkpoint that DeepSpeed writes
+    needs_process_group = True  # DeepSpeed wants one even alone
 
-    def __init__(self, model: nn.Module, groups: list[ParamGroup], cfg: Config, env: DistEnv, precision: Precision):
-        import deepspeed
+    def __init__(
+        self, model: nn.Module, groups: list[ParamGroup], train: TrainConfig, cfg: EngineConfig, env: DistEnv,
+        precision: Precision,
+    ):  # fmt: skip
+        import deepspeed  # heavy optional dependency: only when this engine is chosen
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
-        super().__init__(model, groups, cfg, env, precision)
-        ds_cfg = deepspeed_config(cfg, env.world, precision, env.device)
+        super().__init__(model, groups, train, cfg, env, precision)
+        ds_cfg = deepspeed_config(train, cfg, env.world, precision, env.device)
         self.stage = ds_cfg["zero_optimization"]["stage"]
-        model.run_every_module = True  # the same modules on every rank, every step (see UnifiedModel)
+        if hasattr(model, "require_every_module"):  # ZeRO's collectives: the same modules on every rank, every step
+            model.require_every_module(True)
         model.to(env.device)
         self.ds, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(groups, cfg), config=ds_cfg, dist_init_required=False
+            model=model, optimizer=build_optimizer(groups, train), config=ds_cfg, dist_init_required=False
         )
         self.ds.checkpoint_engine = _weights_only_checkpoint_engine(self.ds._config)
 
@@ -415,10 +429,10 @@ class DeepSpeedEngine(Engine):
 ENGINES: dict[str, type[Engine]] = {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine}
 
 
-def build_engine(model: nn.Module, groups: list[ParamGroup], cfg: Config, env: DistEnv, precision: Precision) -> Engine:
-    if cfg.engine.kind not in ENGINES:
-        raise ConfigError(f"engine.kind={cfg.engine.kind!r}; known: {sorted(ENGINES)}")
-    return ENGINES[cfg.engine.kind](model, groups, cfg, env, precision)
+def engine_class(kind: str) -> type[Engine]:
+    if kind not in ENGINES:
+        raise ConfigError(f"engine.kind={kind!r}; known: {sorted(ENGINES)}")
+    return ENGINES[kind]
 
 
 class ShardedEMA:

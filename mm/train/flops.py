@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mm.config import MoDConfig
-from mm.model.routing import kept_count, layer_ratios, routable_mask
-from mm.sequence import IGNORE
+from mm.batch import Batch
+from mm.model.routing import MoDConfig, kept_count, layer_ratios, routable_kind_ids
+from mm.profiling import forward_flops, trains
 
 # Dense (no sparsity) peak TFLOP/s per device from the vendors' datasheets, by the precision the
 # matmuls run in. H100/H200 are SXM parts; B200 is one GPU of an HGX B200 (sparse figures halved).
@@ -76,7 +76,7 @@ class BatchShape:
     pairs_per_layer: list[float]  # attended (query, key) pairs in each layer
     logit_tokens: int  # supervised text tokens (the LM head runs only on these)
     und_images: int
-    gen_images: int
+    gen_images: dict[str, int]  # image head -> images it trains on
     samples: int
     router_tokens: int = 0  # mixture-of-depths: routable tokens scored, summed over the routed layers
 
@@ -111,28 +111,22 @@ def layer_counts(lengths: Sequence[int], routable: Sequence[int], ratios: Sequen
     return LayerCounts(tokens, pairs, router)
 
 
-def batch_shape(batch: dict, num_layers: int, mod: MoDConfig | None = None) -> BatchShape:
-    """Causal attention within each sample; with ``mod`` enabled, routed layers count their kept tokens."""
-    sid = batch["sample_ids"]
-    valid = sid >= 0
-    lengths = torch.bincount(sid[valid])
+def batch_shape(batch: Batch, num_layers: int, mod: MoDConfig | None = None) -> BatchShape:
+    """From the batch's host-side layout: causal attention within each sample; with ``mod`` enabled, routed
+    layers count their kept tokens."""
     ratios = layer_ratios(num_layers, mod) if mod is not None else [1.0] * num_layers
-    routable = torch.zeros_like(lengths)
-    if any(r < 1.0 for r in ratios):
-        is_routable = routable_mask(batch["token_kinds"], sid, mod.routable_kinds)  # what the model routes
-        routable = torch.bincount(sid[is_routable], minlength=len(lengths))
-    present = lengths > 0  # ids may skip numbers; absent ids are not samples
-    counts = layer_counts(lengths[present].tolist(), routable[present].tolist(), ratios)
-    und = batch.get("und_images")
-    gen = batch.get("gen_images")
+    spans = [s for row in batch.spans for s in row]
+    routable_ids = routable_kind_ids(mod.routable_kinds) if mod is not None else []
+    routable = [sum(s.kinds[k] for k in routable_ids) for s in spans] if any(r < 1.0 for r in ratios) else []
+    counts = layer_counts([s.length for s in spans], routable or [0] * len(spans), ratios)
     return BatchShape(
-        tokens=int(lengths.sum()),
+        tokens=sum(s.length for s in spans),
         tokens_per_layer=counts.tokens_per_layer,
         pairs_per_layer=counts.pairs_per_layer,
-        logit_tokens=int((batch["targets"] != IGNORE).sum()),
-        und_images=0 if und is None else len(und),
-        gen_images=0 if gen is None else len(gen),
-        samples=int(present.sum()),
+        logit_tokens=sum(s.supervised for s in spans),
+        und_images=0 if batch.und_images is None else len(batch.und_images),
+        gen_images={name: len(inputs) for name, inputs in batch.images.items()},
+        samples=len(spans),
         router_tokens=counts.router_tokens,
     )
 
@@ -140,25 +134,6 @@ def batch_shape(batch: dict, num_layers: int, mod: MoDConfig | None = None) -> B
 def _linear_macs(module: nn.Module) -> int:
     """Multiply-adds per token of every nn.Linear in ``module`` (each applied once per token)."""
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
-
-
-def forward_flops(fn, *shapes: tuple[int, ...], device: str | torch.device = "cpu") -> float:
-    """Forward FLOPs of ``fn`` on fake fp32 inputs of ``shapes`` (no memory, no compute).
-
-    ``device`` is where ``fn``'s weights live: ``meta`` for a module built on the meta device.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-        inputs = [torch.rand(s, device=device) for s in shapes]
-        with FlopCounterMode(display=False) as counter:
-            fn(*inputs)
-    return float(counter.get_total_flops())
-
-
-def _trains(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
 
 
 @dataclass(frozen=True)
@@ -215,7 +190,11 @@ def kv_cache_bytes(llm: LLMShape, counts: LayerCounts, dtype_bytes: int = 2) -> 
 
 
 class ModelFlops:
-    """Per-batch training FLOPs of a :class:`mm.model.unified.UnifiedModel`; build before engines shard it."""
+    """Per-batch training FLOPs of a :class:`mm.model.unified.UnifiedModel`; build before engines shard it.
+
+    The understanding encoder and the LLM are counted here; each image head counts its own parts
+    (``ImageHead.costs``: forward FLOPs per image and the backward in forwards).
+    """
 
     def __init__(self, model: nn.Module):
         llm = model.llm
@@ -224,67 +203,32 @@ class ModelFlops:
         self.layer_macs = list(self.llm_shape.layer_macs)
         self.pair_macs = self.llm_shape.pair_macs  # q.k and p.v per (query, key) pair
         self.head_macs = self.llm_shape.head_macs
-
-        u = model.cfg.und
-        width = llm.config.hidden_size
-        self.per_image = {  # forward FLOPs for one image
-            "und_tower": forward_flops(model.und.features, (1, u.in_channels, u.image_size, u.image_size)),
-            "und_aligner": forward_flops(model.und.aligner, (1, model.und.tokens_per_image, model.und.tower.width)),
+        u = model.und
+        self.und_flops = {  # forward FLOPs for one image
+            "und_tower": forward_flops(u.features, (1, u.channels, u.image_size, u.image_size)),
+            "und_aligner": forward_flops(u.aligner, (1, u.tokens_per_image, u.tower.width)),
         }
-        self.has_flow = "flow" in model.heads
-        if self.has_flow:
-            ae = model.cfg.autoencoder
-            g = model.gen_tokens_per_image
-            latent = (1, *model.latent_shape)
-            side = model.latent_shape[1] // model.cfg.gen.patch_size
-            self.per_image |= {
-                "autoencoder": forward_flops(
-                    model.autoencoder.encode, (1, ae.image_channels, ae.image_size, ae.image_size)
-                ),
-                "time_embed": forward_flops(model.time_embed, (1,)),
-                "gen_encoder": forward_flops(model.gen_encoder, latent, (1, width)),
-                "gen_decoder": forward_flops(
-                    model.gen_decoder, (1, g, width), (1, model.cfg.gen.channels, side, side), (1, width)
-                ),
-                "repa_proj": forward_flops(model.repa_proj, (1, g, width)),
-            }
-        else:  # no flow head: its parts cost nothing (the code heads' small projections are not counted)
-            flow_parts = ("autoencoder", "time_embed", "gen_encoder", "gen_decoder", "repa_proj")
-            self.per_image |= dict.fromkeys(flow_parts, 0.0)
-        self.repa = self.has_flow and model.cfg.flow.repa_weight > 0
-        self.bwd = self._backward_factors(model)
-
-    @staticmethod
-    def _backward_factors(model: nn.Module) -> dict[str, float]:
-        """Backward cost of each part in forwards: +1 if its weights train, +1 if its input needs a gradient."""
-        flow = "flow" in model.heads
         t = {
-            "und_tower": _trains(model.und.tower),
-            "und_aligner": _trains(model.und.aligner),
-            "time_embed": flow and _trains(model.time_embed),
-            "gen_encoder": flow and _trains(model.gen_encoder),
-            "embeddings": _trains(model.llm.get_input_embeddings()),
-            "llm": any(_trains(layer) for layer in model.llm.get_decoder().layers),
-            "head": _trains(model.llm.get_output_embeddings()),
-            "gen_decoder": flow and _trains(model.gen_decoder),
-            "repa_proj": flow and _trains(model.repa_proj),
+            "und_tower": trains(u.tower),
+            "und_aligner": trains(u.aligner),
+            "embeddings": trains(llm.get_input_embeddings()),
+            "llm": any(trains(layer) for layer in llm.get_decoder().layers),
+            "head": trains(llm.get_output_embeddings()),
         }
-        before_llm = t["und_tower"] or t["und_aligner"] or t["time_embed"] or t["gen_encoder"] or t["embeddings"]
+        heads_train = any(h.trains_before_llm() for h in model.heads.values())
+        before_llm = t["und_tower"] or t["und_aligner"] or t["embeddings"] or heads_train
         llm_out_needs_grad = t["llm"] or before_llm  # hidden states carry a gradient to something that trains
-        return {
+        self.bwd = {
             "und_tower": 2.0 if t["und_tower"] else 0.0,
             "und_aligner": float(t["und_aligner"]) + float(t["und_tower"]),
-            "time_embed": 2.0 if t["time_embed"] else 0.0,
-            "gen_encoder": float(t["gen_encoder"]) + float(t["gen_encoder"] or t["time_embed"]),
             "llm": float(t["llm"]) + float(llm_out_needs_grad),
             "router": float(t["llm"]) + float(llm_out_needs_grad),  # mixture-of-depths routers train with the LLM
             "attention": 2.0 * float(llm_out_needs_grad),  # no weights: both operands' gradients, or nothing
             "head": float(t["head"]) + float(llm_out_needs_grad),
-            "gen_decoder": float(t["gen_decoder"]) + float(llm_out_needs_grad or t["gen_encoder"] or t["time_embed"]),
-            "repa_proj": float(t["repa_proj"]) + float(llm_out_needs_grad),
-            "autoencoder": 0.0,  # frozen, under no_grad
-            "repa_target": 0.0,  # the tower on clean images, under no_grad
+            "und_target": 0.0,  # the tower on clean images (REPA), under no_grad
         }
+        self.head_costs = {name: h.costs(llm_out_needs_grad) for name, h in model.heads.items()}
+        self.und_targets = {name: getattr(h, "und_targets_per_image", 0) for name, h in model.heads.items()}
 
     def llm_forward(
         self, tokens_per_layer: Sequence[int], pairs_per_layer: Sequence[float], logit_tokens: int
@@ -294,26 +238,23 @@ class ModelFlops:
         attention = sum(2.0 * self.pair_macs * p for p in pairs_per_layer)
         return layers + attention + 2.0 * self.head_macs * logit_tokens
 
-    def parts(self, shape: BatchShape) -> dict[str, float]:
-        """Forward FLOPs of each part for one micro-batch."""
-        img = self.per_image
-        llm_linear = sum(2.0 * m * n for m, n in zip(self.layer_macs, shape.tokens_per_layer))
-        n_gen = shape.gen_images
-        return {
-            "und_tower": img["und_tower"] * shape.und_images,
-            "und_aligner": img["und_aligner"] * shape.und_images,
-            "autoencoder": img["autoencoder"] * n_gen,
-            "time_embed": img["time_embed"] * n_gen,
-            "gen_encoder": img["gen_encoder"] * n_gen,
-            "llm": llm_linear,
-            "router": 2.0 * self.llm_shape.hidden * shape.router_tokens,
-            "attention": sum(2.0 * self.pair_macs * p for p in shape.pairs_per_layer),
-            "head": 2.0 * self.head_macs * shape.logit_tokens,
-            "gen_decoder": img["gen_decoder"] * n_gen,
-            "repa_proj": img["repa_proj"] * n_gen if self.repa else 0.0,
-            "repa_target": img["und_tower"] * n_gen if self.repa else 0.0,
+    def parts(self, shape: BatchShape) -> dict[str, tuple[float, float]]:
+        """(forward FLOPs, backward in forwards) of each part for one micro-batch."""
+        img = self.und_flops
+        out = {
+            "und_tower": (img["und_tower"] * shape.und_images, self.bwd["und_tower"]),
+            "und_aligner": (img["und_aligner"] * shape.und_images, self.bwd["und_aligner"]),
+            "llm": (sum(2.0 * m * n for m, n in zip(self.layer_macs, shape.tokens_per_layer)), self.bwd["llm"]),
+            "router": (2.0 * self.llm_shape.hidden * shape.router_tokens, self.bwd["router"]),
+            "attention": (sum(2.0 * self.pair_macs * p for p in shape.pairs_per_layer), self.bwd["attention"]),
+            "head": (2.0 * self.head_macs * shape.logit_tokens, self.bwd["head"]),
         }
+        for name, costs in self.head_costs.items():
+            n = shape.gen_images.get(name, 0)
+            out |= {f"{name}.{part}": (c.forward * n, c.backward) for part, c in costs.items()}
+            out[f"{name}.und_target"] = (img["und_tower"] * n * self.und_targets[name], 0.0)
+        return out
 
     def train_flops(self, shape: BatchShape) -> float:
         """Forward + backward FLOPs of one micro-batch."""
-        return sum(f * (1.0 + self.bwd[k]) for k, f in self.parts(shape).items())
+        return sum(f * (1.0 + b) for f, b in self.parts(shape).values())

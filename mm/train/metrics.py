@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mm.schema import ConfigError
+
 
 def format_seconds(s: float) -> str:
     s = int(s)
@@ -19,28 +21,42 @@ def _num(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-CONSOLE_LOSSES = ("text", "flow", "repa", "nextfreq", "raster")
+LEGACY_LOSSES = ("text", "flow", "repa")  # records written before they named their losses
+
+
+def loss_names(rec: dict) -> list[str]:
+    """The losses a record holds: the total, then text and each image head's (``loss_names``)."""
+    return ["loss", *rec.get("loss_names", [k for k in LEGACY_LOSSES if k in rec])]
 
 
 class ConsoleSink:
+    """One line per log step; the throughput fields appear when the record has them (the model trainer)."""
+
     def __init__(self, run_dir: Path, resume_step: int, max_steps: int):
         self.max_steps = max_steps
 
     def record(self, rec: dict) -> None:
-        mfu = f" (MFU {rec['mfu']:.1%})" if "mfu" in rec else ""
-        skipped = sum(rec["skipped"].values())
-        bad = f" | non-finite steps {rec['nonfinite_steps']}" if rec["nonfinite_steps"] else ""
-        # text, then each image head's losses (flow/repa, nextfreq, raster: whichever the model has)
-        parts = " ".join(f"{k} {_num(rec[k], '.4f')}" for k in CONSOLE_LOSSES if k in rec)
-        print(
-            f"step {rec['step']}/{self.max_steps} | loss {_num(rec['loss'], '.4f')} {parts} "
-            f"| gnorm {_num(rec['grad_norm'], '.3f')} "
-            f"| lr {rec['lr']:.2e} | {rec['tokens_per_s_per_device']:.0f} tok/s/device "
-            f"{rec['tflops_per_device']:.3f} TFLOP/s{mfu} | data wait {rec['data_wait']:.0%} | "
-            f"mem {rec['peak_mem_gb']:.2f} GB{' | skipped samples ' + str(skipped) if skipped else ''}{bad} | "
-            f"eta {format_seconds(rec['eta_s'])}",
-            flush=True,
-        )
+        parts = [f"step {rec['step']}/{self.max_steps}"]
+        parts.append(" ".join(f"{k} {_num(rec.get(k), '.4f')}" for k in loss_names(rec)))
+        if "grad_norm" in rec:
+            parts.append(f"gnorm {_num(rec['grad_norm'], '.3f')}")
+        parts.append(f"lr {rec['lr']:.2e}")
+        if "tokens_per_s_per_device" in rec:
+            mfu = f" (MFU {rec['mfu']:.1%})" if "mfu" in rec else ""
+            tflops = f"{rec['tflops_per_device']:.3f} TFLOP/s{mfu}"
+            parts.append(f"{rec['tokens_per_s_per_device']:.0f} tok/s/device {tflops}")
+            parts.append(f"data wait {rec['data_wait']:.0%}")
+        if "peak_mem_gb" in rec:
+            parts.append(f"mem {rec['peak_mem_gb']:.2f} GB")
+        skipped = sum(rec.get("skipped", {}).values())
+        if skipped:
+            parts.append(f"skipped samples {skipped}")
+        if rec.get("nonfinite_steps"):
+            parts.append(f"non-finite steps {rec['nonfinite_steps']}")
+        parts += [f"{k} {rec[k]}" for k in rec.get("extra_console", [])]
+        if "eta_s" in rec:
+            parts.append(f"eta {format_seconds(rec['eta_s'])}")
+        print(" | ".join(parts), flush=True)
 
     def scalar(self, name: str, value: float, step: int) -> None:
         pass
@@ -53,8 +69,8 @@ class JsonlSink:
     def __init__(self, run_dir: Path, resume_step: int, max_steps: int):
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():  # keep steps <= the resumed step (0 on a fresh start)
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            keep = [r for r in read_records(self.path) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def record(self, rec: dict) -> None:
         with self.path.open("a") as fh:
@@ -94,8 +110,6 @@ SINKS = {"console": ConsoleSink, "jsonl": JsonlSink, "tensorboard": TensorBoardS
 def check_sinks(sinks: list[str]) -> None:
     unknown = sorted(set(sinks) - set(SINKS))
     if unknown:
-        from mm.config import ConfigError
-
         raise ConfigError(f"train.metrics: unknown sinks {unknown}; known: {sorted(SINKS)}")
 
 
@@ -126,8 +140,8 @@ class MetricsLogger:
 
 
 def plot_loss_curve(metrics_path: Path, out: Path) -> None:
-    """One panel per loss (total, text, flow, repa) over steps; windows without a task are gaps."""
-    recs = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln]
+    """One panel per loss (the total, text, each image head's) over steps; windows without a task are gaps."""
+    recs = read_records(metrics_path)
     if not recs:
         return
     import matplotlib
@@ -135,7 +149,7 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("loss", "text", "flow", "repa") if any(r.get(k) is not None for r in recs)]
+    keys = [k for k in loss_names(recs[-1]) if any(r.get(k) is not None for r in recs)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, k in zip(axes[0], keys):
         pts = [(r["step"], r[k]) for r in recs if r.get(k) is not None]
@@ -147,3 +161,18 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     fig.savefig(tmp, dpi=80)
     plt.close(fig)
     tmp.replace(out)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a partial last line (a crash mid-write) is dropped, not fatal."""
+    out = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return out

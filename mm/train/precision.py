@@ -11,7 +11,7 @@
 What stays fp32 under every policy (the model is written so; ``tests/test_engine.py`` pins it):
 position ids and the rotary angles computed from them (V2PE needs fractional positions), the flow
 interpolation ``z_t = t*x1 + (1-t)*x0``, its target velocity and the loss reductions. Frozen modules
-keep the dtype they were built in (the VAE's own ``model.autoencoder.dtype``); under ``bf16`` DeepSpeed
+keep the dtype they were built in (the VAE's own ``model.heads.flow.autoencoder.dtype``); under ``bf16`` DeepSpeed
 casts the whole module, frozen parts included.
 """
 
@@ -21,6 +21,8 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from mm.schema import ConfigError
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,6 @@ PRECISIONS: dict[str, Precision] = {
 
 def get_precision(name: str) -> Precision:
     if name not in PRECISIONS:
-        from mm.config import ConfigError
-
         raise ConfigError(f"engine.precision={name!r}; known: {sorted(PRECISIONS)}")
     return PRECISIONS[name]
 

@@ -1,9 +1,11 @@
 """Train the frequency-band tokenizer (``mm/model/freq_tokenizer.py``) from a config and report its quality.
 
-The logic lives here so that the trainer can build a missing code-head tokenizer itself
-(``mm/train/trainer.py``); ``scripts/train_tokenizer.py`` is the command line.
+The logic lives here so that ``train.py`` can build a missing code-head tokenizer first
+(:func:`ensure_image_tokenizers`); ``scripts/train_tokenizer.py`` is the command line. It runs on the model
+trainer's pieces: the ``train`` and ``engine`` config sections, the ddp engine (AdamW, clipping, skipped
+non-finite steps), the lr schedules and the metric sinks.
 
-    python scripts/train_tokenizer.py --config configs/tokenizer/tiny.yaml [train.steps=500 out_dir=/tmp/tok]
+    python scripts/train_tokenizer.py --config configs/tokenizer/tiny.yaml [train.max_steps=500 out_dir=/tmp/tok]
 
 Writes ``out_dir`` (default ``runs/tokenizer/<name>``): ``model.safetensors`` + ``tokenizer_config.json`` (load
 with ``FreqTokenizer.from_pretrained``), ``train_config.yaml``, ``metrics.jsonl`` (one JSON object per log line),
@@ -25,25 +27,36 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from PIL import Image
 
-from mm.config import ConfigError, FreqTokenizerConfig, resolve_path  # noqa: E402
-from mm.model.freq_tokenizer import FreqTokenizer  # noqa: E402
+from data.bundled.digits import load_digit_split
+from data.bundled.judge import DigitJudge, frechet_distance
+from data.stream import expand_shards, iter_samples, open_shard
+from mm.config import EngineConfig, TrainConfig
+from mm.images import decode_image, fit_image
+from mm.model.config import ModelConfig
+from mm.model.freq_tokenizer import FreqTokenizer, FreqTokenizerConfig
+from mm.schema import ConfigError, dotlist_layer, merge_layers, resolve_path, to_yaml, yaml_layers
+from mm.train.engine import DDPEngine, ParamGroup, init_distributed
+from mm.train.metrics import MetricsLogger
+from mm.train.precision import get_precision
+from mm.train.schedule import get_schedule
 
 # ---------------------------------------------------------------------------------------------------------------
-# Config
+# Config: the model trainer's ``train`` and ``engine`` sections, with this trainer's data, loss and report
 # ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class TokenizerDataConfig:
     kind: str = "digits"  # key of DATASETS
+    batch_size: int = 128
     train_shards: str = ""  # kind=shards: webdataset shards with a png/jpg per sample (brace pattern), streamed
     heldout_shards: str = ""  # kind=shards: read into memory for the report, up to heldout_images
     heldout_images: int = 1000
@@ -60,20 +73,12 @@ class PerceptualConfig:
 
 
 @dataclass
-class TokenizerTrainConfig:
-    steps: int = 2000
-    batch_size: int = 128
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+class TokenizerLossConfig:
     single_scale_weight: float = 1.0  # weight of the single-scale (raster baseline) objective; 0 = NFIG only
-    log_every: int = 100
-    seed: int = 0
-    threads: int = 0  # torch intra-op threads; 0 = torch default
-    device: str = "cpu"  # "cuda" for the real config
-    bf16: bool = False  # bf16 autocast for the convolutions (the band and codebook math stays float32)
+
+
+def _train_defaults() -> TrainConfig:
+    return TrainConfig(max_steps=2000, min_lr_ratio=0.05, log_every=100, metrics=["console", "jsonl"])
 
 
 @dataclass
@@ -82,33 +87,46 @@ class TokenizerRunConfig:
     out_dir: str = ""  # "" = runs/tokenizer/<name>
     model: FreqTokenizerConfig = field(default_factory=FreqTokenizerConfig)
     data: TokenizerDataConfig = field(default_factory=TokenizerDataConfig)
-    train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
+    train: TrainConfig = field(default_factory=_train_defaults)  # the model trainer's section (schedule, clip, logs)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # ddp only; precision fp32 | bf16_autocast
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     report_examples: int = 20  # held-out images shown in reconstructions.png
 
 
+# Keys of the tokenizer trainer's own ``train`` section before it shared the model trainer's.
+_OLD_TRAIN_KEYS = {"steps": ("train", "max_steps"), "batch_size": ("data", "batch_size"),
+                   "single_scale_weight": ("loss", "single_scale_weight")}  # fmt: skip
+
+
+def _migrate(layer: Any) -> Any:
+    raw = OmegaConf.to_container(layer)
+    train = raw.get("train")
+    if isinstance(train, dict):
+        for old, (section, new) in _OLD_TRAIN_KEYS.items():
+            if old in train:
+                raw.setdefault(section, {})[new] = train.pop(old)
+        train.pop("device", None)  # the engine places the model (cuda when there is one)
+        if train.pop("bf16", False):
+            raw.setdefault("engine", {})["precision"] = "bf16_autocast"
+    return OmegaConf.create(raw)
+
+
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> TokenizerRunConfig:
     """Schema defaults <- YAML <- key=value overrides; an unknown key or wrong type fails naming it."""
-    layers = []
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        layers.append(OmegaConf.load(path))
+    layers = yaml_layers(Path(path)) if path is not None else []
     if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key=value, got {bad}")
-        layers.append(OmegaConf.from_dotlist(overrides))
-    try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TokenizerRunConfig), *layers))
-    except (OmegaConfBaseException, ValueError) as e:  # unknown key, wrong type, or a FreqTokenizerConfig rule
-        raise ConfigError(f"invalid tokenizer config{f' in {path}' if path else ''}: {e}") from None
+        layers.append(("the command line", dotlist_layer(overrides)))
+    cfg = merge_layers(TokenizerRunConfig, [(src, _migrate(layer)) for src, layer in layers])
     if cfg.data.kind not in DATASETS:
         raise ConfigError(f"data.kind={cfg.data.kind!r}; known: {sorted(DATASETS)}")
     if cfg.perceptual.kind and cfg.perceptual.kind not in PERCEPTUAL_NETS:
         raise ConfigError(f"perceptual.kind={cfg.perceptual.kind!r}; known: {sorted(PERCEPTUAL_NETS)}")
-    if cfg.train.steps < 1 or cfg.train.batch_size < 1:
-        raise ConfigError("train.steps and train.batch_size must be >= 1")
+    if cfg.data.batch_size < 1:
+        raise ConfigError("data.batch_size must be >= 1")
+    if cfg.engine.kind != "ddp":
+        raise ConfigError(f"engine.kind={cfg.engine.kind!r}: the tokenizer trainer runs on the ddp engine")
+    get_schedule(cfg.train.schedule), get_precision(cfg.engine.precision)
     return cfg
 
 
@@ -128,7 +146,7 @@ class MemoryBatches:
 
     def __init__(self, images: torch.Tensor, batch_size: int, seed: int):
         if len(images) < batch_size:
-            raise ConfigError(f"train.batch_size={batch_size} exceeds the {len(images)} training images")
+            raise ConfigError(f"data.batch_size={batch_size} exceeds the {len(images)} training images")
         self.images, self.batch_size = images, batch_size
         self.gen = torch.Generator().manual_seed(seed)
         self.skipped: Counter[str] = Counter()
@@ -141,22 +159,26 @@ class MemoryBatches:
 
 
 class ShardBatches:
-    """Batches streamed from webdataset shards (shard order reshuffled each epoch, a shuffle buffer of decoded
-    images); a sample without a decodable image is skipped and counted by reason in ``skipped``."""
+    """Batches streamed from webdataset shards with the training loader's shard reader (shard order reshuffled
+    each epoch, a shuffle buffer of decoded images); a damaged member or a sample without a decodable image
+    is skipped and counted by reason in ``skipped``."""
 
     def __init__(self, pattern: str, cfg: TokenizerRunConfig):
-        from data.stream import expand_shards
-
         self.urls, self.cfg = expand_shards(pattern), cfg
         self.skipped: Counter[str] = Counter()
 
+    def _raw(self, urls: list[str]) -> Iterator[dict]:
+        def problem(reason: str, message: str) -> None:
+            self.skipped[reason] += 1
+
+        for url in urls:
+            with open_shard(url) as f:
+                for _, raw in iter_samples(f, problem):
+                    yield raw
+
     def _images(self, urls: list[str]) -> Iterator[torch.Tensor]:
-        import webdataset as wds
-
-        from data.stream import decode_image, fit_image
-
         m = self.cfg.model
-        for raw in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+        for raw in self._raw(urls):
             data = raw.get("png", raw.get("jpg", raw.get("jpeg")))
             if data is None:
                 self.skipped["no_image"] += 1
@@ -184,7 +206,7 @@ class ShardBatches:
                 j = rng.randrange(len(buffer))
                 batch.append(buffer[j])
                 buffer[j] = image
-                if len(batch) == self.cfg.train.batch_size:
+                if len(batch) == self.cfg.data.batch_size:
                     yield torch.stack(batch)
                     batch = []
             if n_read == 0:
@@ -192,8 +214,6 @@ class ShardBatches:
 
 
 def _digits(cfg: TokenizerRunConfig) -> tuple[Iterable[torch.Tensor], Split]:
-    from data.digits import load_digit_split
-
     m = cfg.model
     if (m.image_size, m.image_channels) != (8, 1):
         raise ConfigError(f"data.kind=digits needs model.image_size=8, image_channels=1 (got {m.image_size}, "
@@ -202,7 +222,7 @@ def _digits(cfg: TokenizerRunConfig) -> tuple[Iterable[torch.Tensor], Split]:
     for name in ("train", "heldout"):
         x, y = load_digit_split(name)
         splits.append(Split(torch.from_numpy(np.round(x * 255).astype(np.uint8))[:, None], y))
-    return MemoryBatches(splits[0].images, cfg.train.batch_size, cfg.train.seed), splits[1]
+    return MemoryBatches(splits[0].images, cfg.data.batch_size, cfg.train.seed), splits[1]
 
 
 def _shards(cfg: TokenizerRunConfig) -> tuple[Iterable[torch.Tensor], Split]:
@@ -271,13 +291,6 @@ PERCEPTUAL_NETS: dict[str, type[torch.nn.Module]] = {"vgg16": VGG16FeatureDistan
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, t: TokenizerTrainConfig) -> float:
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def psnr(mse: float) -> float:
     """dB for images in [0,1]."""
     return round(10 * math.log10(1.0 / max(mse, 1e-12)), 2)
@@ -288,59 +301,71 @@ def perplexity(counts: torch.Tensor) -> float:
     return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
 
 
+class TokenizerObjective(torch.nn.Module):
+    """The tokenizer's training loss on a uint8 batch, as one module for the engine: both modes (NFIG's stages
+    and the single-scale baseline), plus the optional perceptual term."""
+
+    def __init__(
+        self, tok: FreqTokenizer, loss: TokenizerLossConfig, perceptual: torch.nn.Module | None, weight: float
+    ):
+        super().__init__()
+        self.tok, self.loss_cfg, self.perceptual, self.perceptual_weight = tok, loss, perceptual, weight
+
+    def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.tok(batch, single_scale_weight=self.loss_cfg.single_scale_weight)
+        if self.perceptual is not None:
+            out["perceptual"] = self.perceptual(out["recon"], batch.float() / 255.0)
+            out["loss"] = out["loss"] + self.perceptual_weight * out["perceptual"]
+        return out
+
+
+LOGGED = ("loss", "pixel", "feature", "ss_pixel", "ss_feature", "perceptual")
+
+
 def train(cfg: TokenizerRunConfig, batches: Iterable[torch.Tensor], out_dir: Path) -> tuple[FreqTokenizer, float]:
-    """Train both modes jointly; log steps, losses, codebook use, speed and ETA; return (tokenizer, seconds)."""
+    """Train both modes jointly on the ddp engine with the model trainer's schedule and metric sinks; log steps,
+    losses, codebook use, speed and ETA; return (tokenizer, seconds)."""
     t = cfg.train
     torch.manual_seed(t.seed)
     gen = torch.Generator().manual_seed(t.seed)
-    device = torch.device(t.device)
-    tok = FreqTokenizer(cfg.model).to(device)
+    env = init_distributed()
+    tok = FreqTokenizer(cfg.model)
     perceptual = PERCEPTUAL_NETS[cfg.perceptual.kind](cfg.perceptual.weights) if cfg.perceptual.kind else None
-    if perceptual is not None:
-        perceptual.to(device)
-    opt = torch.optim.AdamW(tok.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    objective = TokenizerObjective(tok, cfg.loss, perceptual, cfg.perceptual.weight)
+    precision, schedule = get_precision(cfg.engine.precision), get_schedule(t.schedule)
+    groups = [ParamGroup("default", list(tok.parameters()), t.lr, t.weight_decay)]
+    engine = DDPEngine(objective, groups, t, cfg.engine, env, precision)
+    metrics = MetricsLogger(out_dir, t.metrics, 0, t.max_steps)
     window = torch.zeros(cfg.model.codebook_size, dtype=torch.long)  # code use since the last log line
     sums: dict[str, float] = {}
-    restarted, logged_at = 0, 0
-    metrics = (out_dir / "metrics.jsonl").open("w")
-    t0 = time.perf_counter()
-    tok.train()
-    for step, batch in zip(range(t.steps), batches):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, t)
-        batch = batch.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16):
-            out = tok(batch, single_scale_weight=t.single_scale_weight)
-            loss = out["loss"]
-            if perceptual is not None:
-                out["perceptual"] = perceptual(out["recon"], batch.float() / 255.0)
-                loss = loss + cfg.perceptual.weight * out["perceptual"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(tok.parameters(), t.grad_clip)
-        opt.step()
+    restarted, logged_at, t0 = 0, 0, time.perf_counter()
+    objective.train()
+    for step, batch in zip(range(t.max_steps), batches):
+        lr_scale = schedule(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        engine.set_lr_scale(lr_scale)
+        with engine.micro_step(last=True):
+            with precision.autocast(env.device):
+                out = engine.forward(batch.to(env.device, non_blocking=True))
+            engine.backward(out["loss"])
+        result = engine.step()
         restarted += tok.codebook.update(out["vectors"], out["indices"], generator=gen)
         window += torch.bincount(out["indices"].cpu(), minlength=cfg.model.codebook_size)
-        for k in ("loss", "pixel", "feature", "ss_pixel", "ss_feature", "perceptual"):
-            if k in out:
-                sums[k] = sums.get(k, 0.0) + float(out[k].detach())
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+        for k in (k for k in LOGGED if k in out):
+            sums[k] = sums.get(k, 0.0) + float(out[k].detach())
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(result.grad_norm)
         done = step + 1
-        if done % t.log_every == 0 or done == t.steps:
+        if done % t.log_every == 0 or done == t.max_steps:
             elapsed = time.perf_counter() - t0
-            rec = {"step": done, **{k: round(v / (done - logged_at), 5) for k, v in sums.items()},
-                   "lr": round(lr_at(step, t), 6), "codes_used": round(float((window > 0).float().mean()), 4),
+            rec = {"step": done, "loss_names": [k for k in LOGGED[1:] if k in sums],
+                   **{k: round(v / (done - logged_at), 5) for k, v in sums.items()}, "lr": t.lr * lr_scale,
+                   "codes_used": round(float((window > 0).float().mean()), 4),
                    "perplexity": round(perplexity(window), 1), "codes_restarted": restarted,
-                   "skipped": dict(getattr(batches, "skipped", {})),
-                   "steps_per_s": round(done / elapsed, 2),
-                   "eta_s": round(elapsed / done * (t.steps - done), 1)}  # fmt: skip
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
-            print(f"[tok] step {done}/{t.steps} loss {rec['loss']:.4f} pixel {rec['pixel']:.4f} "
-                  f"ss_pixel {rec.get('ss_pixel', float('nan')):.4f} feature {rec['feature']:.4f} "
-                  f"codes used {rec['codes_used']:.2f} ppl {rec['perplexity']:.0f} restarted {restarted} "
-                  f"{rec['steps_per_s']:.1f} it/s eta {rec['eta_s']:.0f}s", flush=True)  # fmt: skip
+                   "skipped": dict(getattr(batches, "skipped", {})), "steps_per_s": round(done / elapsed, 2),
+                   "eta_s": round(elapsed / done * (t.max_steps - done), 1),
+                   "extra_console": ["codes_used", "perplexity", "codes_restarted", "steps_per_s"]}  # fmt: skip
+            metrics.record(rec)
             sums, window, restarted, logged_at = {}, torch.zeros_like(window), 0, done
+    metrics.plot()
     metrics.close()
     return tok.eval(), time.perf_counter() - t0
 
@@ -418,10 +443,8 @@ def evaluate(tok: FreqTokenizer, split: Split, batch_size: int = 256) -> dict:
 
 
 def digit_classifier_report(heldout: Split, recon_nfig: torch.Tensor, recon_ss: torch.Tensor) -> dict:
-    """The project's digit judge (``mm.eval.digits.DigitJudge``: MLP(128) on the real training split) on the
-    held-out reconstructions of both modes, beside its accuracy on the real held-out digits."""
-    from mm.eval.digits import DigitJudge, frechet_distance
-
+    """The project's digit judge (``data.bundled.judge.DigitJudge``: MLP(128) on the real training split) on
+    the held-out reconstructions of both modes, beside its accuracy on the real held-out digits."""
     judge = DigitJudge.train()
     real = heldout.images.float().numpy()[:, 0] / 255.0
     rows = {"nfig": recon_nfig[:, 0].numpy(), "single_scale": recon_ss[:, 0].numpy()}
@@ -456,14 +479,14 @@ def save_reconstruction_grid(tok: FreqTokenizer, images: torch.Tensor, path: Pat
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tokenizer/tiny.yaml")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=500")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=500")
     args = ap.parse_args(argv)
     cfg = load_run_config(resolve_path(args.config), args.overrides)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     out_dir = resolve_path(cfg.out_dir or f"runs/tokenizer/{cfg.name}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    (out_dir / "train_config.yaml").write_text(to_yaml(cfg))
     batches, heldout = DATASETS[cfg.data.kind](cfg)
     print(f"[tok] {cfg.name}: {cfg.data.kind} data, {len(heldout.images)} held-out images, stages "
           f"{list(cfg.model.stages)} ({sum(s * s for s in cfg.model.stages)} tokens; single-scale "
@@ -473,7 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
     tok.save_pretrained(out_dir)
     report = evaluate(tok, heldout)
     recon_nfig, recon_ss = report.pop("_recon_nfig"), report.pop("_recon_single_scale")
-    report = {"name": cfg.name, "train_wall_s": round(train_s, 1), "train_steps": cfg.train.steps,
+    report = {"name": cfg.name, "train_wall_s": round(train_s, 1), "train_steps": cfg.train.max_steps,
               "params": sum(p.numel() for p in tok.parameters()), **report}  # fmt: skip
     if heldout.labels is not None:
         report["digit_classifier"] = digit_classifier_report(heldout, recon_nfig, recon_ss)
@@ -486,3 +509,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def ensure_image_tokenizers(model_cfg: ModelConfig) -> None:
+    """Train a code head's image tokenizer first when its directory is missing and ``build_config`` names how."""
+    for name, head in model_cfg.heads.items():
+        tok = getattr(head, "tokenizer", None)
+        if tok is None or not getattr(tok, "path", "") or not getattr(tok, "build_config", ""):
+            continue
+        out = resolve_path(tok.path)
+        if (out / "model.safetensors").is_file():
+            continue
+        print(f"[{name}] no tokenizer at {out}: training it from {tok.build_config}", flush=True)
+        main(["--config", str(resolve_path(tok.build_config)), f"out_dir={out}"])

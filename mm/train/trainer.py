@@ -13,218 +13,46 @@ Randomness per micro-batch (flow t, noise, prompt dropout) comes from a generato
 step, rank * accumulation + micro-step): a resumed run draws what the uninterrupted run drew, and a
 global micro-batch gets the same draw however it is split over ranks and accumulation steps.
 
-Stages need no code: ``train.frozen`` freezes modules by name prefix, ``train.param_groups`` sets
-learning rates per prefix, ``train.init_from`` starts from the previous stage's checkpoint. A frozen
-module with no weights to load is an error at start.
+The trainer is the loop: ``mm/train/launch.py`` composes what it runs (bundled data, image tokenizers,
+the model, the loader), the engine runs backward and step (the trainer does not know which one),
+``mm/train/stage.py`` decides what trains, ``mm/checkpoint.py`` owns the files.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import resource
 import shutil
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from data.digits import ensure_bundled_digits
-from data.loader import build_train_loader
-from data.longctx import ensure_longctx_shards
-from mm.config import CodeHeadConfig, Config, ConfigError, ModelConfig, resolve_path, to_yaml
-from mm.model.unified import UnifiedModel
-from mm.sequence import Vocab, load_vocab
-from mm.train.checkpoint import (
+from mm.batch import Batch
+from mm.checkpoint import (
     checkpoint_root,
     commit_checkpoint,
     find_checkpoint,
-    load_model_weights,
     load_tensors,
     read_meta,
     save_tensors,
     staging_dir,
 )
-from mm.train.engine import Engine, ParamGroup, ShardedEMA, build_engine, init_distributed
+from mm.config import Config
+from mm.model.legacy import FORMAT
+from mm.model.unified import UnifiedModel
+from mm.schema import to_yaml
+from mm.train.engine import DistEnv, Engine, ShardedEMA, engine_class
 from mm.train.flops import ModelFlops, batch_shape, device_peak_tflops
 from mm.train.metrics import MetricsLogger, check_sinks
 from mm.train.precision import fp32_peak_key, get_precision
-
-LOSSES = ("text", "flow", "repa")
-
-
-def constant_schedule(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    return min(1.0, (step + 1) / max(1, warmup))
+from mm.train.schedule import get_schedule
+from mm.train.stage import apply_stage
 
 
-def cosine_schedule(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-LR_SCHEDULES = {"constant": constant_schedule, "cosine": cosine_schedule}
-
-# Where a module's pretrained weights come from, for the rule "a frozen module needs weights to load".
-PRETRAINED_SOURCES: dict[str, Callable[[ModelConfig], str]] = {
-    "und.tower": lambda m: m.und.weights,
-    "llm": lambda m: m.llm.pretrained,
-    "autoencoder": lambda m: m.autoencoder.path,
-    # the code heads' frozen tokenizers (mm/model/heads/codes.py)
-    "nextfreq.tokenizer": lambda m: m.nextfreq.tokenizer,
-    "raster.tokenizer": lambda m: m.raster.tokenizer,
-}
-SOURCE_KEYS = {
-    "und.tower": "model.und.weights", "llm": "model.llm.pretrained", "autoencoder": "model.autoencoder.path",
-    "nextfreq.tokenizer": "model.nextfreq.tokenizer", "raster.tokenizer": "model.raster.tokenizer",
-}  # fmt: skip
-
-
-# Bundled shard folders and what builds them (the long-context albums read the digits too).
-BUNDLED_SHARDS: dict[str, Callable[[str], bool]] = {
-    "data/shards/digits/": ensure_bundled_digits,
-    "data/shards/longctx/": ensure_longctx_shards,
-}
-
-
-def ensure_digit_shards(cfg: Config) -> None:
-    """Build the bundled shards (digits, long-context albums) when the default paths are missing."""
-    if not cfg.data.build_if_missing:
-        return
-    wanted = [cfg.data.train_shards, cfg.data.heldout_shards] + [s.shards for s in cfg.data.sources if s.shards]
-    folders = [next((f for f in BUNDLED_SHARDS if w.startswith(f)), None) for w in wanted]
-    if all(folders):
-        for folder in dict.fromkeys(folders):
-            BUNDLED_SHARDS[folder](folder.rstrip("/"))
-
-
-def ensure_head_tokenizers(cfg: Config) -> None:
-    """Train a code head's frequency tokenizer first when its directory is missing and ``build_config`` names how."""
-    for name in cfg.model.heads:
-        c = getattr(cfg.model, name, None)
-        if not isinstance(c, CodeHeadConfig) or not c.tokenizer or not c.build_config:
-            continue
-        out = resolve_path(c.tokenizer)
-        if (out / "model.safetensors").is_file():
-            continue
-        from mm.train.tokenizer import main as train_tokenizer  # only when one is missing
-
-        print(f"[{name}] no tokenizer at {out}: training it from {c.build_config}", flush=True)
-        train_tokenizer(["--config", str(resolve_path(c.build_config)), f"out_dir={out}"])
-
-
-def build_model(cfg: Config, init: bool = False) -> tuple[UnifiedModel, Vocab]:
-    """The model of ``cfg`` (pretrained parts from their local paths); ``init`` applies ``train.init_from``."""
-    vocab = load_vocab(resolve_path(cfg.model.llm.tokenizer))
-    model = UnifiedModel(cfg.model, vocab)
-    if init and cfg.train.init_from:
-        model.load_state_dict(load_model_weights(resolve_path(cfg.train.init_from)))
-    return model, vocab
-
-
-def _matches(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
-def _part(name: str) -> str:
-    """The module a parameter is reported under: two levels for ``und`` (tower vs aligner), else one."""
-    parts = name.split(".")
-    return ".".join(parts[:2]) if parts[0] == "und" else parts[0]
-
-
-@dataclass
-class Stage:
-    groups: list[ParamGroup]
-    referenced: list[str]  # frozen parts whose weights come from a path or init_from (not saved)
-    random_frozen: list[str]  # frozen parts with no weights (allowed only for benchmarks)
-    report: str
-
-
-def apply_stage(model: UnifiedModel, cfg: Config, allow_random_frozen: bool = False) -> Stage:
-    """Freeze ``train.frozen``, check frozen parts have weights, split the rest into ``train.param_groups``."""
-    t = cfg.train
-    params = dict(model.named_parameters())
-    for where, prefixes in [("train.frozen", t.frozen)] + [
-        (f"train.param_groups[{i}].modules", g.modules) for i, g in enumerate(t.param_groups)
-    ]:
-        for prefix in prefixes:
-            if not any(_matches(n, prefix) for n in params):
-                parts = sorted({_part(n) for n in params})
-                raise ConfigError(f"{where}: {prefix!r} names no parameter of the model; modules: {', '.join(parts)}")
-    for n, p in params.items():
-        if any(_matches(n, f) for f in t.frozen):
-            p.requires_grad_(False)
-
-    def source(name: str) -> str | None:
-        for prefix, path_of in PRETRAINED_SOURCES.items():
-            if _matches(name, prefix) and path_of(cfg.model):
-                return SOURCE_KEYS[prefix]
-        return "train.init_from" if t.init_from else None
-
-    frozen = [n for n, p in params.items() if not p.requires_grad]
-    random_frozen = sorted({_part(n) for n in frozen if source(n) is None})
-    if random_frozen and not allow_random_frozen:
-        what = []
-        for part in random_frozen:
-            n_params = sum(p.numel() for n, p in params.items() if _part(n) == part and not p.requires_grad)
-            fix = [SOURCE_KEYS[k] for k in SOURCE_KEYS if _matches(part, k) or _matches(k, part)]
-            fix += ["model.und.freeze=false"] if part == "und.tower" else []
-            fix += [] if part == "autoencoder" else ["remove it from train.frozen"]
-            what.append(f"{part} ({n_params / 1e6:.1f}M; {' or '.join(fix)})")
-        raise ConfigError(
-            f"frozen modules without weights to load would keep their random init: {', '.join(what)}; "
-            "train.init_from can supply any of them"
-        )
-    referenced = sorted({_part(n) for n in frozen if source(n) is not None})
-
-    # Each trainable parameter goes to the group with the longest matching prefix, else the default group.
-    def group_of(name: str) -> int:
-        best, best_len = -1, -1
-        for i, g in enumerate(t.param_groups):
-            for prefix in g.modules:
-                if _matches(name, prefix) and len(prefix) > best_len:
-                    best, best_len = i, len(prefix)
-        return best
-
-    groups = [
-        ParamGroup("+".join(g.modules), [], g.lr or t.lr, g.weight_decay if g.weight_decay >= 0 else t.weight_decay)
-        for g in t.param_groups
-    ] + [ParamGroup("default", [], t.lr, t.weight_decay)]
-    lr_of: dict[str, set[float]] = {}
-    for n, p in params.items():
-        if p.requires_grad:
-            g = groups[group_of(n)]
-            g.params.append(p)
-            lr_of.setdefault(_part(n), set()).add(g.lr)
-    for i, g in enumerate(groups[:-1]):
-        if not g.params:
-            raise ConfigError(f"train.param_groups[{i}] ({g.name}) holds only frozen parameters")
-    groups = [g for g in groups if g.params]
-
-    lines = ["parameters (trainable / total):"]
-    for part in sorted({_part(n) for n in params}, key=lambda s: list(dict.fromkeys(map(_part, params))).index(s)):
-        members = [(n, p) for n, p in params.items() if _part(n) == part]
-        total = sum(p.numel() for _, p in members)
-        trainable = sum(p.numel() for _, p in members if p.requires_grad)
-        note = f"lr {'/'.join(f'{x:.1e}' for x in sorted(lr_of[part]))}" if part in lr_of else "frozen"
-        if part in referenced:
-            note += f" (weights from {source(next(n for n, p in members if not p.requires_grad))})"
-        elif part in random_frozen:
-            note += " (RANDOM weights: benchmark only)"
-        lines.append(f"  {part:<14} {trainable / 1e6:10.3f}M / {total / 1e6:10.3f}M  {note}")
-    n_all = sum(p.numel() for p in params.values())
-    n_train = sum(p.numel() for p in params.values() if p.requires_grad)
-    lines.append(f"  {'total':<14} {n_train / 1e6:10.3f}M / {n_all / 1e6:10.3f}M")
-    return Stage(groups, referenced, random_frozen, "\n".join(lines))
-
-
-def flow_seed(seed: int, step: int, micro_batch: int) -> int:
+def draw_seed(seed: int, step: int, micro_batch: int) -> int:
     """Seed of one global micro-batch's draws: (seed, step, rank * accumulation + micro-step)."""
     return ((seed * 1_000_003 + step) * 1_000_033 + micro_batch) % (2**63)
 
@@ -238,7 +66,7 @@ def peak_memory_gb(device: torch.device) -> float:
 class Window:
     """Device-side sums between log steps (no host sync per step)."""
 
-    def __init__(self, device: torch.device, n_losses: int = len(LOSSES)):
+    def __init__(self, device: torch.device, n_losses: int):
         z = lambda n=(): torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
         self.local = z(n_losses + 1)  # this rank's share of the global loss sums and of the total loss
         self.counts = z(n_losses)  # global counts of applied steps (equal on every rank)
@@ -252,34 +80,24 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
+        model: UnifiedModel,
+        loader,
+        env: DistEnv,
         resume: str | None = None,
         overwrite: bool = False,
-        loader=None,
         allow_random_frozen: bool = False,
     ):
         """``resume``: ``auto`` (newest checkpoint, else a fresh start), ``latest`` or a checkpoint directory.
-        ``loader``: a train loader to use instead of the config's (tests, benchmarks)."""
-        self.cfg = cfg
+        ``--overwrite`` deletes an existing run's checkpoints only after everything else was built."""
+        self.cfg, self.env, self.loader = cfg, env, loader
         t = cfg.train
-        if t.schedule not in LR_SCHEDULES:
-            raise ConfigError(f"train.schedule={t.schedule!r}; known: {sorted(LR_SCHEDULES)}")
+        self.schedule = get_schedule(t.schedule)
         self.precision = get_precision(cfg.engine.precision)
-        check_sinks(t.metrics)  # on every rank, before any collective
-        self.env = env = init_distributed(need_process_group=cfg.engine.kind == "deepspeed")
+        check_sinks(t.metrics)
         self.rank, self.world, self.device = env.rank, env.world, env.device
-        threads = t.threads or (max(1, (os.cpu_count() or 1) // env.world) if env.world > 1 else 0)
-        if threads:
-            torch.set_num_threads(threads)
         self.run_dir = cfg.run_dir()
-        if self.rank == 0:
-            ensure_digit_shards(cfg)
-            ensure_head_tokenizers(cfg)
-        env.barrier()
-        ckpt = self._checkpoint_to_resume(resume, overwrite)
-
-        torch.manual_seed(t.seed)  # same init on every rank
-        model, self.vocab = build_model(cfg, init=True)
-        self.stage = apply_stage(model, cfg, allow_random_frozen)
+        ckpt = find_checkpoint(self.run_dir, resume) if resume else None
+        self.stage = apply_stage(model, t, allow_random_frozen)
         self.state_keys = list(model.state_dict().keys())
         self.aliases = _aliases(model)
         self.persistent_buffers = [n for n, _ in model.named_buffers() if n in set(self.state_keys)]
@@ -287,14 +105,16 @@ class Trainer:
             model.set_activation_checkpointing(True)
         self.flops = ModelFlops(model)  # before an engine shards the parameters
         self.model = model
-        self.losses = tuple(model.loss_weights())  # text, then each image head's losses (LOSSES for the flow head)
-        self.engine: Engine = build_engine(model, self.stage.groups, cfg, env, self.precision)
+        self.losses = tuple(model.loss_weights())  # text, then each image head's losses
+        engine = engine_class(cfg.engine.kind)
+        self.engine: Engine = engine(model, self.stage.groups, t, cfg.engine, env, self.precision)
         self.ema = ShardedEMA(self.engine, t.ema_decay) if t.ema_decay > 0 else None
-        self.loader = loader or build_train_loader(cfg.data, self.vocab, model.sample_shapes(), env.rank, env.world)
         self.step, self.nonfinite_total = 0, 0
         self.nonfinite_run = torch.zeros((), dtype=torch.float64, device=self.device)
         if ckpt is not None:
             self._load(ckpt)
+        else:
+            self._start_fresh(overwrite)
         key = self.precision.peak_key if self.precision.peak_key != "fp32" else fp32_peak_key()
         self.peak_tflops = device_peak_tflops(self.device, key)
         self.metrics, self.last_plot = None, time.perf_counter()
@@ -305,9 +125,9 @@ class Trainer:
             self.metrics = MetricsLogger(self.run_dir, t.metrics, self.step, t.max_steps)
 
     # ---- checkpoints ----------------------------------------------------------------
-    def _checkpoint_to_resume(self, resume: str | None, overwrite: bool) -> Path | None:
-        if resume:
-            return find_checkpoint(self.run_dir, resume)
+    def _start_fresh(self, overwrite: bool) -> None:
+        """A fresh start in a directory with checkpoints needs ``--overwrite``; they go only now, when the
+        config, model, engine and data have all been built without error."""
         root = checkpoint_root(self.run_dir)
         if root.exists() and any(root.glob("step_*")):
             if not overwrite:
@@ -320,7 +140,6 @@ class Trainer:
                 shutil.rmtree(root)
                 shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
             self.env.barrier()
-        return None
 
     def save(self) -> Path | None:
         """Every rank writes its part into a staging directory; rank 0 commits it (see mm/train/checkpoint.py)."""
@@ -358,6 +177,7 @@ class Trainer:
             "referenced": self.stage.referenced,
             "aliases": self.aliases,
             "state_keys": self.state_keys,
+            "format": FORMAT,
         }
         path = commit_checkpoint(self.run_dir, self.step, meta, self.cfg.train.keep_checkpoints)
         print(f"saved {path}", flush=True)
@@ -395,7 +215,7 @@ class Trainer:
             print(f"resumed from {ckpt} at step {self.step}", flush=True)
 
     # ---- training -----------------------------------------------------------------------
-    def train_step(self, batches: Iterator[dict], window: Window) -> None:
+    def train_step(self, batches: Iterator[Batch], window: Window) -> None:
         """One optimizer step over ``train.grad_accum_steps`` micro-batches from ``batches``."""
         t, env = self.cfg.train, self.env
         accum = t.grad_accum_steps
@@ -412,19 +232,17 @@ class Trainer:
         for b in micro:
             shape = batch_shape(b, self.flops.num_layers, self.cfg.model.mod)
             window.host["tokens"] += shape.tokens
-            window.host["slots"] += b["sample_ids"].numel()
+            window.host["slots"] += b.sample_ids.numel()
             window.host["samples"] += shape.samples
             window.host["flops"] += self.flops.train_flops(shape)
 
-        schedule = LR_SCHEDULES[t.schedule]
-        self.lr_scale = schedule(self.step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        self.lr_scale = self.schedule(self.step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         self.engine.set_lr_scale(self.lr_scale)
         self.model.train()
         step_local = torch.zeros(len(self.losses) + 1, dtype=torch.float64, device=self.device)
         for i, batch in enumerate(micro):
-            gen = torch.Generator().manual_seed(flow_seed(t.seed, self.step, self.rank * accum + i))
-            batch = self.model.add_flow_inputs(batch, gen)
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            gen = torch.Generator().manual_seed(draw_seed(t.seed, self.step, self.rank * accum + i))
+            batch = self.model.add_draws(batch, gen).to(self.device, non_blocking=True)
             with self.engine.micro_step(last=i == accum - 1):
                 with self.precision.autocast(self.device):
                     out = self.engine.forward(batch)
@@ -485,7 +303,7 @@ class Trainer:
         skipped: Counter[str] = Counter()
         for counts_of_rank in env.all_gather_object(self.loader.skip_counts()):
             skipped.update(counts_of_rank)
-        rec: dict = {"step": self.step}
+        rec: dict = {"step": self.step, "loss_names": list(self.losses)}
         rec["loss"] = total_loss / applied if applied else None
         for k, s, c in zip(self.losses, sums, counts):
             rec[k] = s / c if c > 0 else None  # token/image-weighted over the window's steps that had the task
@@ -556,12 +374,3 @@ def _aliases(model: torch.nn.Module) -> dict[str, str]:
         else:
             first[id(v)] = k
     return out
-
-
-def main_cli(cfg: Config, resume: str | None, overwrite: bool) -> None:
-    trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
-    trainer.train()
-    if trainer.env.distributed:
-        dist.destroy_process_group()
-    if trainer.rank == 0:
-        print(f"done: {trainer.run_dir} (evaluate with: python eval.py --run {trainer.run_dir})", file=sys.stderr)

@@ -1,27 +1,16 @@
-"""Image heads, registered by name (``model.heads`` in the config chooses them); see ``base.py``."""
+"""Image heads, registered by name (``model.heads`` in the config maps names to their configs); see ``base.py``.
 
-from __future__ import annotations
+Importing this package registers the bundled heads: ``flow`` (JanusFlow's rectified flow), ``nextfreq``
+(NFIG) and ``raster`` (one code per pass). A head defined elsewhere registers itself with
+``@register_head("name")`` when its module is imported.
+"""
 
-from collections.abc import Callable
-
-from mm.model.heads.base import ImageHead
-from mm.model.heads.codes import CFG_SCHEDULES, CodeHead, NextFreqHead, RasterHead, code_recipe
-from mm.model.heads.flow import FlowHead, flow_recipe
-
-# name -> builder(model config, vocab, LLM width, understanding tower width)
-IMAGE_HEADS: dict[str, Callable[..., ImageHead]] = {
-    "flow": lambda cfg, vocab, d, und_width: FlowHead(cfg, vocab, d, und_width),
-    "nextfreq": lambda cfg, vocab, d, und_width: NextFreqHead("nextfreq", cfg, vocab, d),
-    "raster": lambda cfg, vocab, d, und_width: RasterHead("raster", cfg, vocab, d),
-}
-
-# name -> default sampling recipe from the model config (no model needed: release generation_config, eval)
-HEAD_RECIPES: dict[str, Callable[..., dict]] = {
-    "flow": flow_recipe,
-    "nextfreq": lambda cfg: code_recipe("nextfreq", cfg),
-    "raster": lambda cfg: code_recipe("raster", cfg),
-}
+from mm.model.heads import codes, flow  # noqa: F401  (each module registers its heads on import)
+from mm.model.heads.base import IMAGE_HEADS, HeadContext, HeadHost, ImageHead, head_class, register_head
+from mm.model.heads.codes import CFG_SCHEDULES, CodeHead, CodeHeadConfig, NextFreqHead, RasterHead
+from mm.model.heads.flow import FlowHead, FlowHeadConfig
 
 __all__ = [
-    "CFG_SCHEDULES", "HEAD_RECIPES", "IMAGE_HEADS", "CodeHead", "FlowHead", "ImageHead", "NextFreqHead", "RasterHead",
+    "CFG_SCHEDULES", "IMAGE_HEADS", "CodeHead", "CodeHeadConfig", "FlowHead", "FlowHeadConfig", "HeadContext",
+    "HeadHost", "ImageHead", "NextFreqHead", "RasterHead", "head_class", "register_head",
 ]  # fmt: skip

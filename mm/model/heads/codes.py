@@ -24,18 +24,32 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm.config import CodeHeadConfig, ModelConfig, resolve_path
+from mm.batch import Batch, ImageInputs, left_padded
+from mm.images import as_unit_float
 from mm.kernels.attention import AttentionSpec
-from mm.model.decoder import KVCache
-from mm.model.freq_tokenizer import FreqTokenizer
-from mm.model.heads.base import ImageHead, drop_prompts, head_sample_mask, unconditional
-from mm.sequence import ImageTemplate, Vocab, image_generation_sample, scatter_placeholders
+from mm.model.decoder import DecoderOutput, KVCache
+from mm.model.heads.base import (
+    HeadContext,
+    HeadHost,
+    ImageHead,
+    PartCost,
+    loss_weight,
+    place,
+    register_head,
+    slot_mask,
+    take_slots,
+    unconditional,
+)
+from mm.model.image_tokenizers import ImageTokenizerConfig, load_image_tokenizer
+from mm.profiling import forward_flops
+from mm.schema import ConfigError
+from mm.sequence import ImageTemplate, image_generation_sample
 
 # w_k of block k of n: constant, or VAR's linear ramp (no guidance on the first block, full on the last)
 CFG_SCHEDULES: dict[str, Callable[[float, int, int], float]] = {
@@ -44,21 +58,27 @@ CFG_SCHEDULES: dict[str, Callable[[float, int, int], float]] = {
 }
 
 
-def load_tokenizer(cfg: CodeHeadConfig, where: str) -> FreqTokenizer:
-    """The head's frozen tokenizer: from its directory, or (release: weights in the model's state dict) its shapes."""
-    if not cfg.tokenizer:
-        tok = FreqTokenizer(cfg.tokenizer_model)
-    else:
-        path = resolve_path(cfg.tokenizer)
-        if not (path / "model.safetensors").is_file():
-            hint = f" (or set {where}.build_config to train it first)" if not cfg.build_config else ""
-            raise FileNotFoundError(
-                f"{where}.tokenizer: no tokenizer checkpoint at {path}; train one with "
-                f"scripts/train_tokenizer.py --config configs/tokenizer/tiny.yaml{hint}"
-            )
-        tok = FreqTokenizer.from_pretrained(path)
-    tok.requires_grad_(False)
-    return tok.eval()
+@dataclass
+class CodeHeadConfig:
+    """A head that predicts the codes of a frozen image tokenizer: ``nextfreq`` (NFIG: one forward pass per
+    frequency stage) or ``raster`` (one code per pass)."""
+
+    tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    loss_weight: float = 1.0
+    prompt_dropout: float = 0.1  # share of prompts replaced by pad (CFG)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0  # 1 = no nucleus cut
+    cfg_scale: float = 2.0  # logits = u + w (c - u); 1 = no guidance
+    cfg_schedule: str = "constant"  # key of CFG_SCHEDULES: constant | linear (VAR)
+
+    def __post_init__(self) -> None:
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ConfigError(f"code head cfg_schedule={self.cfg_schedule!r}; known: {sorted(CFG_SCHEDULES)}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("code head: temperature must be > 0, top_p in (0, 1], top_k >= 0")
+        if not 0 <= self.prompt_dropout < 1:
+            raise ConfigError(f"code head prompt_dropout={self.prompt_dropout} must be in [0, 1)")
 
 
 def sample_logits(
@@ -78,57 +98,49 @@ def sample_logits(
     return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1]).to(logits.device)
 
 
-def code_recipe(name: str, cfg: ModelConfig) -> dict:
-    c: CodeHeadConfig = getattr(cfg, name)
-    return {"sampler": name, "cfg_scale": c.cfg_scale, "cfg_schedule": c.cfg_schedule, "temperature": c.temperature,
-            "top_k": c.top_k, "top_p": c.top_p, "cfg_rule": "u + w(c - u) on logits"}  # fmt: skip
-
-
-class CodeHeadNet(nn.Module):
-    """The learnable part of a code head: code vectors -> LLM width, a start vector, slot embeddings, logits."""
-
-    def __init__(self, tokenizer: FreqTokenizer, hidden_size: int, slots: int):
-        super().__init__()
-        self.tokenizer = tokenizer  # frozen; its weights load from the head's tokenizer path
-        self.in_proj = nn.Linear(tokenizer.code_dim, hidden_size)
-        self.start = nn.Parameter(torch.randn(hidden_size) * 0.02)
-        # which slot (stage and cell) a token is: RoPE alone orders slots but does not say where a stage begins
-        self.slot_embed = nn.Parameter(torch.randn(slots, hidden_size) * 0.02)
-        self.out = nn.Linear(hidden_size, tokenizer.codebook_size)
-
-
 @dataclass
 class CodeState:
-    codes: torch.Tensor | None  # [N, T] targets (None: ZeRO-3 placeholder)
-    mask: torch.Tensor | None
+    inputs: ImageInputs
+    codes: torch.Tensor  # [N, T] targets
+    mask: torch.Tensor
 
 
 class CodeHead(ImageHead):
+    Config = CodeHeadConfig
+    kind: str  # the sampler's name in recipes
     single_scale: bool = False  # raster: the tokenizer's single-scale codes
 
-    def __init__(self, name: str, cfg: ModelConfig, vocab: Vocab, hidden_size: int):
-        self.name, self.vocab = name, vocab
-        self.cfg: CodeHeadConfig = getattr(cfg, name)
-        tok = load_tokenizer(self.cfg, f"model.{name}")
-        self.blocks = self.block_sizes(tok)
-        self.net = CodeHeadNet(tok, hidden_size, sum(self.blocks))
+    def __init__(self, name: str, cfg: CodeHeadConfig, ctx: HeadContext):
+        super().__init__(name, cfg, ctx)
+        # frozen; its weights load from cfg.tokenizer.path (or, in a release, from the release's weights)
+        self.tokenizer = load_image_tokenizer(cfg.tokenizer, f"model.heads.{name}.tokenizer")
+        self.blocks = self.block_sizes(self.tokenizer)
+        d = ctx.hidden_size
+        self.in_proj = nn.Linear(self.tokenizer.code_dim, d)
+        self.start = nn.Parameter(torch.randn(d) * 0.02)
+        # which slot (stage and cell) a token is: RoPE alone orders slots but does not say where a stage begins
+        self.slot_embed = nn.Parameter(torch.randn(sum(self.blocks), d) * 0.02)
+        self.out = nn.Linear(d, self.tokenizer.codebook_size)
+        tok = self.tokenizer
         self.template = ImageTemplate(
-            name, tok.cfg.image_size, tok.cfg.image_channels, self.blocks,
-            full_blocks=not self.single_scale, begin="boi", end=True,
+            name, tok.image_size, tok.image_channels, self.blocks, full_blocks=not self.single_scale, begin="boi",
+            end=True,
         )  # fmt: skip
         starts = [0]
         for b in self.blocks:
             starts.append(starts[-1] + b)
         self.starts = starts
 
+    @classmethod
+    def recipe(cls, cfg: CodeHeadConfig) -> dict:
+        return {"sampler": cls.kind, "cfg_scale": cfg.cfg_scale, "cfg_schedule": cfg.cfg_schedule,
+                "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
+                "cfg_rule": "u + w(c - u) on logits"}  # fmt: skip
+
     @staticmethod
     @abstractmethod
-    def block_sizes(tok: FreqTokenizer) -> tuple[int, ...]:
+    def block_sizes(tok: nn.Module) -> tuple[int, ...]:
         """Tokens per block (one LLM pass each when sampling): NFIG's stages, raster's single codes."""
-
-    @property
-    def tokenizer(self) -> FreqTokenizer:
-        return self.net.tokenizer
 
     @property
     def tokens_per_image(self) -> int:
@@ -138,15 +150,26 @@ class CodeHead(ImageHead):
     def passes_per_image(self) -> int:
         return len(self.blocks)
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {self.name: self.net}
-
     def loss_weights(self) -> dict[str, float]:
         return {self.name: self.cfg.loss_weight}
 
-    def loss_counts(self, batch: dict) -> dict[str, float]:
-        images = batch.get(f"{self.name}_images")
-        return {self.name: float(len(images) * self.tokens_per_image) if images is not None else 0.0}
+    def loss_counts(self, inputs: ImageInputs | None) -> dict[str, float]:
+        return {self.name: float(len(inputs) * self.tokens_per_image) if inputs is not None else 0.0}
+
+    def pretrained_sources(self) -> dict[str, tuple[str, str]]:
+        path = self.cfg.tokenizer.path
+        return {"tokenizer": (f"model.heads.{self.name}.tokenizer.path", path)} if path else {}
+
+    def costs(self, llm_out_needs_grad: bool) -> dict[str, PartCost]:
+        d, t = self.in_proj.out_features, self.tokens_per_image
+        out_bwd = float(self.out.weight.requires_grad) + float(llm_out_needs_grad)
+        return {
+            "in_proj": PartCost(forward_flops(self.in_proj, (1, t, self.tokenizer.code_dim)), 1.0),
+            "out": PartCost(forward_flops(self.out, (1, t, d)), out_bwd),
+        }
+
+    def trains_before_llm(self) -> bool:
+        return self.in_proj.weight.requires_grad
 
     # ---- codes <-> slot inputs: what NextFreqHead and RasterHead each define ---------------------
     @abstractmethod
@@ -171,56 +194,36 @@ class CodeHead(ImageHead):
 
     def slot_inputs(self, vectors: torch.Tensor | None, first: int, n: int) -> torch.Tensor:
         """LLM-width inputs of the slots from ``first`` on: the start vector in block 1, else projected vectors."""
-        net = self.net
         parts = []
         n0 = self.blocks[0]
         if first < n0:
-            parts.append(net.start.expand(n, n0 - first, -1))
+            parts.append(self.start.expand(n, n0 - first, -1))
         if vectors is not None:
-            parts.append(net.in_proj(vectors.to(net.in_proj.weight.dtype)))
+            parts.append(self.in_proj(vectors.to(self.in_proj.weight.dtype)))
         x = torch.cat(parts, 1)
-        return x + net.slot_embed[first : first + x.shape[1]]
+        return x + self.slot_embed[first : first + x.shape[1]]
 
     # ---- training -----------------------------------------------------------------
-    def add_inputs(self, model, batch: dict, generator: torch.Generator) -> dict:
-        ids = batch.get(f"{self.name}_sample_ids")
-        if ids is None or not len(ids):
-            return batch
-        return drop_prompts(batch, ids, self.cfg.prompt_dropout, self.vocab.pad, generator)
+    def embed(self, host: HeadHost, embeds: torch.Tensor, batch: Batch, inputs: ImageInputs, draws: dict):
+        images = as_unit_float(inputs.images)
+        with torch.no_grad():
+            codes = self.encode(images)
+        x = self.slot_inputs(self.block_vectors(codes), 0, len(images))
+        mask = slot_mask(batch, inputs, self.vocab.gen)
+        embeds = place(embeds, mask, x.flatten(0, 1), inputs, f"{self.name} image tokens")
+        return embeds, CodeState(inputs, torch.cat(codes, 1), mask)
 
-    def embed(self, model, embeds: torch.Tensor, batch: dict) -> tuple[torch.Tensor, CodeState | None, int]:
-        from mm.model.unified import as_unit_float
-
-        images = as_unit_float(batch.get(f"{self.name}_images"))
-        if images is not None:
-            with torch.no_grad():
-                codes = self.encode(images)
-            x = self.slot_inputs(self.block_vectors(codes), 0, len(images))
-            mask = head_sample_mask(batch, f"{self.name}_sample_ids", self.vocab.gen)
-            embeds = scatter_placeholders(embeds, mask, x.flatten(0, 1), f"{self.name} image tokens")
-            return embeds, CodeState(torch.cat(codes, 1), mask), int(mask.sum())
-        if model.run_every_module:  # every module of the head on one zero image, times 0 (ZeRO-3)
-            t = self.template
-            with torch.no_grad():
-                codes = self.encode(model._zero_image(t.image_channels, t.image_size, embeds))
-            x = self.slot_inputs(self.block_vectors(codes), 0, 1)
-            return embeds + 0.0 * x.sum(), CodeState(None, None), 0
-        return embeds, None, 0
-
-    def losses(self, model, hidden: torch.Tensor, decoder_out, batch: dict, state: CodeState | None) -> dict:
-        if state is None:
-            return {}
-        k = self.name
-        if state.codes is None:  # placeholder: the output layer hangs off the LLM's output, times 0
-            stand_in = hidden.new_zeros(1, hidden.shape[-1]) + 0.0 * hidden.sum()
-            return {f"{k}_sum": 0.0 * self.net.out(stand_in).float().sum()}
-        n, t = state.codes.shape
-        logits = self.net.out(hidden[state.mask]).float()
+    def losses(self, host: HeadHost, hidden: torch.Tensor, decoder_out: DecoderOutput, state: CodeState) -> dict:
+        k, (n, t) = self.name, state.codes.shape
+        h = take_slots(hidden, state.mask, (t, hidden.shape[-1]), state.inputs)
+        logits = self.out(h).float().flatten(0, 1)
         per_token = F.cross_entropy(logits, state.codes.reshape(-1), reduction="none")
         zero = hidden.new_zeros((), dtype=torch.float32)
         per_image = per_token.view(n, t).mean(1)
+        count = len(state.inputs) * t
         return {
-            f"{k}_sum": per_token.sum(), f"{k}_count": zero + n * t, f"{k}_per_image": per_image.detach(),
+            f"{k}_sum": loss_weight(state.inputs) * per_token.sum(), f"{k}_count": zero + count,
+            f"{k}_per_image": per_image.detach(),
             f"{k}_accuracy": (logits.argmax(-1) == state.codes.reshape(-1)).float().mean().detach(),
         }  # fmt: skip
 
@@ -228,7 +231,7 @@ class CodeHead(ImageHead):
     @torch.no_grad()
     def sample_codes(
         self,
-        model,
+        host: HeadHost,
         prompts: list[str],
         generator: torch.Generator | None = None,
         cfg_scale: float | None = None,
@@ -250,16 +253,16 @@ class CodeHead(ImageHead):
         temperature = c.temperature if temperature is None else temperature
         top_k = c.top_k if top_k is None else top_k
         top_p = c.top_p if top_p is None else top_p
-        dev = next(model.parameters()).device
+        dev = host.device
         n = len(prompts)
         guided = w != 1.0
         cond = [image_generation_sample(self.vocab, self.template, None, p) for p in prompts]
         rows = cond + unconditional(cond, self.vocab.pad) if guided else cond
-        batch = {k: v.to(dev) for k, v in model._left_padded(rows).items()}
-        ids, pos, kinds = batch["input_ids"], batch["position_ids"], batch["token_kinds"]
-        spec = AttentionSpec.packed(batch["sample_ids"], batch["block_ids"])
+        batch = left_padded(rows, self.vocab.pad).to(dev)
+        ids, pos, kinds = batch.input_ids, batch.position_ids, batch.token_kinds
+        spec = batch.attention()
         first = ids.shape[1] - 1 - self.tokens_per_image  # the first slot (<end_of_image> closes the row)
-        seq = model.llm.get_input_embeddings()(ids[:, :first])  # grows by one block per pass
+        seq = host.embed_tokens(ids[:, :first])  # grows by one block per pass
         cache = KVCache() if use_cache else None
         state = self.begin_sampling(n, dev)
         vectors, all_codes, all_logits = None, [], []
@@ -271,9 +274,9 @@ class CodeHead(ImageHead):
             q0 = (0 if k == 0 else a) if use_cache else 0
             # this pass's queries (the block, after the prompt on the first pass); the cache holds the rest
             step = _slice_spec(spec, q0, b)
-            h = model.decode(seq[:, q0:b], pos[:, q0:b], step, kinds[:, q0:b], cache=cache).last_hidden_state
+            h = host.decode(seq[:, q0:b], pos[:, q0:b], step, kinds[:, q0:b], cache=cache).last_hidden_state
             h = h[:, -size:]
-            logits = self.net.out(h).float()
+            logits = self.out(h).float()
             if guided:
                 wk = schedule(w, k, len(self.blocks))
                 logits = logits[n:] + wk * (logits[:n] - logits[n:])
@@ -284,19 +287,23 @@ class CodeHead(ImageHead):
         return state, all_codes, all_logits
 
     @torch.no_grad()
-    def generate(self, model, prompts: list[str], generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+    def generate(
+        self, host: HeadHost, prompts: list[str], generator: torch.Generator | None = None, **kwargs
+    ) -> torch.Tensor:
         """Text -> [0,1] images; ``kwargs``: cfg_scale, cfg_schedule, temperature, top_k, top_p, use_cache."""
-        state, _, _ = self.sample_codes(model, prompts, generator, **kwargs)
+        state, _, _ = self.sample_codes(host, prompts, generator, **kwargs)
         return self.images(state)
 
 
+@register_head("nextfreq")
 class NextFreqHead(CodeHead):
     """NFIG: one block per frequency stage, full attention inside a stage."""
 
+    kind = "nextfreq"
     single_scale = False
 
     @staticmethod
-    def block_sizes(tok: FreqTokenizer) -> tuple[int, ...]:
+    def block_sizes(tok: nn.Module) -> tuple[int, ...]:
         return tuple(s * s for s in tok.stages)
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -320,13 +327,15 @@ class NextFreqHead(CodeHead):
         return self.tokenizer.decode_features(state)
 
 
+@register_head("raster")
 class RasterHead(CodeHead):
     """Raster-order baseline: the finest grid's single-scale codes, one causal token per pass."""
 
+    kind = "raster"
     single_scale = True
 
     @staticmethod
-    def block_sizes(tok: FreqTokenizer) -> tuple[int, ...]:
+    def block_sizes(tok: nn.Module) -> tuple[int, ...]:
         return (1,) * tok.feature_size**2
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -353,4 +362,4 @@ def _slice_spec(spec: AttentionSpec, a: int, b: int) -> AttentionSpec:
     """The self-attention spec of columns [a, b) (a KV cache supplies the keys before ``a``)."""
     cut = lambda t: None if t is None else t[:, a:b]  # noqa: E731
     seg, idx = spec.q_segments[:, a:b], spec.q_index[:, a:b]
-    return AttentionSpec(seg, seg, idx, idx, cut(spec.q_blocks), cut(spec.k_blocks))
+    return AttentionSpec(seg, seg, idx, idx, cut(spec.q_blocks), cut(spec.k_blocks), self_attention=True)

@@ -1,4 +1,4 @@
-"""JanusFlow's rectified-flow head, behind the image-head interface (behaviour unchanged).
+"""JanusFlow's rectified-flow head.
 
 Training: gen images -> frozen autoencoder -> z_t = t*x1 + (1-t)*x0 -> gen encoder (FiLM t) ->
 scattered at <gen_placeholder>; time embedding at <begin_of_generation>; after the LLM the gen decoder
@@ -8,172 +8,212 @@ Sampling: Euler steps with classifier-free guidance; the prompt prefix runs once
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from mm.config import FlowConfig, ModelConfig
+from mm.batch import Batch, ImageInputs, left_padded
+from mm.images import as_unit_float
 from mm.kernels.attention import AttentionSpec
-from mm.model.autoencoder import build_autoencoder
-from mm.model.decoder import KVCache
+from mm.model.autoencoder import AutoencoderConfig, build_autoencoder
+from mm.model.decoder import DecoderOutput, KVCache
 from mm.model.flow import cfg_combine, euler_sample, interpolate, sample_t, target_velocity
-from mm.model.gen_codec import GenDecoder, GenEncoder, TimeEmbedding
-from mm.model.heads.base import ImageHead, drop_prompts, head_sample_mask, unconditional
-from mm.model.vision import mlp
-from mm.sequence import FLOW_HEAD, ImageTemplate, Vocab, image_generation_sample
+from mm.model.gen_codec import GenCodecConfig, GenDecoder, GenEncoder, TimeEmbedding
+from mm.model.heads.base import (
+    HeadContext,
+    HeadHost,
+    ImageHead,
+    PartCost,
+    loss_weight,
+    place,
+    register_head,
+    slot_mask,
+    take_slots,
+    unconditional,
+)
+from mm.model.towers import mlp
+from mm.profiling import forward_flops, trains
+from mm.schema import ConfigError
+from mm.sequence import ImageTemplate, image_generation_sample, scatter_placeholders
+
+
+@dataclass
+class FlowHeadConfig:
+    """Rectified flow (t=0 noise, t=1 data, z_t = t*x1 + (1-t)*x0) with REPA, on a frozen autoencoder."""
+
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    codec: GenCodecConfig = field(default_factory=GenCodecConfig)  # the generation encoder/decoder
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    prompt_dropout: float = 0.1  # share of prompts replaced by pad (CFG)
+    sample_steps: int = 30
+    cfg_scale: float = 2.0
+    repa_layer: int = 2  # LLM hidden state after this many blocks
+    repa_weight: float = 1.0
+    repa_hidden: int = 256
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prompt_dropout < 1:
+            raise ConfigError(f"model.heads.flow.prompt_dropout={self.prompt_dropout} must be in [0, 1)")
+        if self.sample_steps < 1:
+            raise ConfigError(f"model.heads.flow.sample_steps={self.sample_steps} must be >= 1")
+        side = self.autoencoder.image_size // self.autoencoder.downsample
+        if side % self.codec.patch_size:
+            raise ConfigError(f"model.heads.flow: the {side}x{side} latent is not a multiple of "
+                              f"codec.patch_size={self.codec.patch_size}")  # fmt: skip
 
 
 @dataclass
 class FlowState:
-    x1: torch.Tensor | None  # clean latents (None: ZeRO-3 placeholder)
-    x0: torch.Tensor | None
+    inputs: ImageInputs
+    x1: torch.Tensor  # clean latents
+    x0: torch.Tensor
     skip: torch.Tensor
     temb: torch.Tensor
-    images: torch.Tensor | None
-    mask: torch.Tensor | None
-    tokens: torch.Tensor | None = None  # placeholder: the gen encoder's output on a zero image
+    images: torch.Tensor
+    mask: torch.Tensor
 
 
-def flow_recipe(cfg: ModelConfig) -> dict:
-    f = cfg.flow
-    return {"sampler": "euler", "steps": f.sample_steps, "cfg_scale": f.cfg_scale, "cfg_rule": "u + w(c - u)"}
-
-
+@register_head("flow")
 class FlowHead(ImageHead):
-    name = FLOW_HEAD
+    Config = FlowHeadConfig
 
-    def __init__(self, cfg: ModelConfig, vocab: Vocab, hidden_size: int, und_width: int):
-        self.cfg, self.vocab = cfg, vocab
-        ae = cfg.autoencoder
-        self.latent_shape = (ae.latent_channels, ae.image_size // ae.downsample, ae.image_size // ae.downsample)
-        self._modules = {
-            "autoencoder": build_autoencoder(ae),
-            "time_embed": TimeEmbedding(cfg.gen.time_freq_dim, hidden_size),
-            "gen_encoder": GenEncoder(cfg.gen, ae.latent_channels, hidden_size),
-            "gen_decoder": GenDecoder(cfg.gen, ae.latent_channels, hidden_size),
-            "repa_proj": mlp([hidden_size, cfg.flow.repa_hidden, cfg.flow.repa_hidden, und_width]),
-        }
-        self.autoencoder, self.time_embed = self._modules["autoencoder"], self._modules["time_embed"]
-        self.gen_encoder, self.gen_decoder = self._modules["gen_encoder"], self._modules["gen_decoder"]
-        self.repa_proj = self._modules["repa_proj"]
-        self.template = ImageTemplate(
-            FLOW_HEAD, ae.image_size, ae.image_channels, (self.tokens_per_image,), full_blocks=False, begin="bog"
-        )
-
-    @property
-    def tokens_per_image(self) -> int:
-        return (self.latent_shape[1] // self.cfg.gen.patch_size) ** 2
-
-    def modules(self) -> dict[str, nn.Module]:
-        return dict(self._modules)
+    def __init__(self, name: str, cfg: FlowHeadConfig, ctx: HeadContext):
+        super().__init__(name, cfg, ctx)
+        ae, d = cfg.autoencoder, ctx.hidden_size
+        self.latent_shape = ae.latent_shape
+        if cfg.repa_weight > 0 and ctx.und_grid != self.grid:
+            raise ConfigError(
+                f"REPA needs the understanding grid ({ctx.und_grid}x{ctx.und_grid}) to equal the generation token "
+                f"grid ({self.grid}x{self.grid}): set model.heads.{name}.repa_weight=0, or match "
+                f"model.und.tower.image_size/patch_size to heads.{name}.autoencoder.image_size/downsample and "
+                f"codec.patch_size"
+            )
+        if not 0 < cfg.repa_layer <= ctx.num_layers:
+            raise ConfigError(f"model.heads.{name}.repa_layer={cfg.repa_layer} outside 1..{ctx.num_layers}")
+        self.autoencoder = build_autoencoder(ae)
+        self.time_embed = TimeEmbedding(cfg.codec.time_freq_dim, d)
+        self.gen_encoder = GenEncoder(cfg.codec, ae.latent_channels, d)
+        self.gen_decoder = GenDecoder(cfg.codec, ae.latent_channels, d)
+        self.repa_proj = mlp([d, cfg.repa_hidden, cfg.repa_hidden, ctx.und_width])
+        self.template = ImageTemplate(name, ae.image_size, ae.image_channels, (self.grid**2,), begin="bog")
 
     @property
-    def repa(self) -> bool:
-        return self.cfg.flow.repa_weight > 0
+    def grid(self) -> int:
+        return self.latent_shape[1] // self.cfg.codec.patch_size
 
-    def loss_weights(self) -> dict[str, float]:
-        return {"flow": self.cfg.flow_loss_weight, "repa": self.cfg.flow.repa_weight}
-
-    def loss_counts(self, batch: dict) -> dict[str, float]:
-        n_gen = float(len(batch["gen_images"])) if "gen_images" in batch else 0.0
-        return {"flow": n_gen, "repa": n_gen if self.repa else 0.0}
+    @staticmethod
+    def recipe(cfg: FlowHeadConfig) -> dict:
+        return {"sampler": "euler", "steps": cfg.sample_steps, "cfg_scale": cfg.cfg_scale, "cfg_rule": "u + w(c - u)"}
 
     @property
     def passes_per_image(self) -> int:
-        return 1 + self.cfg.flow.sample_steps  # the prompt prefix once, then one pass per Euler step
+        return 1 + self.cfg.sample_steps  # the prompt prefix once, then one pass per Euler step
+
+    @property
+    def repa(self) -> bool:
+        return self.cfg.repa_weight > 0
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"flow": self.cfg.loss_weight, "repa": self.cfg.repa_weight}
+
+    def loss_counts(self, inputs: ImageInputs | None) -> dict[str, float]:
+        n = float(len(inputs)) if inputs is not None else 0.0
+        return {"flow": n, "repa": n if self.repa else 0.0}
+
+    def pretrained_sources(self) -> dict[str, tuple[str, str]]:
+        src = self.autoencoder.pretrained_source()
+        return {"autoencoder": (f"model.heads.{self.name}.{src[0]}", src[1])} if src else {}
 
     # ---- training -----------------------------------------------------------------
-    def add_inputs(self, model, batch: dict, generator: torch.Generator) -> dict:
-        n = len(batch["gen_sample_ids"])
-        if n == 0:
-            return batch
-        f: FlowConfig = self.cfg.flow
-        batch["gen_t"] = sample_t(n, f.logit_normal_mean, f.logit_normal_std, generator)
-        batch["gen_noise"] = torch.randn((n, *self.latent_shape), generator=generator)
-        return drop_prompts(batch, batch["gen_sample_ids"], f.prompt_dropout, self.vocab.pad, generator)
+    def draw(self, inputs: ImageInputs, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        n, f = len(inputs), self.cfg
+        t = sample_t(n, f.logit_normal_mean, f.logit_normal_std, generator)
+        noise = torch.randn((n, *self.latent_shape), generator=generator)
+        return {"t": t, "noise": noise, **super().draw(inputs, generator)}
 
     def embed_latents(
-        self, embeds: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor
+        self,
+        embeds: torch.Tensor,
+        z_t: torch.Tensor,
+        t: torch.Tensor,
+        mask: torch.Tensor,
+        time_mask: torch.Tensor,
+        inputs: ImageInputs,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from mm.sequence import scatter_placeholders
-
         temb = self.time_embed(t)
         tokens, skip = self.gen_encoder(z_t, temb)
-        embeds = scatter_placeholders(embeds, mask, tokens.flatten(0, 1), "generation images")
-        embeds = scatter_placeholders(embeds, input_ids == self.vocab.bog, temb, "time tokens")
+        embeds = place(embeds, mask, tokens.flatten(0, 1), inputs, "generation images")
+        if not inputs.placeholder:
+            embeds = scatter_time(embeds, time_mask, temb)
         return embeds, skip, temb
 
-    def embed(self, model, embeds: torch.Tensor, batch: dict) -> tuple[torch.Tensor, FlowState | None, int]:
-        from mm.model.unified import as_unit_float
+    def embed(self, host: HeadHost, embeds: torch.Tensor, batch: Batch, inputs: ImageInputs, draws: dict):
+        images = as_unit_float(inputs.images)
+        with torch.no_grad():
+            x1 = self.autoencoder.encode(images)
+        x0 = draws.get("noise", torch.zeros_like(x1))
+        t = draws.get("t", x1.new_zeros(len(x1)))
+        mask = slot_mask(batch, inputs, self.vocab.gen)
+        time_mask = slot_mask(batch, inputs, self.vocab.bog)
+        embeds, skip, temb = self.embed_latents(embeds, interpolate(x1, x0, t), t, mask, time_mask, inputs)
+        return embeds, FlowState(inputs, x1, x0, skip, temb, images, mask)
 
-        gen_images = as_unit_float(batch.get("gen_images"))
-        if gen_images is not None:
-            with torch.no_grad():
-                x1 = self.autoencoder.encode(gen_images)
-            x0, t = batch["gen_noise"], batch["gen_t"]
-            mask = head_sample_mask(batch, "gen_sample_ids", self.vocab.gen)
-            embeds, skip, temb = self.embed_latents(embeds, batch["input_ids"], mask, interpolate(x1, x0, t), t)
-            return embeds, FlowState(x1, x0, skip, temb, gen_images, mask), int(mask.sum())
-        if model.run_every_module:  # the generation modules before the LLM on one zero image
-            ae = self.cfg.autoencoder
-            with torch.no_grad():
-                x1 = self.autoencoder.encode(model._zero_image(ae.image_channels, ae.image_size, embeds))
-            temb = self.time_embed(x1.new_zeros(1))
-            tokens, skip = self.gen_encoder(x1, temb)
-            return embeds + 0.0 * tokens.sum(), FlowState(None, None, skip, temb, None, None, tokens), 0
-        return embeds, None, 0
+    def needs_hidden_states(self) -> bool:
+        return self.repa
 
-    def needs_hidden_states(self, state: FlowState | None) -> bool:
-        # the ZeRO-3 placeholder asks for them too: the decoder's outputs must not depend on the batch
-        return state is not None and self.repa
-
-    def losses(self, model, hidden: torch.Tensor, decoder_out, batch: dict, state: FlowState | None) -> dict:
-        if state is None:
-            return {}
-        if state.x1 is None:
-            return self._placeholder_tail(model, state, hidden, decoder_out)
-        x1, x0, mask = state.x1, state.x0, state.mask
-        n, m = x1.shape[0], self.tokens_per_image
+    def losses(self, host: HeadHost, hidden: torch.Tensor, decoder_out: DecoderOutput, state: FlowState) -> dict:
+        inputs, m, d = state.inputs, self.grid**2, hidden.shape[-1]
+        weight, n = loss_weight(inputs), len(inputs)
+        v = self.gen_decoder(take_slots(hidden, state.mask, (m, d), inputs), state.skip, state.temb)
+        per_image = (v.float() - target_velocity(state.x1, state.x0)).pow(2).flatten(1).mean(1)
         zero = hidden.new_zeros((), dtype=torch.float32)
-        v = self.gen_decoder(hidden[mask].view(n, m, -1), state.skip, state.temb)
-        per_image = (v.float() - target_velocity(x1, x0)).pow(2).flatten(1).mean(1)
-        out = {"flow_sum": per_image.sum(), "flow_count": zero + n, "flow_per_image": per_image.detach()}
+        out = {"flow_sum": weight * per_image.sum(), "flow_count": zero + n, "flow_per_image": per_image.detach()}
         if self.repa:
-            layer_h = decoder_out.hidden_states[self.cfg.flow.repa_layer].reshape(hidden.shape)
-            pred = self.repa_proj(layer_h[mask].view(n, m, -1))
+            layer_h = decoder_out.hidden_states[self.cfg.repa_layer].reshape(hidden.shape)
+            pred = self.repa_proj(take_slots(layer_h, state.mask, (m, d), inputs))
             with torch.no_grad():
-                target = model.und.features(model._to_und_images(state.images))
+                target = host.und_features(state.images)
             per_image_repa = -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean(1)
-            out["repa_sum"], out["repa_count"] = per_image_repa.sum(), zero + n
+            out["repa_sum"], out["repa_count"] = weight * per_image_repa.sum(), zero + n
         return out
 
-    def _placeholder_tail(self, model, state: FlowState, hidden: torch.Tensor, decoder_out) -> dict:
-        """The generation modules after the LLM, in the real path's order: zero losses with their gradients.
+    @property
+    def und_targets_per_image(self) -> int:
+        """Understanding-tower passes per training image (REPA's targets), counted by mm.train.flops."""
+        return 1 if self.repa else 0
 
-        Everything mirrors the real path, because ZeRO-3 traces the order of module calls and the
-        number of outputs needing a gradient (its backward hooks), and every rank must agree: the
-        inputs hang off the LLM's output (final and REPA layer, times 0), and flow and REPA come back
-        as separate losses as the real path returns them.
-        """
-        ae = self.cfg.autoencoder
-        stand_in = torch.zeros_like(state.tokens) + 0.0 * hidden.sum()
-        out = {"flow_sum": 0.0 * self.gen_decoder(stand_in, state.skip, state.temb).float().sum()}
+    def costs(self, llm_out_needs_grad: bool) -> dict[str, PartCost]:
+        ae, d, g = self.cfg.autoencoder, self.time_embed.mlp[-1].out_features, self.grid
+        c = self.cfg.codec.channels
+        te, enc, dec = trains(self.time_embed), trains(self.gen_encoder), trains(self.gen_decoder)
+        fwd = {
+            "autoencoder": forward_flops(self.autoencoder.encode, (1, ae.image_channels, ae.image_size, ae.image_size)),
+            "time_embed": forward_flops(self.time_embed, (1,)),
+            "gen_encoder": forward_flops(self.gen_encoder, (1, *self.latent_shape), (1, d)),
+            "gen_decoder": forward_flops(self.gen_decoder, (1, g * g, d), (1, c, g, g), (1, d)),
+        }
+        bwd = {
+            "autoencoder": 0.0,  # frozen, under no_grad
+            "time_embed": 2.0 if te else 0.0,
+            "gen_encoder": float(enc) + float(enc or te),
+            "gen_decoder": float(dec) + float(llm_out_needs_grad or enc or te),
+        }
         if self.repa:
-            layer_h = decoder_out.hidden_states[self.cfg.flow.repa_layer]
-            repa_in = torch.zeros_like(state.tokens) + 0.0 * layer_h.sum()
-            out["repa_sum"] = 0.0 * self.repa_proj(repa_in).float().sum()
-            with torch.no_grad():
-                zero = model._zero_image(ae.image_channels, ae.image_size, hidden)
-                model.und.features(model._to_und_images(zero))
-        return out
+            fwd["repa_proj"] = forward_flops(self.repa_proj, (1, g * g, d))
+            bwd["repa_proj"] = float(trains(self.repa_proj)) + float(llm_out_needs_grad)
+        return {k: PartCost(fwd[k], bwd[k]) for k in fwd}
+
+    def trains_before_llm(self) -> bool:
+        return trains(self.time_embed) or trains(self.gen_encoder)
 
     # ---- sampling -----------------------------------------------------------------
     @torch.no_grad()
     def generate(
         self,
-        model,
+        host: HeadHost,
         prompts: list[str],
         generator: torch.Generator | None = None,
         cfg_scale: float | None = None,
@@ -183,41 +223,40 @@ class FlowHead(ImageHead):
     ) -> torch.Tensor:
         """Text -> [0,1] images with the Euler sampler and classifier-free guidance.
 
-        The prompt prefix (conditional and unconditional rows together) runs
-        through the LLM once; each step feeds only the time token and the latent
-        tokens against that KV cache without extending it. ``use_cache=False`` recomputes
-        the whole sequence every step (the reference the cached path is tested against).
+        The prompt prefix (conditional and unconditional rows together) runs through the LLM once;
+        each step feeds only the time token and the latent tokens against that KV cache without
+        extending it. ``use_cache=False`` recomputes the whole sequence every step (the reference the
+        cached path is tested against).
         """
-        f = self.cfg.flow
-        cfg_scale = f.cfg_scale if cfg_scale is None else cfg_scale
-        steps = steps or f.sample_steps
-        dev = next(model.parameters()).device
-        n, m = len(prompts), self.tokens_per_image
+        cfg_scale = self.cfg.cfg_scale if cfg_scale is None else cfg_scale
+        steps = self.cfg.sample_steps if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"flow sampling needs steps >= 1, got {steps}")
+        dev, n, m = host.device, len(prompts), self.grid**2
         cond = [image_generation_sample(self.vocab, self.template, None, p) for p in prompts]
-        batch = {k: v.to(dev) for k, v in model._left_padded(cond + unconditional(cond, self.vocab.pad)).items()}
-        ids, pos, sid = batch["input_ids"], batch["position_ids"], batch["sample_ids"]
+        batch = left_padded(cond + unconditional(cond, self.vocab.pad), self.vocab.pad).to(dev)
+        ids, pos, kinds = batch.input_ids, batch.position_ids, batch.token_kinds
         prefix = ids.shape[1] - (m + 1)  # everything before <begin_of_generation>
-        kinds = batch["token_kinds"]
-        spec = AttentionSpec.packed(sid)
-        text_embeds = model.llm.get_input_embeddings()(ids)
-        gen_mask = ids == self.vocab.gen
+        spec = batch.attention()
+        text_embeds = host.embed_tokens(ids)
+        gen_mask, time_mask = ids == self.vocab.gen, ids == self.vocab.bog
+        inputs = ImageInputs(text_embeds.new_zeros(0), batch.sample_ids.new_zeros(0))
         cache = None
         if use_cache:
             cache = KVCache()
-            model.decode(text_embeds[:, :prefix], pos[:, :prefix], AttentionSpec.packed(sid[:, :prefix]),
-                         kinds[:, :prefix], cache=cache)  # fmt: skip
-            # each step's tokens read the prefix cache and are not kept in it
-            q_idx = spec.q_index[:, prefix:]
-            step_spec = AttentionSpec(sid[:, prefix:], sid[:, prefix:], q_idx, q_idx)
+            host.decode(text_embeds[:, :prefix], pos[:, :prefix], AttentionSpec.packed(batch.sample_ids[:, :prefix]),
+                        kinds[:, :prefix], cache=cache)  # fmt: skip
+            sid, q_idx = batch.sample_ids[:, prefix:], spec.q_index[:, prefix:]
+            step_spec = AttentionSpec(sid, sid, q_idx, q_idx)  # the step's tokens read the prefix, are not kept
 
         def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             z2, t2 = torch.cat([z, z]), torch.cat([t, t]).to(dev)
-            embeds, skip, temb = self.embed_latents(text_embeds, ids, gen_mask, z2, t2)
+            embeds, skip, temb = self.embed_latents(text_embeds, z2, t2, gen_mask, time_mask, inputs)
             if use_cache:
-                h = model.decode(embeds[:, prefix:], pos[:, prefix:], step_spec, kinds[:, prefix:], cache=cache,
-                                 write_cache=False).last_hidden_state  # fmt: skip
+                h = host.decode(embeds[:, prefix:], pos[:, prefix:], step_spec, kinds[:, prefix:], cache=cache,
+                                write_cache=False).last_hidden_state  # fmt: skip
             else:
-                h = model.decode(embeds, pos, spec, kinds).last_hidden_state[:, prefix:]
+                h = host.decode(embeds, pos, spec, kinds).last_hidden_state[:, prefix:]
             v = self.gen_decoder(h[:, 1:], skip, temb)  # h[:, 0] is the time token
             return cfg_combine(v[:n], v[n:], cfg_scale)
 
@@ -225,3 +264,8 @@ class FlowHead(ImageHead):
             noise = torch.randn((n, *self.latent_shape), generator=generator)
         latents = euler_sample(velocity, noise.to(dev), steps)
         return self.autoencoder.decode(latents)
+
+
+def scatter_time(embeds: torch.Tensor, time_mask: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    """JanusFlow's time token: the time embedding at each image's <begin_of_generation> slot."""
+    return scatter_placeholders(embeds, time_mask, temb, "time tokens")

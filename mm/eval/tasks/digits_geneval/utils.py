@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
-from data.bench_digits import Sampler, render_geneval
-from mm.eval.digits import detect_digits, get_judge
+from data.bundled.benchmark import Sampler, render_geneval
+from data.bundled.judge import detect_digits, get_judge
 from mm.eval.generation import geneval_judge, geneval_summary
 
 

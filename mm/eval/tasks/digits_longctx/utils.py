@@ -7,7 +7,7 @@ def _check(doc) -> None:
     if "label" not in doc:  # rows of the v1 task ("which image is a d ?") lack it
         raise ValueError(
             "data/bench/digits_longctx was built by an older data/longctx.py: rebuild it with "
-            "`python -m data.bench_digits` (or delete the folder; eval.py rebuilds missing datasets)"
+            "`python -m data.bundled.benchmark` (or delete the folder; eval.py rebuilds missing datasets)"
         )
 
 

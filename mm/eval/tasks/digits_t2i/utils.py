@@ -2,8 +2,9 @@
 
 import numpy as np
 
-from data.digits import load_digit_split
-from mm.eval.digits import diversity, frechet_distance, get_judge, save_grid
+from data.bundled.digits import load_digit_split
+from data.bundled.judge import frechet_distance, get_judge
+from mm.eval.digits import diversity, save_grid
 from mm.eval.generation import DigitFeatures, clip_score, distance_metrics, inception_metrics, to_gray8
 
 

@@ -2,7 +2,7 @@
 
 Eval datasets (``datasets.DatasetDict`` saved with ``save_to_disk``, read by the task
 YAMLs in ``mm/eval/tasks`` through ``load_from_disk``) use only the held-out split of
-``data.digits`` (the same split the training shards leave out); the training-data
+``data.bundled.digits`` (the same split the training shards leave out); the training-data
 generator at the bottom uses only the training split.
 
 Multi-digit *canvases*: real 8x8 digits pasted into the slots of a 3x3 grid on a
@@ -25,8 +25,8 @@ digits are placed independently, so co-occurrence carries no signal here and the
 adversarial split takes the absent digits that look most like a present one instead
 (distance between class-mean images of the training split).
 
-    python -m data.bench_digits [--out data/bench]                     # eval datasets
-    python -m data.bench_digits --train-out DIR --train-per-kind 500   # LLaVA-style training records
+    python -m data.bundled.benchmark [--out data/bench]                     # eval datasets
+    python -m data.bundled.benchmark --train-out DIR --train-per-kind 500   # LLaVA-style training records
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.digits import DIGIT_NAMES, EVAL_QUESTION, digit_prompt, load_digit_split
-from data.longctx import build_longctx_bench
+from data.bundled.digits import DIGIT_NAMES, EVAL_QUESTION, digit_prompt, load_digit_split
+from data.bundled.longctx import build_longctx_bench
 
 CANVAS = 32
 SLOTS = (1, 12, 23)  # top-left corner of each grid slot along an axis (8 px digits, 3 px gaps)
@@ -71,7 +71,7 @@ def _rng(name: str, seed: int) -> np.random.Generator:
 
 
 def digit_pool(split: str) -> dict[int, list[np.ndarray]]:
-    """label -> uint8 8x8 images of one split of data.digits (same quantisation as the shards)."""
+    """label -> uint8 8x8 images of one split of data.bundled.digits (same quantisation as the shards)."""
     images, labels = load_digit_split(split)
     pool: dict[int, list[np.ndarray]] = {d: [] for d in range(10)}
     for img, y in zip(images, labels.tolist()):

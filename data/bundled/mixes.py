@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.pack import PACKERS, PackItem
+from data.pack import PACKERS
+from mm.batch import PackItem
 
 IMAGE_TOKENS = 576
 TEXT_SIGMA = 1.0  # lognormal shape: the issue gives medians only; 1.0 reproduces its baseline numbers

@@ -18,12 +18,12 @@ and 64 images labelled from ``00`` (``digits_longctx_{n}``).
 Images are drawn from the pool without replacement (an album repeats digits, never images);
 classes are near-balanced, so chance is ~1/10 at any length.
 
-Images never cross splits: training samples use ``data.digits``' training split; the
-benchmark splits ``data.digits``' held-out split into two disjoint halves, ``val``
+Images never cross splits: training samples use ``data.bundled.digits``' training split; the
+benchmark splits ``data.bundled.digits``' held-out split into two disjoint halves, ``val``
 (for choosing the inference delta) and ``test`` (for reporting).
 
-    python -m data.longctx --out data/shards/longctx    # training shards (built on first use by train.py)
-    python -m data.bench_digits                         # writes data/bench/digits_longctx with the others
+    python -m data.bundled.longctx --out data/shards/longctx    # training shards (built on first use by train.py)
+    python -m data.bundled.benchmark                         # writes data/bench/digits_longctx with the others
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.digits import load_digit_split
+from data.bundled.digits import load_digit_split
 from data.shards import ShardWriter
-from mm.config import resolve_path
+from mm.schema import resolve_path
 
 MAX_IMAGES = 64  # labels 00..63: the longest album the benchmark asks about
 TRAIN_IMAGES = (1, 4)  # images per training sample, inclusive (4 images, 4 questions: 126 tokens)
@@ -103,7 +103,7 @@ class DigitPool:
 
     @classmethod
     def split(cls, split: str, half: str = "", seed: int = 0) -> DigitPool:
-        """``split`` of ``data.digits``; ``half`` ("val"/"test") takes one seeded half of it."""
+        """``split`` of ``data.bundled.digits``; ``half`` ("val"/"test") takes one seeded half of it."""
         images, labels = load_digit_split(split, seed)
         if half:
             if half not in ("val", "test"):

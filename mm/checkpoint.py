@@ -1,4 +1,4 @@
-"""Checkpoints that survive crashes, and the one function eval and release read them with.
+"""Checkpoints on disk: written by the trainer, read by resume, eval, export and the lmms-eval adapter.
 
 Layout of ``<run>/checkpoints/step_00001000/``:
 
@@ -9,13 +9,14 @@ Layout of ``<run>/checkpoints/step_00001000/``:
 * the engine's own state: ``optimizer.pt`` (DDP) or ``deepspeed/`` (DeepSpeed's ZeRO files).
 * ``rng_rank<r>.pt``: each rank's torch RNG state.
 * ``config.yaml`` and ``trainer.json`` (step, world size, every rank's data-loader position and skip
-  counts, counters), written last.
+  counts, counters, the checkpoint ``format``), written last.
 
 Every rank writes into ``.tmp_step_*``; after a barrier rank 0 writes ``trainer.json`` and renames
 the directory into place (atomic), then points ``latest`` at it and prunes to the newest K. A job
 killed at any moment leaves either the new complete checkpoint or the previous one; a
 ``step_*`` directory exists only complete. Everything is read with ``weights_only=True`` or as
-safetensors: no checkpoint can run code.
+safetensors: no checkpoint can run code. Checkpoints of format 1 (written before image heads owned
+their parts) load with their weight names mapped (``mm.model.legacy``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from mm.config import load_config
+from mm.model.legacy import legacy_key
+from mm.model.unified import build_model
+from mm.schema import resolve_path
 
 META = "trainer.json"
 
@@ -111,17 +117,21 @@ def load_model_weights(checkpoint_dir: str | Path, ema: bool = False) -> dict[st
     weights = load_tensors(ckpt / "model.safetensors")
     if ema and (ckpt / "ema.safetensors").is_file():
         weights.update(load_tensors(ckpt / "ema.safetensors"))
+    rename = legacy_key if meta.get("format", 1) < 2 else (lambda k: k)
+    weights = {rename(k): v for k, v in weights.items()}
     if meta.get("referenced"):  # frozen pretrained modules: from their paths, as the run built them
-        from mm.config import load_config
-        from mm.train.trainer import build_model
-
-        cfg = load_config(ckpt / "config.yaml")
-        model, _ = build_model(cfg, init=True)
+        model = build_model(load_config(ckpt / "config.yaml", quiet=True).model)
         full = model.state_dict()
         weights = {k: weights.get(k, v) for k, v in full.items()}
     for alias, target in meta.get("aliases", {}).items():  # tied weights are saved once
-        weights[alias] = weights[target]
-    missing = sorted(set(meta.get("state_keys", weights)) - set(weights))
+        weights[rename(alias)] = weights[rename(target)]
+    missing = sorted({rename(k) for k in meta.get("state_keys", weights)} - set(weights))
     if missing:
         raise KeyError(f"{ckpt} lacks {len(missing)} weights, e.g. {missing[:3]}")
     return weights
+
+
+def load_init(model: torch.nn.Module, path: str | Path) -> None:
+    """``train.init_from``: start from the weights of a checkpoint (or a run's newest one)."""
+    model.load_state_dict(load_model_weights(resolve_path(path)))
+

@@ -1,10 +1,10 @@
-"""Reading what gets evaluated: a training run's checkpoint, or a release folder.
+"""Loading what gets evaluated, exported or served: a training run's checkpoint, or a release folder.
 
-``load_run`` is the one place that reads training checkpoints (eval, export and the
-CLIs go through it). It reads today's ``model.pt``/``ema.pt`` step directories and
-DeepSpeed ZeRO checkpoints (consolidated to fp32 with DeepSpeed's own
-``zero_to_fp32``). Weights of frozen parts that a checkpoint leaves out (built from
-their local paths) are allowed to be missing; any other missing or unexpected key fails.
+``load_run`` is the one place that reads training checkpoints for use (eval, export, the CLIs and the
+lmms-eval adapter go through it). It reads step directories (``mm.checkpoint``) and DeepSpeed ZeRO
+checkpoints (consolidated to fp32 with DeepSpeed's own ``zero_to_fp32``). Weights of frozen parts that
+a checkpoint leaves out (built from their local paths) are allowed to be missing; any other missing or
+unexpected key fails.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ from pathlib import Path
 
 import torch
 
-from mm.config import Config, load_config
-from mm.train.checkpoint import find_checkpoint, load_model_weights, read_meta
+from mm.checkpoint import find_checkpoint, load_model_weights, read_meta
+from mm.config import Config, EvalConfig, load_config
+from mm.hf import UnifiedMMProcessor
+from mm.model.unified import build_model
+from mm.schema import ConfigError
 
 
 def latest_run(runs_root: Path) -> Path:
@@ -56,15 +59,13 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
 
 def load_run(run_dir: Path, checkpoint: str = "latest", overrides: list[str] | None = None, use_ema: bool = True):
     """(config, model in eval mode, checkpoint path, step) of a run directory."""
-    from mm.train.trainer import build_model
-
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"not a run directory (no config.yaml): {run_dir}")
     cfg = _load_run_config(cfg_path, overrides)
     ckpt = find_checkpoint(run_dir, checkpoint) if not is_zero_checkpoint(Path(checkpoint)) else Path(checkpoint)
     state, which = read_weights(ckpt, use_ema)
-    model, _ = build_model(cfg)
+    model = build_model(cfg.model)
     load_weights(model, state, ckpt)
     step = _checkpoint_step(ckpt)
     print(f"loaded {which} weights of {ckpt} (step {step})", flush=True)
@@ -82,8 +83,6 @@ def _load_run_config(path: Path, overrides: list[str] | None) -> Config:
 
     from omegaconf import OmegaConf
 
-    from mm.config import EvalConfig
-
     raw = OmegaConf.to_container(OmegaConf.load(path))
     known = {f.name for f in fields(EvalConfig)}
     stale = sorted(set(raw.get("eval") or {}) - known)
@@ -93,10 +92,10 @@ def _load_run_config(path: Path, overrides: list[str] | None) -> Config:
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             f.write(OmegaConf.to_yaml(raw))
         try:
-            return load_config(f.name, overrides)
+            return load_config(f.name, overrides, quiet=True)
         finally:
             Path(f.name).unlink()
-    return load_config(path, overrides)
+    return load_config(path, overrides, quiet=True)
 
 
 def _checkpoint_step(ckpt: Path) -> int:
@@ -118,10 +117,8 @@ class LoadedModel:
 
 
 def load_run_model(run_dir: Path, overrides: list[str] | None = None, checkpoint: str = "latest") -> LoadedModel:
-    from mm.hf import UnifiedMMProcessor
-
     cfg, model, ckpt, step = load_run(run_dir, checkpoint, overrides)
-    processor = UnifiedMMProcessor.from_model_config(cfg.model, model.vocab.tokenizer)
+    processor = UnifiedMMProcessor.from_model(model)
     return LoadedModel(model, processor, cfg, {"run": str(run_dir), "checkpoint": str(ckpt), "step": step})
 
 
@@ -131,50 +128,29 @@ def load_release(folder: Path, overrides: list[str] | None = None) -> LoadedMode
 
     from transformers import AutoModel, AutoProcessor
 
-    import mm  # noqa: F401  (registers the Auto classes)
-    from mm.config import ConfigError
-
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"not a release folder (no config.json): {folder}")
     hf = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
     processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
     overrides = list(overrides or [])
-    bad = [o for o in overrides if not o.startswith(("eval.", "model.flow.sample_steps", "model.flow.cfg_scale"))]
+    allowed = ("model.heads.flow.sample_steps", "model.heads.flow.cfg_scale")
+    bad = [o for o in overrides if not o.startswith(("eval.", *allowed))]
     if bad:
         raise ConfigError(
-            f"with a release folder only eval.* and model.flow.{{sample_steps,cfg_scale}} can be overridden: {bad}"
+            "with a release folder only eval.* and model.heads.flow.{sample_steps,cfg_scale} can be overridden: "
+            f"{bad}"
         )
-    eval_cfg = load_config(None, [o for o in overrides if o.startswith("eval.")]).eval
+    eval_cfg = load_config(None, [o for o in overrides if o.startswith("eval.")], quiet=True).eval
     model_cfg = hf.config.to_model_config()
-    flow = model_cfg.flow
     for o in overrides:
         key, _, value = o.partition("=")
-        if key == "model.flow.sample_steps":
-            flow = replace(flow, sample_steps=int(value))
-        elif key == "model.flow.cfg_scale":
-            flow = replace(flow, cfg_scale=float(value))
-    model_cfg = replace(model_cfg, flow=flow)
-    hf.unified.cfg = model_cfg  # sampling defaults are read from the config at generate time
+        if key in allowed and "flow" in model_cfg.heads:
+            flow = model_cfg.heads["flow"]
+            field_name = key.rsplit(".", 1)[1]
+            model_cfg.heads["flow"] = replace(flow, **{field_name: type(getattr(flow, field_name))(value)})
+            hf.unified.heads["flow"].cfg = model_cfg.heads["flow"]  # sampling defaults are read at generate time
+    hf.unified.cfg = model_cfg
     cfg = Config(model=model_cfg, eval=eval_cfg)
     info = json.loads((folder / "release.json").read_text()) if (folder / "release.json").is_file() else {}
     return LoadedModel(hf.unified, processor, cfg, {"release": str(folder), **info.get("source", {})})
-
-
-def plot_losses(run_dir: Path, out: Path) -> None:
-    """Loss curves of metrics.jsonl, one panel per loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
-    keys = [k for k in ("loss", "text", "flow", "repa") if k in recs[0]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-    for ax, k in zip(axes, keys):
-        ax.plot([r["step"] for r in recs], [r[k] for r in recs])
-        ax.set_title(k)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from data.shards import ShardWriter
-from mm.config import resolve_path
+from mm.schema import resolve_path
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 QUESTIONS = ["what digit is this ?", "which number is shown in the image ?", "what number is written here ?"]

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mm.schema import ConfigError
+from mm.sequence import TOKEN_KINDS
+
 
 def image_runs(kinds: Sequence[int], visual_kinds: frozenset[int]) -> list[tuple[int, int]]:
     """[start, end) of every maximal run of one visual kind."""
@@ -80,6 +83,27 @@ def next_position(last: float, last_was_visual: bool) -> float:
     return float(math.ceil(last) + 1.0) if last_was_visual else float(last + 1.0)
 
 
+@dataclass
+class V2PEConfig:
+    """V2PE: tokens of one image advance the position by delta (see the module docstring).
+
+    Training draws delta per image from ``train_deltas``; evaluation and inference use
+    ``infer_delta``. ``enabled=False`` is the standard 0, 1, 2, ... positions.
+    """
+
+    enabled: bool = False
+    kinds: tuple[str, ...] = ("und_image",)  # keys of mm.sequence.TOKEN_KINDS
+    train_deltas: tuple[float, ...] = tuple(1.0 / 2**i for i in range(9))  # 1, 1/2, ..., 1/256
+    infer_delta: float = 0.25
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.kinds if k not in TOKEN_KINDS]
+        if unknown:
+            raise ConfigError(f"model.v2pe.kinds: unknown token kinds {unknown}; known: {sorted(TOKEN_KINDS)}")
+        if not self.train_deltas or any(not 0 < d <= 1 for d in (*self.train_deltas, self.infer_delta)):
+            raise ConfigError("model.v2pe deltas must be in (0, 1] and train_deltas non-empty")
+
+
 @dataclass(frozen=True)
 class PositionPolicy:
     """Which deltas images get: drawn per image in training, fixed in eval and inference.
@@ -100,6 +124,14 @@ class PositionPolicy:
         if not self.train_deltas:
             return [1.0] * n_images
         return [rng.choice(self.train_deltas) for _ in range(n_images)]
+
+    @classmethod
+    def from_config(cls, cfg: V2PEConfig) -> PositionPolicy:
+        """V2PE's deltas (training draws, inference fixed), or the standard positions when disabled."""
+        if not cfg.enabled:
+            return cls()
+        kinds = frozenset(TOKEN_KINDS[k] for k in cfg.kinds)
+        return cls(kinds, tuple(float(d) for d in cfg.train_deltas), float(cfg.infer_delta))
 
     def positions(
         self, kinds: Sequence[int], deltas: Sequence[float] | None = None, start: float = 0.0
