@@ -39,7 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import webdataset as wds  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
+from data.bundled.digits import ensure_bundled_digits  # noqa: E402
 from data.bundled.mixes import (  # noqa: E402
     TEXT_SIGMA,
     ffd_efficiency,
@@ -48,10 +51,26 @@ from data.bundled.mixes import (  # noqa: E402
     packer_efficiency,
     padding_efficiency,
     realistic_mix,
+    write_photo_folder,  # noqa: E402
 )
-from mm.config import DataConfig, SourceConfig, load_config
+from data.config import DataConfig  # noqa: E402
+from data.images import resize_crop  # noqa: E402
+from data.loader import TrainLoader  # noqa: E402
+from data.pack import pack_all  # noqa: E402
+from data.shards import ImageOptions, make_shards  # noqa: E402
+from data.sources import SourceConfig  # noqa: E402
+from data.stream import expand_shards  # noqa: E402
+from mm.batch import PackItem, SampleShapes, collate  # noqa: E402
+from mm.config import load_config  # noqa: E402
+from mm.model.unified import build_model  # noqa: E402
 from mm.schema import resolve_path  # noqa: E402
-from mm.sequence import load_vocab  # noqa: E402
+from mm.sequence import (  # noqa: E402
+    ImageTemplate,
+    image_generation_sample,
+    load_vocab,
+    text_document_samples,
+    understanding_sample,
+)
 
 BUDGET = 4096
 
@@ -79,9 +98,6 @@ def bench_packing(n: int) -> dict:
 
 # ---- loader throughput ---------------------------------------------------------------------
 def make_photo_shards(root: Path, n: int) -> str:
-    from data.bundled.mixes import write_photo_folder
-    from data.shards import ImageOptions, make_shards
-
     captions = write_photo_folder(root / "src", n)
     totals = make_shards("generation", captions, root / "shards", "photos", max_count=max(1, n // 8),
                          opts=ImageOptions(image_size=384, reencode="jpg", quality=90), progress=False)  # fmt: skip
@@ -96,8 +112,6 @@ class _Decode:
         self.size = size
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, str]:
-        from data.images import resize_crop
-
         return resize_crop(sample["jpg"], self.size, 3, 64_000_000), sample["txt"].decode()
 
 
@@ -110,12 +124,6 @@ def _time_samples(it, count, want: int) -> float:
 
 
 def bench_loader(rounds: int, n_photos: int, per_round: int) -> dict:
-    import webdataset as wds
-    from torch.utils.data import DataLoader
-
-    from data.loader import build_train_loader
-    from data.stream import SampleShapes, expand_shards
-
     vocab = load_vocab(resolve_path("configs/tokenizers/digits"))
     gen_size = 256
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,11 +131,11 @@ def bench_loader(rounds: int, n_photos: int, per_round: int) -> dict:
         urls = expand_shards(pattern)
         cfg = DataConfig(sources=[SourceConfig(name="photos", kind="generation", shards=pattern)], seq_len=BUDGET,
                          rows_per_batch=1, shuffle_buffer=64, num_workers=2, prefetch_factor=4)  # fmt: skip
-        shapes = SampleShapes(und_size=gen_size, und_channels=3, und_tokens=256, gen_size=gen_size, gen_channels=3,
-                              gen_tokens=256)  # fmt: skip
+        flow = ImageTemplate("flow", gen_size, 3, (256,), begin="bog")
+        shapes = SampleShapes(und_size=gen_size, und_channels=3, und_tokens=256, gen_templates={"flow": flow})
 
         def ours():
-            return iter(build_train_loader(cfg, vocab, shapes, 0, 1)), lambda b: len(b["gen_images"])
+            return iter(TrainLoader(cfg, vocab, shapes, 0, 1)), lambda b: len(b.images["flow"])
 
         def baseline():
             ds = wds.WebDataset(urls, resampled=True, shardshuffle=False).shuffle(64).map(_Decode(gen_size))
@@ -153,19 +161,18 @@ def bench_loader(rounds: int, n_photos: int, per_round: int) -> dict:
 
 # ---- packed vs padded training step ---------------------------------------------------------
 STEP_MODEL = [
-    "model.und.image_size=48", "model.und.patch_size=2", "model.und.width=32", "model.und.layers=1",
-    "model.und.heads=2", "model.autoencoder.image_size=48", "model.autoencoder.image_channels=3",
-    "model.autoencoder.latent_channels=3", "model.gen.channels=32", "model.gen.patch_size=2",
+    "model.und.tower.image_size=48", "model.und.tower.patch_size=2", "model.und.tower.width=32",
+    "model.und.tower.layers=1", "model.und.tower.heads=2", "model.heads.flow.autoencoder.image_size=48",
+    "model.heads.flow.autoencoder.image_channels=3", "model.heads.flow.autoencoder.latent_channels=3",
+    "model.heads.flow.codec.channels=32", "model.heads.flow.codec.patch_size=2", "model.heads.flow.repa_hidden=64",
     "model.llm.hidden_size=256", "model.llm.num_layers=2", "model.llm.num_heads=4", "model.llm.num_kv_heads=4",
-    "model.llm.intermediate_size=688", "model.llm.max_position_embeddings=4096", "model.flow.repa_hidden=64",
+    "model.llm.intermediate_size=688", "model.llm.max_position_embeddings=4096",
 ]  # fmt: skip
+FLOW_576 = ImageTemplate("flow", 48, 3, (576,), begin="bog")  # STEP_MODEL's flow head: a 24x24 token grid
 
 
 def realistic_samples(vocab, n: int, seed: int = 0) -> list:
     """Real template-built samples with the realistic mix's lengths (576-token images, random words)."""
-    from data.bundled.mixes import realistic_mix
-    from mm.sequence import generation_sample, text_document_samples, understanding_sample
-
     rng = random.Random(seed)
     words = [w for w in vocab.tokenizer.get_vocab() if not w.startswith("<")]
     img = torch.zeros(3, 48, 48, dtype=torch.uint8)
@@ -181,7 +188,7 @@ def realistic_samples(vocab, n: int, seed: int = 0) -> list:
             k = item.length - 576
             out.append(understanding_sample(vocab, img, 576, text(k // 2), text(k - k // 2)))
         else:
-            out.append(generation_sample(vocab, img, 576, text(item.length - 576)))
+            out.append(image_generation_sample(vocab, FLOW_576, img, text(item.length - 576)))
     return out[:n]
 
 
@@ -190,8 +197,7 @@ def _steps(model, opt, batches, device) -> tuple[float, int]:
     gen = torch.Generator().manual_seed(0)
     total, tokens = 0.0, 0
     for batch in batches:
-        batch = model.add_flow_inputs(batch, gen)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = model.add_draws(batch, gen).to(device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -202,13 +208,11 @@ def _steps(model, opt, batches, device) -> tuple[float, int]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         total += time.perf_counter() - t0
-        tokens += int((batch["sample_ids"] >= 0).sum())
+        tokens += batch.n_tokens
     return total, tokens
 
 
 def _packed_and_padded(samples, budget: int, pad: int, rows_per_step: int) -> tuple[list, list]:
-    from data.pack import PackItem, collate, pack_all
-
     items = [PackItem(len(s), s, splittable=s.task == "text") for s in samples]
     packed = [collate(rows, budget, pad) for rows in pack_all(items, budget, rows_per_step)]
     order = list(range(len(samples)))
@@ -222,8 +226,6 @@ def _packed_and_padded(samples, budget: int, pad: int, rows_per_step: int) -> tu
 
 def matched_samples(vocab, seed: int = 0) -> list:
     """The issue's matched case: 8 understanding samples of 76-84 tokens (16-token images)."""
-    from mm.sequence import understanding_sample
-
     rng = random.Random(seed)
     img = torch.zeros(3, 8, 8, dtype=torch.uint8)
     out = []
@@ -235,20 +237,18 @@ def matched_samples(vocab, seed: int = 0) -> list:
 
 
 def bench_step(n_samples: int, rounds: int, device: torch.device, attn: list[str]) -> dict:
-    from mm.model.unified import UnifiedModel
-
     cpu = f"cpu ({torch.get_num_threads()} threads)"
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else cpu,
            "model": "LLaMA 2 layers x 256 wide, 4 heads (+ 1-layer towers); forward + backward + AdamW"}  # fmt: skip
-    small_images = ["model.und.image_size=8", "model.autoencoder.image_size=8"]  # 16 tokens per image
+    small_images = ["model.und.tower.image_size=8", "model.heads.flow.autoencoder.image_size=8"]  # 16 tokens/image
     cases = {"realistic_4096": ([], BUDGET, 1), "matched_8x80_rows_256": (small_images, 256, 3)}
     for backend in attn:
         for name, (over, budget, rows) in cases.items():
             cfg = load_config(resolve_path("configs/tiny.yaml"),
                               STEP_MODEL + over + [f"model.llm.attn_implementation={backend}"])  # fmt: skip
-            vocab = load_vocab(resolve_path(cfg.model.llm.tokenizer))
             torch.manual_seed(0)
-            model = UnifiedModel(cfg.model, vocab).to(device).train()
+            model = build_model(cfg.model).to(device).train()
+            vocab = model.vocab
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             samples = realistic_samples(vocab, n_samples) if not over else matched_samples(vocab)
             packed, padded = _packed_and_padded(samples, budget, vocab.pad, rows)
@@ -260,7 +260,7 @@ def bench_step(n_samples: int, rounds: int, device: torch.device, attn: list[str
                     res[kind][0] += sec
                     res[kind][1] += tok
             tps = {k: v[1] / v[0] for k, v in res.items()}
-            fill = {k: float(np.mean([float((b["sample_ids"] >= 0).float().mean()) for b in batches]))
+            fill = {k: float(np.mean([b.n_tokens / b.sample_ids.numel() for b in batches]))
                     for k, batches in (("packed", packed), ("padded", padded))}  # fmt: skip
             out[f"{backend}/{name}"] = {
                 "packed_tokens_per_s": round(tps["packed"], 1), "padded_tokens_per_s": round(tps["padded"], 1),
@@ -274,19 +274,14 @@ def bench_step(n_samples: int, rounds: int, device: torch.device, attn: list[str
 
 # ---- data wait of the tiny default ------------------------------------------------------------
 def bench_wait(steps: int, workers: list[int]) -> dict:
-    from data.bundled.digits import ensure_bundled_digits
-    from data.loader import build_train_loader
-    from mm.model.unified import UnifiedModel
-
     ensure_bundled_digits()
     out = {}
     for nw in workers:
         cfg = load_config(resolve_path("configs/tiny.yaml"), [f"data.num_workers={nw}"])
-        vocab = load_vocab(resolve_path(cfg.model.llm.tokenizer))
         torch.manual_seed(0)
-        model = UnifiedModel(cfg.model, vocab).train()
+        model = build_model(cfg.model).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        loader = build_train_loader(cfg.data, vocab, model.sample_shapes(), 0, 1)
+        loader = TrainLoader(cfg.data, model.vocab, model.sample_shapes(), 0, 1)
         it = iter(loader)
         gen = torch.Generator().manual_seed(0)
         wait = total = 0.0
@@ -297,7 +292,7 @@ def bench_wait(steps: int, workers: list[int]) -> dict:
             t1 = time.perf_counter()
             if first is None:
                 first = t1 - t0
-            loss = model(model.add_flow_inputs(batch, gen))["loss"]
+            loss = model(model.add_draws(batch, gen))["loss"]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -31,36 +31,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mm.config import load_config
+from data.bundled.digits import EVAL_PROMPT, digit_prompt, load_digit_split  # noqa: E402
+from data.bundled.judge import frechet_distance, get_judge  # noqa: E402
+from mm.config import load_config  # noqa: E402
+from mm.eval.generation import to_gray8  # noqa: E402
+from mm.hf import sampler_kwargs  # noqa: E402
+from mm.load import load_run  # noqa: E402
 from mm.schema import resolve_path  # noqa: E402
+from mm.train.launch import launch  # noqa: E402
 
+# configs/tiny_nfig.yaml has the nextfreq head only; the others replace it
+TOKENIZER = ["tokenizer.path=runs/tokenizer/tiny", "tokenizer.build_config=configs/tokenizer/tiny.yaml"]
 HEAD_OVERRIDES = {
-    "nextfreq": ["model.heads=[nextfreq]"],
-    "raster": ["model.heads=[raster]", "model.raster.build_config=configs/tokenizer/tiny.yaml"],
-    "flow": ["model.heads=[flow]"],
+    "nextfreq": [],
+    "raster": ["model.heads.nextfreq=null"] + [f"model.heads.raster.{kv}" for kv in TOKENIZER],
+    "flow": ["model.heads.nextfreq=null", "model.heads.flow={}"],
 }
 
 
 def train_head(head: str, steps: int, out: Path) -> None:
-    from mm.train.trainer import Trainer
-
     over = HEAD_OVERRIDES[head] + [f"train.max_steps={steps}", f"train.ckpt_every={steps}", f"run.dir={out}",
                                    "train.metrics=[jsonl]"]  # fmt: skip
     cfg = load_config(resolve_path("configs/tiny_nfig.yaml"), over)
-    trainer = Trainer(cfg, resume=None, overwrite=True)
-    trainer.train()
+    launch(cfg, overwrite=True).train()
 
 
 def measure(head: str, run: Path, per_prompt: int, batch: int, seed: int) -> tuple[dict, object, dict]:
-    from data.bundled.digits import EVAL_PROMPT, digit_prompt, load_digit_split
-    from data.bundled.judge import get_judge
-from mm.eval.digits import frechet_distance
-    from mm.eval.generation import to_gray8
-    from mm.eval.run import load_run
-    from mm.hf import image_head_recipes, sampler_kwargs
-
     _, model, _, step = load_run(run)
-    recipe = {"head": head, **image_head_recipes(model.cfg)[head]}
+    recipe = {"head": head, **model.cfg.head_recipes()[head]}
     calls = []
     hook = model.llm.get_decoder().norm.register_forward_hook(  # one LLM pass = one final norm
         lambda *a: calls.append(1)

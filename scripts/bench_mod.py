@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,11 +35,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from mm.config import MoDConfig  # noqa: E402
-from mm.kernels.attention import AttentionSpec  # noqa: E402
+from data.loader import TrainLoader  # noqa: E402
+from mm.batch import Span  # noqa: E402
+from mm.config import load_config  # noqa: E402
+from mm.kernels.attention import AttentionSpec, Varlen  # noqa: E402
 from mm.model.decoder import KVCache, run_layers  # noqa: E402
-from mm.model.routing import MoDRouters  # noqa: E402
-from mm.train.flops import LLMShape, layer_counts, prefill_flops  # noqa: E402
+from mm.model.routing import MoDConfig, MoDRouters, Routing, plan_layers  # noqa: E402
+from mm.model.unified import build_model  # noqa: E402
+from mm.sequence import TOKEN_KINDS  # noqa: E402
+from mm.train.flops import LLMShape, ModelFlops, batch_shape, layer_counts, prefill_flops  # noqa: E402
+
+
+def _spans(args) -> tuple[tuple[Span, ...], ...]:
+    """The host-side layout of the rows (what a collated batch carries), for the routing plan and the spec."""
+    n = args.image_tokens + args.text_tokens
+    kinds = (args.text_tokens, args.image_tokens, 0)
+    return tuple(
+        tuple(Span(r * args.samples_per_row + i, i * n, n, kinds) for i in range(args.samples_per_row))
+        for r in range(args.rows)
+    )
 
 
 def _rows(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,8 +114,12 @@ def main() -> None:
     for p in routers.parameters():  # trained-looking routers (zero-init ones would keep by position)
         torch.nn.init.normal_(p, std=0.02)
     sid, routable, pos = (t.to(dev) for t in _rows(args))
-    spec = AttentionSpec.packed(sid)
+    spans = _spans(args)
     B, L = sid.shape
+    runs = tuple(tuple((s.start, s.start + s.length) for s in row) for row in spans)
+    spec = AttentionSpec.packed(sid, varlen=Varlen.from_runs(runs, L).to(dev))
+    plans = plan_layers(spans, L, [TOKEN_KINDS["und_image"]], routers.ratios)
+    routing = Routing(routers, routable, plans)
     x = torch.randn(B, L, args.hidden, device=dev, dtype=dtype)
 
     def sync():
@@ -110,7 +129,7 @@ def main() -> None:
     def train(mod: bool):
         def step():
             inp = x.detach().requires_grad_()
-            out = run_layers(decoder, inp, pos, spec, args.backend, routers=routers if mod else None, routable=routable)
+            out = run_layers(decoder, inp, pos, spec, args.backend, routing=routing if mod else None)
             out.last_hidden_state.float().pow(2).mean().backward()
             sync()
 
@@ -119,8 +138,7 @@ def main() -> None:
     def prefill(mod: bool):
         def step():
             with torch.no_grad():
-                run_layers(decoder, x, pos, spec, args.backend, cache=KVCache(), routers=routers if mod else None,
-                           routable=routable)  # fmt: skip
+                run_layers(decoder, x, pos, spec, args.backend, cache=KVCache(), routing=routing if mod else None)
             sync()
 
         return step
@@ -154,26 +172,18 @@ def main() -> None:
 
 def whole_model(args) -> dict:
     """Training step of the config's model, routed vs dense with the same weights, on real batches."""
-    from dataclasses import replace
-
-    from data.loader import build_train_loader
-    from mm.config import load_config
-    from mm.train.flops import ModelFlops, batch_shape
-    from mm.train.trainer import build_model
-
     cfg = load_config(args.config)
     if not cfg.model.mod.enabled:
         raise SystemExit(f"{args.config}: model.mod.enabled is false; nothing to compare")
     torch.manual_seed(0)
-    routed, vocab = build_model(cfg)
-    dense_cfg = replace(cfg, model=replace(cfg.model, mod=replace(cfg.model.mod, enabled=False)))
-    dense, _ = build_model(dense_cfg)
+    routed = build_model(cfg.model)
+    dense = build_model(replace(cfg.model, mod=replace(cfg.model.mod, enabled=False)))
     dense.load_state_dict(routed.state_dict(), strict=False)  # same weights; routers only in the routed one
     for p in routed.mod_routers.parameters():  # trained-looking routers
         torch.nn.init.normal_(p, std=0.02)
-    loader = iter(build_train_loader(cfg.data, vocab, routed.sample_shapes(), 0, 1))
+    loader = iter(TrainLoader(cfg.data, routed.vocab, routed.sample_shapes(), 0, 1))
     g = torch.Generator().manual_seed(0)
-    batches = [routed.add_flow_inputs(next(loader), g) for _ in range(args.batches)]
+    batches = [routed.add_draws(next(loader), g) for _ in range(args.batches)]
     times: dict[str, list[float]] = {"dense": [], "mod": []}
 
     def step(model, batch):
@@ -198,7 +208,7 @@ def whole_model(args) -> dict:
     d, m = statistics.median(times["dense"]), statistics.median(times["mod"])
     return {
         "config": args.config, "threads": torch.get_num_threads(), "batches": len(batches),
-        "rows_x_seq_len": list(batches[0]["input_ids"].shape), "layer_ratios": routed.mod_routers.ratios,
+        "rows_x_seq_len": list(batches[0].input_ids.shape), "layer_ratios": routed.mod_routers.ratios,
         "step_s_dense": d, "step_s_mod": m, "wall_ratio": m / d, "speedup": d / m,
         "train_flops_ratio": flops["mod"] / flops["dense"], "ratio_vs_flops": (m / d) / (flops["mod"] / flops["dense"]),
     }  # fmt: skip

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from mm.config import load_config  # noqa: E402
-from mm.train.trainer import build_model  # noqa: E402
+from mm.model.unified import build_model  # noqa: E402
 
 
 def main() -> None:
@@ -33,17 +33,17 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.config)
     torch.manual_seed(0)
-    model, _ = build_model(cfg)
-    model.eval()
+    model = build_model(cfg.model).eval()
     results = []
     for words in args.prompt_words:
         prompt = " ".join(["draw the digit 3"] * max(1, words // 4))
-        noise = torch.randn(args.prompts, *model.latent_shape)
+        noise = torch.randn(args.prompts, *model.heads["flow"].latent_shape)
         times: dict[str, list[float]] = {"cached": [], "uncached": []}
         for _ in range(args.repeats):
             for name, use_cache in (("cached", True), ("uncached", False)):
                 t0 = time.perf_counter()
-                model.generate([prompt] * args.prompts, noise=noise, steps=args.steps, use_cache=use_cache)
+                model.generate([prompt] * args.prompts, head="flow", noise=noise, steps=args.steps,
+                               use_cache=use_cache)  # fmt: skip
                 times[name].append(time.perf_counter() - t0)
         best = {k: min(v) for k, v in times.items()}
         results.append({

@@ -34,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from mm.batch import Batch  # noqa: E402
 from mm.config import load_config  # noqa: E402
 from mm.train.flops import batch_shape  # noqa: E402
+from mm.train.launch import launch  # noqa: E402
 from mm.train.trainer import Trainer, Window  # noqa: E402
 
 DIGITS = [
@@ -53,7 +55,7 @@ def log(msg: str) -> None:
 class CachedBatches:
     """The same few packed batches over and over: no data loading in either loop."""
 
-    def __init__(self, batches: list[dict]):
+    def __init__(self, batches: list[Batch]):
         self.batches = batches
 
     def __iter__(self):
@@ -74,10 +76,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_step(trainer: Trainer, batch: dict, seed: int) -> None:
+def bare_step(trainer: Trainer, batch: Batch, seed: int) -> None:
     model, engine, dev = trainer.model, trainer.engine, trainer.device
-    batch = model.add_flow_inputs(batch, torch.Generator().manual_seed(seed))
-    batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+    batch = model.add_draws(batch, torch.Generator().manual_seed(seed)).to(dev, non_blocking=True)
     if hasattr(engine, "ds"):  # DeepSpeed: its own forward/backward/step
         with trainer.precision.autocast(dev):
             out = engine.ds(batch)
@@ -97,7 +98,7 @@ def measure(trainer: Trainer, steps: int, block: int, warmup: int) -> dict:
     dev, log_every = trainer.device, trainer.cfg.train.log_every
     batches = iter(trainer.loader)
     cached = trainer.loader.batches
-    window = Window(dev)
+    window = Window(dev, len(trainer.losses))
     bare_i = 0
 
     def trainer_block(n: int) -> None:
@@ -106,7 +107,7 @@ def measure(trainer: Trainer, steps: int, block: int, warmup: int) -> dict:
             trainer.train_step(batches, window)
             if trainer.step % log_every == 0:
                 trainer._log(window)
-                window = Window(dev)
+                window = Window(dev, len(trainer.losses))
 
     def bare_block(n: int) -> None:
         nonlocal bare_i
@@ -163,14 +164,14 @@ def main() -> None:
     cfg = load_config(args.config, overrides)
     log(f"building {args.config} ({cfg.engine.kind}, {cfg.engine.precision})")
     t0 = time.time()
-    trainer = Trainer(cfg, allow_random_frozen=args.allow_random_frozen)
+    trainer = launch(cfg, allow_random_frozen=args.allow_random_frozen)
     log(f"built in {time.time() - t0:.0f} s; caching {args.batches} batches")
     it = iter(trainer.loader)
     trainer.loader = CachedBatches([next(it) for _ in range(args.batches)])
     shapes = [batch_shape(b, trainer.flops.num_layers, trainer.cfg.model.mod) for b in trainer.loader.batches]
     tokens = sum(s.tokens for s in shapes) / len(shapes)
     flops = sum(trainer.flops.train_flops(s) for s in shapes) / len(shapes)
-    slots = trainer.loader.batches[0]["sample_ids"].numel()
+    slots = trainer.loader.batches[0].sample_ids.numel()
 
     results = []
     for ac in args.activation_checkpointing or ["on" if cfg.engine.activation_checkpointing else "off"]:

@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=None)
     args = ap.parse_args()
 
+    # here, not at the top: --help and argument errors come before the heavy imports
     from PIL import Image
     from transformers import AutoModel, AutoProcessor, GenerationConfig
 

@@ -26,6 +26,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mm.eval.harness import evaluate  # noqa: E402
+from mm.hf import UnifiedMMProcessor, generation_config, wrap  # noqa: E402
+from mm.load import load_release, load_run, read_weights  # noqa: E402
+
 USAGE = """```python
 import mm  # registers the model with transformers' Auto classes
 from transformers import AutoModel, AutoProcessor
@@ -81,8 +85,6 @@ def model_card(out: Path, source: dict, results: dict | None, gen_cfg: dict, tra
 
 def export_release(run_dir: Path, out: Path, checkpoint: str = "latest", use_ema: bool = True,
                    run_eval: bool = False, overwrite: bool = False) -> Path:  # fmt: skip
-    from mm.eval.run import load_run, read_weights
-    from mm.hf import UnifiedMMProcessor, generation_config, wrap
 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: pass --overwrite to replace it")
@@ -92,7 +94,7 @@ def export_release(run_dir: Path, out: Path, checkpoint: str = "latest", use_ema
     shutil.rmtree(tmp, ignore_errors=True)
     hf = wrap(model, cfg.model)
     hf.save_pretrained(str(tmp))
-    UnifiedMMProcessor.from_model_config(cfg.model, model.vocab.tokenizer).save_pretrained(str(tmp))
+    UnifiedMMProcessor.from_model(model).save_pretrained(str(tmp))
     gen = generation_config(cfg.model, model.vocab)
     gen.save_pretrained(str(tmp))
     source = {"run": str(run_dir), "checkpoint": str(ckpt), "step": step, "weights": which}
@@ -104,9 +106,6 @@ def export_release(run_dir: Path, out: Path, checkpoint: str = "latest", use_ema
 
     results = None
     if run_eval:
-        from mm.eval.harness import evaluate
-        from mm.eval.run import load_release
-
         loaded = load_release(out)
         results = evaluate(loaded, None, loaded.config.eval, out / "eval")
     elif (run_dir / "eval" / "results.json").is_file():

@@ -25,28 +25,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from mm.config import Config, LLMConfig, load_config
-from mm.schema import resolve_path  # noqa: E402
+from mm.config import Config, load_config  # noqa: E402
+from mm.model.backbone import LLMConfig, build_llm  # noqa: E402
 from mm.model.routing import layer_ratios  # noqa: E402
-from mm.model.vision import UnderstandingEncoder  # noqa: E402
-from mm.train.flops import (  # noqa: E402
-    LLMShape,
-    forward_flops,
-    kv_cache_bytes,
-    layer_counts,
-    prefill_flops,
-)
+from mm.model.towers import UnderstandingEncoder  # noqa: E402
+from mm.profiling import forward_flops  # noqa: E402
+from mm.schema import resolve_path  # noqa: E402
+from mm.sequence import load_vocab  # noqa: E402
+from mm.train.flops import LLMShape, kv_cache_bytes, layer_counts, prefill_flops  # noqa: E402
 
 KV_DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}  # bytes per cached value
 
 
 def llm_shape(cfg: LLMConfig) -> LLMShape:
     """The LLM's shape on the meta device; the attention kernel does not change the count, so sdpa."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from mm.model.backbone import build_llm
-
     if cfg.pretrained:  # shapes from the checkpoint's config.json; no weights read
         path = resolve_path(cfg.pretrained)
         if not (path / "config.json").is_file():
@@ -57,8 +51,6 @@ def llm_shape(cfg: LLMConfig) -> LLMShape:
     if cfg.vocab_size:
         vocab = cfg.vocab_size  # the tokenizer's special tokens may add rows: negligible for a 1-token head
     else:
-        from mm.sequence import load_vocab
-
         vocab = len(load_vocab(resolve_path(cfg.tokenizer)))
     with torch.device("meta"):
         llm = build_llm(dataclasses.replace(cfg, attn_implementation="sdpa"), vocab)
@@ -67,10 +59,10 @@ def llm_shape(cfg: LLMConfig) -> LLMShape:
 
 def und_image_flops(cfg: Config) -> tuple[float, int]:
     """Forward FLOPs of the understanding tower + aligner for one image, and its tokens per image."""
-    u = dataclasses.replace(cfg.model.und, weights="")  # the shape fields only: no weights read
+    tower = dataclasses.replace(cfg.model.und.tower, weights="")  # the shape fields only: no weights read
     with torch.device("meta"):
-        und = UnderstandingEncoder(u, cfg.model.llm.hidden_size)
-    shape = (1, u.in_channels, u.image_size, u.image_size)
+        und = UnderstandingEncoder(dataclasses.replace(cfg.model.und, tower=tower), cfg.model.llm.hidden_size)
+    shape = (1, und.channels, und.image_size, und.image_size)
     return forward_flops(und, shape, device="meta"), und.tokens_per_image
 
 

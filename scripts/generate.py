@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=0, help="grid pixel scale (default: up to ~64 px per image)")
     args = ap.parse_args()
 
+    # here, not at the top: --help and argument errors come before the heavy imports
     import torch
     from PIL import Image
     from tqdm import tqdm

@@ -19,10 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mm.config import load_config
-from mm.schema import resolve_path  # noqa: E402
-from mm.model.unified import UnifiedModel, count_parameters  # noqa: E402
-from mm.sequence import load_vocab  # noqa: E402
+from mm.config import load_config  # noqa: E402
+from mm.model.unified import build_model, count_parameters  # noqa: E402
 
 
 def main() -> None:
@@ -32,11 +30,11 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.config, args.overrides)
     with torch.device("meta"):
-        model = UnifiedModel(cfg.model, load_vocab(resolve_path(cfg.model.llm.tokenizer)))
-    counts = count_parameters(model)
+        model = build_model(cfg.model)
+    counts = count_parameters(model) | {f"heads.{n}": count_parameters(h)["total"] for n, h in model.heads.items()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(json.dumps({"config": args.config, "params": counts, "trainable": trainable,
-                      "gen_tokens_per_image": model.gen_tokens_per_image,
+                      "gen_tokens_per_image": {n: h.tokens_per_image for n, h in model.heads.items()},
                       "und_tokens_per_image": model.und.tokens_per_image}, indent=1))  # fmt: skip
 
 
