@@ -119,8 +119,11 @@ def load_model_weights(checkpoint_dir: str | Path, ema: bool = False) -> dict[st
         weights.update(load_tensors(ckpt / "ema.safetensors"))
     rename = legacy_key if meta.get("format", 1) < 2 else (lambda k: k)
     weights = {rename(k): v for k, v in weights.items()}
-    if meta.get("referenced"):  # frozen pretrained modules: from their paths, as the run built them
-        model = build_model(load_config(ckpt / "config.yaml", quiet=True).model)
+    if meta.get("referenced"):  # frozen pretrained modules: from their paths (or init_from), as the run built them
+        cfg = load_config(ckpt / "config.yaml", quiet=True)
+        model = build_model(cfg.model)
+        if cfg.train.init_from:
+            load_init(model, cfg.train.init_from)
         full = model.state_dict()
         weights = {k: weights.get(k, v) for k, v in full.items()}
     for alias, target in meta.get("aliases", {}).items():  # tied weights are saved once

@@ -20,7 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 from data.config import DataConfig
 from mm.model.config import ModelConfig
 from mm.model.legacy import migrate_model, migrate_prefixes
-from mm.schema import REPO_ROOT, ConfigError, dotlist_layer, merge_layers, resolve_path, to_yaml, yaml_layers
+from mm.schema import (
+    REPO_ROOT,
+    ConfigError,
+    dotlist_layer,
+    merge_layers,
+    resolve_path,
+    to_plain,
+    to_yaml,
+    yaml_layers,
+)
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 
@@ -147,6 +156,12 @@ def _migrate(source: str, layer: DictConfig, notes: list[str]) -> DictConfig:
     return OmegaConf.create(raw)
 
 
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` with ``a.b=c`` overrides applied and validated, as the command line would."""
+    layers = [("the config", OmegaConf.create(to_plain(cfg))), ("the overrides", dotlist_layer(overrides))]
+    return merge_layers(Config, [(src, _migrate(src, layer, [])) for src, layer in layers], plug_ins=PLUG_INS)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, quiet: bool = False) -> Config:
     """Schema defaults <- YAML file (after its ``base`` files) <- dotlist overrides, validated.
 
@@ -171,5 +186,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 __all__ = [
     "DEFAULT_CONFIG", "Config", "ConfigError", "DataConfig", "EngineConfig", "EvalConfig", "ModelConfig",
-    "ParamGroupConfig", "RunConfig", "TrainConfig", "load_config", "resolve_path", "to_yaml",
+    "ParamGroupConfig", "RunConfig", "TrainConfig", "load_config", "resolve_path", "to_yaml", "with_overrides",
 ]  # fmt: skip

@@ -82,7 +82,7 @@ class UnifiedMMConfig(PreTrainedConfig):
     def to_model_config(self) -> ModelConfig:
         try:
             parts = {name: getattr(self, name) for name in self.mm_parts}
-            return model_config_from_dict(parts, "the release config")
+            return model_config_from_dict(parts, "the release config", legacy=self.mm_format < 2)
         except ConfigError as e:
             raise ConfigError(f"release config does not match this version's ModelConfig: {e}") from None
 

@@ -23,9 +23,10 @@ torch.set_num_threads(2)
 # A smaller model than configs/tiny.yaml so each test runs in seconds.
 SMALL = [
     "model.llm.hidden_size=64", "model.llm.num_layers=2", "model.llm.num_heads=4", "model.llm.num_kv_heads=2",
-    "model.llm.intermediate_size=128", "model.und.width=32", "model.und.layers=1", "model.gen.channels=32",
-    "model.flow.repa_layer=1", "model.flow.repa_hidden=64", "data.seq_len=96", "data.rows_per_batch=2",
-    "train.max_steps=6", "train.log_every=1", "train.ckpt_every=3", "train.warmup_steps=2",
+    "model.llm.intermediate_size=128", "model.und.tower.width=32", "model.und.tower.layers=1",
+    "model.heads.flow.codec.channels=32", "model.heads.flow.repa_layer=1", "model.heads.flow.repa_hidden=64",
+    "data.seq_len=96", "data.rows_per_batch=2", "train.max_steps=6", "train.log_every=1", "train.ckpt_every=3",
+    "train.warmup_steps=2",
 ]  # fmt: skip
 
 

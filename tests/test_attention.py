@@ -64,9 +64,10 @@ def _random_case(seed=0, L=300, blocks=False):
 
 
 @pytest.mark.parametrize("blocks", [False, True])
-@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_segmented", "eager"])
 def test_cpu_backends_equal_the_dense_mask_and_each_sample_alone(backend, blocks):
-    """sdpa runs long, sparse rows per segment; eager adds a float mask: both == dense == each sample alone."""
+    """sdpa runs long, sparse rows per segment (sdpa_segmented always does); eager adds a float mask:
+    all == dense == each sample alone."""
     q, k, v, spec, sid = _random_case(blocks=blocks)
     ref = attention("sdpa_dense", q, k, v, spec, 0.25)
     out = attention(backend, q, k, v, spec, 0.25)

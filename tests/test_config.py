@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mm.config import load_config
-from mm.schema import ConfigError
 from mm.model.unified import UnifiedModel, count_parameters
+from mm.schema import ConfigError
 from mm.sequence import load_vocab
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,14 +17,10 @@ from PIL import Image
 from data.bundled.digits import DIGIT_NAMES, FACTS, build_digit_shards, load_digit_split
 from data.images import resize_crop, resize_pad
 from data.shards import ImageOptions, ShardWriter, make_shards
-from data.stream import (
-    BadSample,
-    decode_image,
-    expand_shards,
-    fit_image,
-    iter_samples,
-    read_samples,
-)
+from data.stream import BadSample, expand_shards, iter_samples, read_samples
+from mm.batch import SampleShapes
+from mm.images import decode_image, fit_image
+from mm.sequence import ImageTemplate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -213,9 +209,9 @@ def bad_sample_shard(path: Path) -> dict[str, int]:
 
 
 def test_each_bad_sample_kind_is_skipped_and_counted(tmp_path, vocab, monkeypatch):
+    from data.config import DataConfig
     from data.loader import WorkerStream, resolve_sources
-    from data.stream import SampleShapes
-    from mm.config import DataConfig, SourceConfig
+    from data.sources import SourceConfig
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the loader sets it; restore after
     expected = bad_sample_shard(tmp_path / "bad.tar")
@@ -223,12 +219,12 @@ def test_each_bad_sample_kind_is_skipped_and_counted(tmp_path, vocab, monkeypatc
         sources=[SourceConfig(name="photos", kind="generation", shards=str(tmp_path / "bad.tar"))],
         seq_len=64, rows_per_batch=1, shuffle_buffer=4, pack_lookahead=2, max_image_pixels=10**6,
     )  # fmt: skip
-    shapes = SampleShapes(16, 3, 16, 16, 3, 16)
+    shapes = SampleShapes(16, 3, 16, {"flow": ImageTemplate("flow", 16, 3, (16,), begin="bog")})
     stream = WorkerStream(resolve_sources(cfg), cfg, vocab, shapes, 0, 1, 0, 1)
     batches = iter(stream)
     for _ in range(40):  # several epochs of the 6 good samples
         batch, state = next(batches)
-        assert len(batch["gen_images"]) == len(batch["sample_source"])  # only good samples reach a batch
+        assert len(batch.images["flow"].images) == len(batch.sample_source)  # only good samples reach a batch
     epochs = stream.readers[0].epoch
     assert epochs >= 3
     assert all(k.startswith("photos/") for k in state["skipped"])
@@ -274,8 +270,7 @@ def test_make_shards_validates_reports_and_sizes(tmp_path):
 
 
 def test_make_shards_conversations_and_text_through_the_cli(tmp_path, vocab):
-    from data.sources import BuildContext, build_samples
-    from data.stream import SampleShapes
+    from data.sources import BuildContext, SourceConfig, build_samples
 
     captions = _photo_folder(tmp_path / "src")
     convs = [
@@ -298,8 +293,9 @@ def test_make_shards_conversations_and_text_through_the_cli(tmp_path, vocab):
     assert text["written"] == 2 and text["rejected"] == 0
     raw = next(iter(read_samples(f"{tmp_path}/conversation/shard-000000.tar")))
     assert sorted(raw) == ["0.jpg", "1.jpg", "__key__", "json"]
-    ctx = BuildContext(vocab, SampleShapes(8, 3, 4, 8, 1, 4), 256, 10**6, random.Random(0))
-    (s,) = build_samples("conversation", raw, ctx)
+    shapes = SampleShapes(8, 3, 4, {"flow": ImageTemplate("flow", 8, 1, (4,), begin="bog")})
+    ctx = BuildContext(vocab, shapes, 256, 10**6, random.Random(0))
+    (s,) = build_samples(SourceConfig(name="conversation", kind="conversation"), raw, ctx)
     assert len(s.und_images) == 2 and s.input_ids.count(vocab.image) == 8
     assert "image_count_mismatch" in (tmp_path / "conversation" / "shard-report.jsonl").read_text()
     assert captions.exists()

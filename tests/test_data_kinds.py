@@ -6,25 +6,33 @@ import random
 import pytest
 import torch
 
-from data.loader import build_train_loader
-from data.sources import SOURCE_KINDS, BuildContext, SourceKind, build_samples
-from data.stream import BadSample, SampleShapes, read_samples
-from mm.config import DataConfig, SourceConfig
+from data.config import DataConfig
+from data.loader import TrainLoader
+from data.sources import SOURCE_KINDS, BuildContext, NoOptions, SourceConfig, SourceKind, build_samples
+from data.stream import BadSample, read_samples
+from mm.batch import SampleShapes
 from mm.sequence import (
     IGNORE,
     TASK_TEXT,
     TOKEN_UND_IMAGE,
+    ImageTemplate,
     Sample,
     conversation_sample,
     text_document_samples,
     understanding_sample,
 )
 
-SHAPES = SampleShapes(und_size=8, und_channels=3, und_tokens=4, gen_size=8, gen_channels=1, gen_tokens=4)
+SHAPES = SampleShapes(
+    und_size=8, und_channels=3, und_tokens=4, gen_templates={"flow": ImageTemplate("flow", 8, 1, (4,), begin="bog")}
+)
 
 
 def _ctx(vocab, max_tokens=256):
     return BuildContext(vocab, SHAPES, max_tokens, 10**6, random.Random(0))
+
+
+def _build(kind, raw, ctx):
+    return build_samples(SourceConfig(name=kind, kind=kind), raw, ctx)
 
 
 def test_two_images_two_assistant_turns_get_exactly_the_right_label_mask(vocab):
@@ -52,13 +60,13 @@ def test_two_images_two_assistant_turns_get_exactly_the_right_label_mask(vocab):
 
 def test_digit_conversations_build_exactly_the_understanding_template(vocab, shard_dir):
     raw = next(iter(read_samples(f"{shard_dir}/digits/heldout-000000.tar")))
-    (s,) = build_samples("conversation", raw, _ctx(vocab))
+    (s,) = _build("conversation", raw, _ctx(vocab))
     meta = json.loads(raw["json"])
     question = meta["conversations"][0]["value"].replace("<image>\n", "")
     ref = understanding_sample(vocab, s.und_images[0], 4, question, str(meta["label"]))
     assert (s.input_ids, s.targets, s.token_kinds) == (ref.input_ids, ref.targets, ref.token_kinds)
     assert s.und_images[0].dtype == torch.uint8 and s.und_images[0].shape == (3, 8, 8)
-    (g,) = build_samples("generation", raw, _ctx(vocab))
+    (g,) = _build("generation", raw, _ctx(vocab))
     assert g.gen_images[0].shape == (1, 8, 8) and [t for t, m in zip(g.input_ids, g.prompt_mask) if m] == vocab.encode(
         raw["txt"].decode()
     )
@@ -104,14 +112,14 @@ def test_text_documents_are_cut_to_the_budget_with_next_token_targets(vocab):
 )
 def test_bad_records_raise_their_reason(vocab, raw, kind, reason):
     with pytest.raises(BadSample) as e:
-        build_samples(kind, raw, _ctx(vocab))
+        _build(kind, raw, _ctx(vocab))
     assert e.value.reason == reason
 
 
 def test_a_new_kind_is_one_registry_entry(vocab, shard_dir, monkeypatch):
     """A kind added in one place trains through config validation, the loader and the packer."""
 
-    def label_only(raw: dict, ctx: BuildContext) -> list[Sample]:
+    def label_only(raw: dict, ctx: BuildContext, options: NoOptions) -> list[Sample]:
         label = str(json.loads(raw["json"])["label"])
         return text_document_samples(ctx.vocab, f"the digit {label}", ctx.max_tokens, key=raw["__key__"])
 
@@ -121,6 +129,6 @@ def test_a_new_kind_is_one_registry_entry(vocab, shard_dir, monkeypatch):
     cfg = load_config(None, ["data.sources=[{name: labels, kind: digit_label}]",
                              f"data.train_shards={shard_dir}/digits/train-000000.tar"])  # fmt: skip
     data = DataConfig(**{**cfg.data.__dict__, "num_workers": 0, "seq_len": 64, "rows_per_batch": 2})
-    batch = next(iter(build_train_loader(data, vocab, SHAPES, 0, 1)))
-    assert (batch["sample_ids"] >= 0).float().mean() > 0.9 and "und_images" not in batch
+    batch = next(iter(TrainLoader(data, vocab, SHAPES, 0, 1)))
+    assert (batch.sample_ids >= 0).float().mean() > 0.9 and batch.und_images is None
     assert isinstance(cfg.data.sources[0], SourceConfig)

@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from mm.kernels.attention import ATTENTION_BACKENDS, AttentionSpec
 from mm.model.decoder import KVCache, check_decoder, run_layers
 
-CPU_BACKENDS = ("sdpa", "sdpa_dense", "eager")
+CPU_BACKENDS = ("sdpa", "sdpa_dense", "sdpa_segmented", "eager")
 
 
 def _hf(model_type: str, seed: int = 0, attn: str = "sdpa"):

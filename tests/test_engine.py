@@ -21,8 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from mm.batch import collate
+from mm.checkpoint import load_model_weights, read_meta
 from mm.config import load_config
-from mm.train.checkpoint import load_model_weights, read_meta
+from mm.model.unified import UnifiedModel, build_model
+from mm.sequence import image_generation_sample, understanding_sample
+from mm.train.launch import launch
 from mm.train.trainer import Trainer
 from tests.conftest import SMALL
 
@@ -104,9 +108,9 @@ class _TwoRankStreams:
     """The batches rank 0 and rank 1 of a 2-process run would see, alternately, for one process."""
 
     def __init__(self, trainer_cfg, vocab, shapes):
-        from data.loader import build_train_loader
+        from data.loader import TrainLoader
 
-        self.streams = [build_train_loader(trainer_cfg.data, vocab, shapes, rank, 2) for rank in range(2)]
+        self.streams = [TrainLoader(trainer_cfg.data, vocab, shapes, rank, 2) for rank in range(2)]
 
     def __iter__(self):
         its = [iter(s) for s in self.streams]
@@ -127,11 +131,9 @@ class _TwoRankStreams:
 
 def test_two_processes_equal_one_process_with_doubled_accumulation(ddp_reference, shard_dir, tmp_path):
     """Global loss normalisation: 2 ranks x 1 micro-batch == 1 rank x 2 micro-batches, step by step."""
-    from mm.train.trainer import build_model
-
     cfg = load_config(ROOT / "configs/tiny.yaml", _overrides(shard_dir, tmp_path / "accum", "train.grad_accum_steps=2"))
-    model, vocab = build_model(cfg)
-    Trainer(cfg, loader=_TwoRankStreams(cfg, vocab, model.sample_shapes())).train()
+    model = build_model(cfg.model)
+    launch(cfg, loader=_TwoRankStreams(cfg, model.vocab, model.sample_shapes())).train()
     worst = _assert_same_losses(_metrics(tmp_path / "accum"), _metrics(ddp_reference), rel=1e-4)
     print(f"2-process DDP vs 1 process x 2 accumulation: worst relative difference {worst:.2e}")
     _assert_same_weights(
@@ -277,7 +279,7 @@ def _poison(trainer: Trainer, bad_steps: set[int]) -> None:
 
 def test_nonfinite_steps_are_skipped_and_counted(small_cfg):
     cfg = replace(small_cfg, train=replace(small_cfg.train, ema_decay=0.9, max_steps=5, ckpt_every=5))
-    trainer = Trainer(cfg)
+    trainer = launch(cfg)
     _poison(trainer, {2, 3})
     before = {}
 
@@ -299,7 +301,7 @@ def test_nonfinite_steps_are_skipped_and_counted(small_cfg):
 
 def test_a_run_of_nonfinite_steps_stops_with_a_clear_message(small_cfg):
     cfg = replace(small_cfg, train=replace(small_cfg.train, max_nonfinite_steps=3, log_every=2))
-    trainer = Trainer(cfg)
+    trainer = launch(cfg)
     _poison(trainer, set(range(2, 100)))
     with pytest.raises(RuntimeError, match="3 steps in a row .* non-finite"):
         trainer.train()
@@ -309,7 +311,7 @@ def test_a_run_of_nonfinite_steps_stops_with_a_clear_message(small_cfg):
 # ---- precision ------------------------------------------------------------------------------------
 def test_bf16_autocast_keeps_positions_and_flow_in_fp32(small_cfg):
     cfg = replace(small_cfg, engine=replace(small_cfg.engine, precision="bf16_autocast"))
-    trainer = Trainer(cfg)
+    trainer = launch(cfg)
     seen = {}
     rotary = trainer.model.llm.get_decoder().rotary_emb
     rotary.register_forward_hook(
@@ -318,7 +320,7 @@ def test_bf16_autocast_keeps_positions_and_flow_in_fp32(small_cfg):
     lm_head = trainer.model.llm.get_output_embeddings()
     lm_head.register_forward_hook(lambda m, args, out: seen.update(head=out.dtype))
     batch = next(iter(trainer.loader))
-    batch = trainer.model.add_flow_inputs(batch, torch.Generator().manual_seed(0))
+    batch = trainer.model.add_draws(batch, torch.Generator().manual_seed(0))
     with trainer.precision.autocast(trainer.device):
         out = trainer.model(batch)
     assert seen["pos"] == torch.float32  # V2PE: fractional positions never pass through bf16
@@ -333,7 +335,7 @@ def test_bf16_weights_need_deepspeed(small_cfg):
 
     cfg = replace(small_cfg, engine=replace(small_cfg.engine, precision="bf16"))
     with pytest.raises(ConfigError, match="engine.kind=deepspeed"):
-        Trainer(cfg)
+        launch(cfg)
 
 
 def test_deepspeed_json_may_not_set_what_the_yaml_owns(small_cfg, tmp_path):
@@ -345,12 +347,12 @@ def test_deepspeed_json_may_not_set_what_the_yaml_owns(small_cfg, tmp_path):
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}))
     cfg = replace(small_cfg, engine=replace(small_cfg.engine, kind="deepspeed", deepspeed_config=str(bad)))
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
-        deepspeed_config(cfg, 2, PRECISIONS["bf16"], torch.device("cpu"))
+        deepspeed_config(cfg.train, cfg.engine, 2, PRECISIONS["bf16"], torch.device("cpu"))
     good = replace(
         cfg, engine=replace(cfg.engine, deepspeed_config="configs/deepspeed/zero3.json", offload_optimizer=True)
     )
     ds = deepspeed_config(
-        replace(good, train=replace(good.train, grad_accum_steps=4)), 8, PRECISIONS["bf16"], torch.device("cpu")
+        replace(good.train, grad_accum_steps=4), good.engine, 8, PRECISIONS["bf16"], torch.device("cpu")
     )
     assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 4 and ds["bf16"]["enabled"]
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -361,13 +363,9 @@ def test_run_every_module_runs_the_same_modules_whatever_the_batch_holds(small_c
     """Under DeepSpeed each rank runs every module in one order (ZeRO-3 gathers weights per module with a
     collective), whether its batch holds understanding samples, generation samples or both; the
     placeholders change neither the losses nor the gradients."""
-    from data.pack import collate
-    from mm.model.unified import UnifiedModel
-    from mm.sequence import generation_sample, understanding_sample
-
     torch.manual_seed(0)
     model = UnifiedModel(small_cfg.model, vocab)
-    gen = [generation_sample(vocab, torch.rand(1, 8, 8), model.gen_tokens_per_image, "draw the digit 3")]
+    gen = [image_generation_sample(vocab, model.heads["flow"].template, torch.rand(1, 8, 8), "draw the digit 3")]
     und = [understanding_sample(vocab, torch.rand(3, 8, 8), model.und.tokens_per_image, "what digit is this ?", "3")]
     batches = {name: collate([[s] for s in samples], 40, vocab.pad) for name, samples in
                {"gen_only": gen, "und_only": und, "both": gen + und}.items()}  # fmt: skip
@@ -375,10 +373,10 @@ def test_run_every_module_runs_the_same_modules_whatever_the_batch_holds(small_c
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n)) for n, m in model.named_modules() if n]
 
     def run(batch, every):
-        model.run_every_module = every
+        model.require_every_module(every)
         model.zero_grad()
         order.clear()
-        out = model(model.add_flow_inputs(batch, torch.Generator().manual_seed(0)))
+        out = model(model.add_draws(batch, torch.Generator().manual_seed(0)))
         out["loss"].backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return out, list(order), grads
@@ -404,7 +402,7 @@ def test_deepspeed_skips_nonfinite_steps(small_cfg, stage=2):
     engine = replace(small_cfg.engine, kind="deepspeed", deepspeed_config=f"configs/deepspeed/zero{stage}.json")
     cfg = replace(small_cfg, engine=engine, train=replace(small_cfg.train, ema_decay=0.9, max_steps=4, ckpt_every=4))
     try:
-        trainer = Trainer(cfg)
+        trainer = launch(cfg)
         _poison(trainer, {2})
         trainer.train(until=1)
         before = [s.clone() for s in trainer.ema.shards] + [s.clone() for s in trainer.engine.local_shards()]

@@ -11,7 +11,7 @@ import pytest
 from tests.test_release import make_tiny_run
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["eval.limit=16", "eval.images_per_prompt=2", "model.flow.sample_steps=2", "eval.threads=1"]
+FAST = ["eval.limit=16", "eval.images_per_prompt=2", "model.heads.flow.sample_steps=2", "eval.threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +57,12 @@ def test_eval_cli_runs_the_whole_benchmark_and_writes_results_samples_and_report
 
     from mm.config import EvalConfig
     from mm.eval.harness import evaluate
-    from mm.eval.run import load_run_model
+    from mm.load import load_run_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as eval.threads=1 above: float sums depend on the thread count
     try:
-        loaded = load_run_model(tiny_run, ["model.flow.sample_steps=2"])
+        loaded = load_run_model(tiny_run, ["model.heads.flow.sample_steps=2"])
         again = evaluate(loaded, None, EvalConfig(limit=16, images_per_prompt=2), tmp_path / "again")
     finally:
         torch.set_num_threads(threads)
@@ -72,18 +72,16 @@ def test_eval_cli_runs_the_whole_benchmark_and_writes_results_samples_and_report
 def test_release_folder_evaluates_to_the_same_numbers_as_its_run(tiny_run, tmp_path):
     from mm.config import EvalConfig
     from mm.eval.harness import evaluate
-    from mm.eval.run import load_release, load_run_model
     from mm.hf import UnifiedMMProcessor, wrap
+    from mm.load import load_release, load_run_model
 
-    loaded = load_run_model(tiny_run, ["model.flow.sample_steps=2"])
+    loaded = load_run_model(tiny_run, ["model.heads.flow.sample_steps=2"])
     wrap(loaded.model, loaded.config.model).save_pretrained(str(tmp_path / "rel"))
-    UnifiedMMProcessor.from_model_config(loaded.config.model, loaded.model.vocab.tokenizer).save_pretrained(
-        str(tmp_path / "rel")
-    )
+    UnifiedMMProcessor.from_model(loaded.model).save_pretrained(str(tmp_path / "rel"))
     cfg = EvalConfig(limit=12, images_per_prompt=2)
     tasks = ["digits_vqa", "digits_mme", "digits_geneval"]
     a = evaluate(loaded, tasks, cfg, tmp_path / "a")
-    b = evaluate(load_release(tmp_path / "rel", ["model.flow.sample_steps=2"]), tasks, cfg, tmp_path / "b")
+    b = evaluate(load_release(tmp_path / "rel", ["model.heads.flow.sample_steps=2"]), tasks, cfg, tmp_path / "b")
     assert _metrics(a) == _metrics(b)
 
 

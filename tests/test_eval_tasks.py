@@ -163,7 +163,7 @@ def test_detector_finds_real_digits_on_a_canvas_and_layout_round_trips(tmp_path)
 
 
 def test_kernel_and_frechet_distances_by_hand():
-    from mm.eval.digits import frechet_distance
+    from data.bundled.judge import frechet_distance
     from mm.eval.generation import kernel_distance
 
     rng = np.random.default_rng(0)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mm.config import load_config
-from mm.model.vision import UnderstandingEncoder
-from mm.train.flops import forward_flops
+from mm.model.towers import UnderstandingEncoder
+from mm.profiling import forward_flops
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -93,10 +93,9 @@ def test_meta_tower_count_equals_a_real_tower_plus_its_attention():
     over (patches + class token)^2 pairs, 2 FLOPs per multiply-add."""
     cfg = load_config(TINY)
     meta, tokens = und_image_flops(cfg)
-    u = cfg.model.und
-    real = forward_flops(
-        UnderstandingEncoder(u, cfg.model.llm.hidden_size), (1, u.in_channels, u.image_size, u.image_size)
-    )
+    u = cfg.model.und.tower
+    und = UnderstandingEncoder(cfg.model.und, cfg.model.llm.hidden_size)
+    real = forward_flops(und, (1, und.channels, u.image_size, u.image_size))
     attention = u.layers * 2 * 2 * (tokens + 1) ** 2 * u.width
     assert tokens == 16 and meta == real + attention
 

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.config import FreqTokenizerConfig
-from mm.schema import ConfigError
 from mm.model.freq_tokenizer import (
     EMACodebook,
     FreqTokenizer,
+    FreqTokenizerConfig,
     band_masks,
     frequency_radius,
     resample,
     spectral_resample_matrix,
     split_bands,
 )
+from mm.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_STAGES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -252,7 +252,7 @@ def test_reconstruction_error_falls_as_stages_are_added(tmp_path):
     cfg = script.load_run_config(
         ROOT / "configs/tokenizer/tiny.yaml",
         [f"model.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in SMALL.items()]
-        + ["train.steps=120", "train.batch_size=64", "train.warmup_steps=10", "train.log_every=60"],
+        + ["train.max_steps=120", "data.batch_size=64", "train.warmup_steps=10", "train.log_every=60"],
     )
     batches, heldout = script.DATASETS["digits"](cfg)
     threads = torch.get_num_threads()
@@ -279,7 +279,7 @@ def test_script_trains_on_shards_and_writes_the_checkpoint_folder(shard_dir, tmp
         ["--config", str(ROOT / "configs/tokenizer/tiny.yaml"), f"out_dir={out}", "data.kind=shards",
          f"data.train_shards={smoke}", f"data.heldout_shards={smoke}",
          "data.shuffle_buffer=2", "model.image_size=16", "model.image_channels=3", "model.channels=[8,8,8]",
-         "model.stages=[1,2,4]", "model.codebook_size=16", "model.code_dim=4", "train.steps=3", "train.batch_size=2",
+         "model.stages=[1,2,4]", "model.codebook_size=16", "model.code_dim=4", "train.max_steps=3", "data.batch_size=2",
          "train.log_every=1", "report_examples=3"]
     )  # fmt: skip
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "tokenizer_config.json", "train_config.yaml",
@@ -377,7 +377,7 @@ def test_gpu_codes_match_cpu_and_autocast_keeps_the_band_math_in_float32(tok):
 def test_nfig_256_trains_a_step_at_full_size_on_gpu():
     from skimage import data as skdata
 
-    from data.stream import fit_image
+    from mm.images import fit_image
 
     cfg = _trainer().load_run_config(ROOT / "configs/tokenizer/nfig_256.yaml")
     photos = [

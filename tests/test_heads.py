@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
-from data.pack import collate
-from data.sources import GEN_HEAD_NAMES, SOURCE_KINDS, BuildContext, build_samples
+from data.sources import BuildContext, SourceConfig, build_samples, source_kind
 from data.stream import read_samples
-from mm.config import FreqTokenizerConfig, load_config
-from mm.schema import ConfigError
+from mm.batch import collate
+from mm.config import load_config
 from mm.kernels.attention import block_causal_mask
-from mm.model.freq_tokenizer import FreqTokenizer
+from mm.model.freq_tokenizer import FreqTokenizer, FreqTokenizerConfig
 from mm.model.heads import IMAGE_HEADS
 from mm.model.heads.codes import CFG_SCHEDULES, sample_logits
 from mm.model.unified import UnifiedModel
+from mm.schema import ConfigError
 from mm.sequence import image_generation_sample, understanding_sample
 from tests.conftest import ROOT, SMALL
 
@@ -34,17 +35,24 @@ def tok_dir(tmp_path_factory):
     return out
 
 
-def _cfg(tok_dir, tmp_path, heads="[nextfreq]", extra=()):
-    over = SMALL + [f"model.heads={heads}", f"model.nextfreq.tokenizer={tok_dir}", f"model.raster.tokenizer={tok_dir}",
-                    f"run.dir={tmp_path}/run", *extra]  # fmt: skip
-    return load_config(ROOT / "configs" / "tiny.yaml", over)
+def _cfg(tok_dir, tmp_path, heads="nextfreq", extra=()):
+    """The small config with exactly ``heads`` (comma-separated, in order); code heads read ``tok_dir``."""
+    names = heads.split(",")
+    over = [f"model.heads.{h}=null" for h in ("flow", "nextfreq", "raster") if h not in names]
+    for h in names:
+        over.append(f"model.heads.{h}.tokenizer.path={tok_dir}" if h != "flow" else "model.heads.flow.cfg_scale=2.0")
+    over = SMALL + [o for o in over if not o.startswith("model.heads.flow.") or "flow" in names]
+    over += [f"run.dir={tmp_path}/run", *extra]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", over)
+    assert list(cfg.model.heads) == names
+    return cfg
 
 
 def _trained_looking(model):
     torch.manual_seed(3)
     for name in ("nextfreq", "raster"):
         if name in model.heads:  # sharper logits than the init gives, so prompts matter
-            torch.nn.init.normal_(model.heads[name].net.out.weight, std=0.5)
+            torch.nn.init.normal_(model.heads[name].out.weight, std=0.5)
     return model.eval()
 
 
@@ -90,15 +98,15 @@ def test_llm_block_attention_matches_reference(tok_dir, tmp_path, vocab):
     s = image_generation_sample(vocab, model.heads["nextfreq"].template, torch.rand(1, 8, 8), "draw the digit 3")
     batch = collate([[s]], len(s), vocab.pad)
     with torch.no_grad():
-        emb = model.llm.get_input_embeddings()(batch["input_ids"])
+        emb = model.llm.get_input_embeddings()(batch.input_ids)
         first = len(s) - 1 - 21
         emb2 = emb.clone()
         emb2[0, first + 1 + 3] += 1.0  # the last token of stage 2 (stages 1, 2, 4: slots 1..4 are stage 2)
         from mm.kernels.attention import AttentionSpec
 
         def run(e):
-            spec = AttentionSpec.packed(batch["sample_ids"], batch["block_ids"])
-            return model.decode(e, batch["position_ids"], spec).last_hidden_state[0]
+            spec = AttentionSpec.packed(batch.sample_ids, batch.block_ids)
+            return model.decode(e, batch.position_ids, spec).last_hidden_state[0]
 
         a, b = run(emb), run(emb2)
     diff = (a - b).abs().amax(-1)
@@ -116,10 +124,11 @@ def test_nextfreq_template_and_collate(tok_dir, tmp_path, vocab):
     assert s.block_ids[-22:-1] == [0] + [1] * 4 + [2] * 16 and s.head == "nextfreq"
     und = understanding_sample(vocab, torch.rand(3, 8, 8), 16, "what digit is this ?", "3")
     batch = collate([[und, s]], 96, vocab.pad)
-    assert "gen_images" not in batch and batch["nextfreq_images"].shape == (1, 1, 8, 8)
-    assert batch["nextfreq_sample_ids"].tolist() == [1]
-    assert (batch["block_ids"][0, : len(und)] == -1).all()
-    assert batch["block_ids"][0, len(und) :][: len(s)].tolist() == [-1] * (len(s) - 22) + s.block_ids[-22:]
+    assert list(batch.images) == ["nextfreq"] and batch.images["nextfreq"].images.shape == (1, 1, 8, 8)
+    assert batch.images["nextfreq"].sample_ids.tolist() == [1]
+    assert (batch.block_ids[0, : len(und)] == -1).all()
+    assert batch.block_ids[0, len(und) :][: len(s)].tolist() == [-1] * (len(s) - 22) + s.block_ids[-22:]
+    assert collate([[und]], 96, vocab.pad).block_ids is None  # no full block anywhere: none to mask
 
 
 def _code_samples(model, vocab, n=3, head="nextfreq"):
@@ -134,7 +143,7 @@ def _code_samples(model, vocab, n=3, head="nextfreq"):
 @pytest.mark.parametrize("head", ["nextfreq", "raster"])
 def test_code_head_packed_equals_alone(tok_dir, tmp_path, vocab, head):
     torch.manual_seed(0)
-    model = UnifiedModel(_cfg(tok_dir, tmp_path, f"[{head}]").model, vocab).eval()
+    model = UnifiedModel(_cfg(tok_dir, tmp_path, head).model, vocab).eval()
     samples = _code_samples(model, vocab, 3, head)
     und = understanding_sample(vocab, torch.rand(3, 8, 8), model.und.tokens_per_image, "what digit is this ?", "3")
     seq_len = sum(len(s) for s in samples) + len(und) + 5
@@ -148,12 +157,12 @@ def test_code_head_learns_and_gets_gradient(tok_dir, tmp_path, vocab):
     torch.manual_seed(0)
     model = UnifiedModel(_cfg(tok_dir, tmp_path).model, vocab)
     batch = collate([[s] for s in _code_samples(model, vocab, 4)], 40, vocab.pad)
-    batch = model.add_flow_inputs(batch, torch.Generator().manual_seed(0))
+    batch = model.add_draws(batch, torch.Generator().manual_seed(0))
     assert model.loss_counts(batch)["nextfreq"] == 4 * 21
     out = model(batch)
     assert abs(out["nextfreq"].item() - torch.log(torch.tensor(32.0)).item()) < 1.0  # ~uniform at init
     out["loss"].backward()
-    net = model.heads["nextfreq"].net
+    net = model.heads["nextfreq"]
     assert net.in_proj.weight.grad.abs().sum() > 0 and net.start.grad.abs().sum() > 0
     assert all(p.grad is None for p in net.tokenizer.parameters())  # frozen
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -168,28 +177,29 @@ def test_code_head_learns_and_gets_gradient(tok_dir, tmp_path, vocab):
 
 def test_both_heads_in_one_model_train_on_their_own_samples(tok_dir, tmp_path, vocab):
     torch.manual_seed(0)
-    model = UnifiedModel(_cfg(tok_dir, tmp_path, "[flow,nextfreq]").model, vocab)
-    assert {"gen_encoder", "nextfreq"} <= {n for n, _ in model.named_children()}
+    model = UnifiedModel(_cfg(tok_dir, tmp_path, "flow,nextfreq").model, vocab)
+    names = {n for n, _ in model.named_modules()}
+    assert {"heads.flow.gen_encoder", "heads.nextfreq.tokenizer"} <= names  # each head owns its parts
     flow = image_generation_sample(vocab, model.heads["flow"].template, torch.rand(1, 8, 8), "draw the digit 3")
     code = _code_samples(model, vocab, 1)[0]
-    batch = model.add_flow_inputs(collate([[flow, code]], 80, vocab.pad), torch.Generator().manual_seed(0))
+    batch = model.add_draws(collate([[flow, code]], 80, vocab.pad), torch.Generator().manual_seed(0))
     out = model(batch)
     assert out["flow_count"].item() == 1 and out["nextfreq_count"].item() == 21
     assert set(model.loss_weights()) == {"text", "flow", "repa", "nextfreq"}
-    del batch["nextfreq_images"]
+    batch = replace(batch, images={"flow": batch.images["flow"]})
     with pytest.raises(ValueError, match="generation placeholders"):
         model(batch)
 
 
 def test_run_every_module_placeholders_reach_every_head(tok_dir, tmp_path, vocab):
     torch.manual_seed(0)
-    model = UnifiedModel(_cfg(tok_dir, tmp_path, "[flow,nextfreq]").model, vocab)
-    model.run_every_module = True
+    model = UnifiedModel(_cfg(tok_dir, tmp_path, "flow,nextfreq").model, vocab)
+    model.require_every_module()
     und = understanding_sample(vocab, torch.rand(3, 8, 8), model.und.tokens_per_image, "what digit is this ?", "3")
     out = model(collate([[und]], 40, vocab.pad))
     out["loss"].backward()
-    net = model.heads["nextfreq"].net
-    for p in (net.in_proj.weight, net.out.weight, net.start, model.gen_decoder.out.weight):
+    net, flow = model.heads["nextfreq"], model.heads["flow"]
+    for p in (net.in_proj.weight, net.out.weight, net.start, flow.gen_decoder.out.weight, flow.repa_proj[0].weight):
         assert p.grad is not None and p.grad.abs().sum() == 0  # in the graph, times 0
 
 
@@ -197,7 +207,7 @@ def test_run_every_module_placeholders_reach_every_head(tok_dir, tmp_path, vocab
 @pytest.mark.parametrize("head,schedule", [("nextfreq", "constant"), ("nextfreq", "linear"), ("raster", "constant")])
 def test_cached_sampling_equals_uncached(tok_dir, tmp_path, vocab, head, schedule):
     torch.manual_seed(0)
-    model = _trained_looking(UnifiedModel(_cfg(tok_dir, tmp_path, f"[{head}]").model, vocab))
+    model = _trained_looking(UnifiedModel(_cfg(tok_dir, tmp_path, head).model, vocab))
     h = model.heads[head]
     prompts = ["draw the digit 3", "an image of the number seven", "a handwritten 1"]  # different lengths
     kw = dict(cfg_scale=3.0, cfg_schedule=schedule, temperature=1.0, top_k=20, top_p=0.9)
@@ -248,30 +258,33 @@ def test_sampling_filters():
 
 # ---- registry, config, data --------------------------------------------------------------------------
 def test_registry_and_config_errors(tok_dir, tmp_path, vocab):
-    assert set(GEN_HEAD_NAMES) == set(IMAGE_HEADS)
-    assert all(f"generation:{h}" in SOURCE_KINDS for h in IMAGE_HEADS)
+    assert {"flow", "nextfreq", "raster"} <= set(IMAGE_HEADS)
+    for h in IMAGE_HEADS:  # any head name is a generation source's shorthand argument
+        assert source_kind(f"generation:{h}")[1] == h and SourceConfig("g", f"generation:{h}").options.head == h
     with pytest.raises(ConfigError, match="model.heads"):
-        _cfg(tok_dir, tmp_path, "[flows]")
+        load_config(ROOT / "configs" / "tiny.yaml", SMALL + ["model.heads.flows={}"])
     with pytest.raises(ConfigError, match="lacks"):
-        _cfg(tok_dir, tmp_path, "[flow]", ["data.sources=[{name: g, kind: 'generation:nextfreq'}]"])
+        _cfg(tok_dir, tmp_path, "flow", ["data.sources=[{name: g, kind: 'generation:nextfreq'}]"])
     with pytest.raises(ConfigError, match="cfg_schedule"):
-        _cfg(tok_dir, tmp_path, extra=["model.nextfreq.cfg_schedule=cosine"])
-    cfg = _cfg(tok_dir, tmp_path, extra=[f"model.nextfreq.tokenizer={tmp_path}/none"])
-    with pytest.raises(FileNotFoundError, match="model.nextfreq.tokenizer"):
+        _cfg(tok_dir, tmp_path, extra=["model.heads.nextfreq.cfg_schedule=cosine"])
+    with pytest.raises(ConfigError, match=r"model.heads.nextfreq.tokenizer.patth; did you mean .*path\?"):
+        _cfg(tok_dir, tmp_path, extra=["model.heads.nextfreq.tokenizer.patth=x"])
+    cfg = _cfg(tok_dir, tmp_path, extra=[f"model.heads.nextfreq.tokenizer.path={tmp_path}/none"])
+    with pytest.raises(FileNotFoundError, match="model.heads.nextfreq.tokenizer"):
         UnifiedModel(cfg.model, vocab)
 
 
 def test_generation_source_builds_the_heads_layout(tok_dir, tmp_path, vocab, shard_dir):
-    model = UnifiedModel(_cfg(tok_dir, tmp_path, "[nextfreq,raster]").model, vocab)
+    model = UnifiedModel(_cfg(tok_dir, tmp_path, "nextfreq,raster").model, vocab)
     raw = next(iter(read_samples(f"{shard_dir}/digits/train-000000.tar")))
     ctx = BuildContext(vocab, model.sample_shapes(), 128, 10**6, random.Random(0))
-    (default,) = build_samples("generation", raw, ctx)
-    (raster,) = build_samples("generation:raster", raw, ctx)
+    (default,) = build_samples(SourceConfig("g", "generation"), raw, ctx)
+    (raster,) = build_samples(SourceConfig("r", "generation:raster"), raw, ctx)
     assert default.head == "nextfreq" and raster.head == "raster"
     assert default.input_ids.count(vocab.gen) == 21 and raster.input_ids.count(vocab.gen) == 16
     assert raster.block_ids == [] and max(default.block_ids) == 2
     with pytest.raises(ValueError, match="has no .flow. head"):
-        build_samples("generation:flow", raw, ctx)
+        build_samples(SourceConfig("f", "generation:flow"), raw, ctx)
 
 
 def test_release_with_code_heads_mod_and_v2pe_round_trips(tok_dir, tmp_path, vocab):
@@ -285,14 +298,14 @@ def test_release_with_code_heads_mod_and_v2pe_round_trips(tok_dir, tmp_path, voc
     from mm.hf import UnifiedMMProcessor, wrap
 
     extra = ("model.mod.enabled=true", "model.mod.ratio=0.5", "model.v2pe.enabled=true")
-    cfg = _cfg(tok_dir, tmp_path, "[flow,nextfreq]", extra)
+    cfg = _cfg(tok_dir, tmp_path, "flow,nextfreq", extra)
     torch.manual_seed(0)
     model = _trained_looking(UnifiedModel(cfg.model, vocab))
     for p in model.mod_routers.parameters():
         torch.nn.init.normal_(p, std=0.5)
     out = tmp_path / "release"
     wrap(model, cfg.model).save_pretrained(str(out))
-    UnifiedMMProcessor.from_model_config(cfg.model, vocab.tokenizer).save_pretrained(str(out))
+    UnifiedMMProcessor.from_model(model).save_pretrained(str(out))
     shutil.rmtree(tok_dir)  # the tokenizer's weights travel inside the release
     try:
         hf = AutoModel.from_pretrained(str(out), local_files_only=True).eval()

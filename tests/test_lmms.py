@@ -24,7 +24,7 @@ def test_lmms_eval_evaluator_equals_eval_py(tiny_run, tmp_path, task, limit):
     from mm.config import EvalConfig
     from mm.eval.harness import evaluate
     from mm.eval.lmms import UnifiedMMLmms, register
-    from mm.eval.run import load_run_model
+    from mm.load import load_run_model
 
     loaded = load_run_model(tiny_run)
     ours = evaluate(loaded, [task], EvalConfig(limit=limit), tmp_path)[task]

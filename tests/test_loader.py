@@ -1,17 +1,20 @@
 """The training loader: node x worker split, mixing, exact resume with DataLoader workers, bad shards."""
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
-from data.loader import SourceReader, SourceSpec, WorkerStream, build_train_loader, resolve_sources
+from data.config import DataConfig
+from data.loader import SourceReader, SourceSpec, TrainLoader, WorkerStream, resolve_sources
 from data.shards import ShardWriter
+from data.sources import SourceConfig
 from data.stream import read_samples
-from mm.config import DataConfig, SourceConfig, load_config
-from mm.schema import ConfigError
+from mm.batch import Batch
+from mm.config import load_config
 from mm.model.unified import UnifiedModel
+from mm.schema import ConfigError
 
 
 @pytest.fixture
@@ -78,12 +81,12 @@ def test_mixing_weights_hold(shard_dir, vocab, shapes):
     for c, w in zip(counts, (0.14, 0.80, 0.06)):
         assert abs(c / n - w) < 4 * (w * (1 - w) / n) ** 0.5, counts
     # and in the batches themselves: image samples by source
-    loader = build_train_loader(replace(cfg, num_workers=0, rows_per_batch=4), vocab, shapes, 0, 1)
+    loader = TrainLoader(replace(cfg, num_workers=0, rows_per_batch=4), vocab, shapes, 0, 1)
     it = iter(loader)
     per_source = torch.zeros(3)
     for _ in range(40):
         b = next(it)
-        per_source += torch.bincount(b["sample_source"], minlength=3)[:3]
+        per_source += torch.bincount(b.sample_source, minlength=3)[:3]
     und_share = per_source[0] / (per_source[0] + per_source[1])
     assert abs(und_share - 14 / 94) < 0.05, per_source
 
@@ -92,12 +95,31 @@ def _take(it, n):
     return [next(it) for _ in range(n)]
 
 
-def _assert_same(xs, ys):
+def _assert_same(xs: list[Batch], ys: list[Batch]) -> None:
+    """Every field of the batches equal: each tensor, each head's images, the draws, the host spans."""
     assert len(xs) == len(ys)
     for x, y in zip(xs, ys):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert torch.equal(x[k], y[k]), k
+        for f in fields(Batch):
+            if f.name == "_spec":
+                continue
+            a, b = getattr(x, f.name), getattr(y, f.name)
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), f.name
+                assert a.dtype == b.dtype and torch.equal(a, b), f.name
+            elif f.name == "images":
+                assert a.keys() == b.keys(), f.name
+                for head in a:
+                    assert torch.equal(a[head].images, b[head].images), (f.name, head)
+                    assert torch.equal(a[head].sample_ids, b[head].sample_ids), (f.name, head)
+                    assert a[head].placeholder == b[head].placeholder, (f.name, head)
+            elif f.name == "draws":
+                assert a.keys() == b.keys(), f.name
+                for head in a:
+                    assert a[head].keys() == b[head].keys(), (f.name, head)
+                    for k in a[head]:
+                        assert torch.equal(a[head][k], b[head][k]), (f.name, head, k)
+            else:  # spans, max_seqlen, und_images=None on both
+                assert a == b, f.name
 
 
 def test_exact_resume_with_two_workers_and_two_ranks(shard_dir, tmp_path, vocab, shapes):
@@ -109,23 +131,23 @@ def test_exact_resume_with_two_workers_and_two_ranks(shard_dir, tmp_path, vocab,
     )  # fmt: skip
     ranks = []
     for rank in range(2):
-        a = build_train_loader(cfg, vocab, shapes, rank, 2)
+        a = TrainLoader(cfg, vocab, shapes, rank, 2)
         it = iter(a)
         first = _take(it, 5)
         state = json.loads(json.dumps(a.state_dict()))  # JSON-serialisable, as the checkpoint stores it
         rest = _take(it, 7)
-        b = build_train_loader(cfg, vocab, shapes, rank, 2)
+        b = TrainLoader(cfg, vocab, shapes, rank, 2)
         b.load_state_dict(state)
         _assert_same(rest, _take(iter(b), 7))
-        c = build_train_loader(cfg, vocab, shapes, rank, 2)
+        c = TrainLoader(cfg, vocab, shapes, rank, 2)
         _assert_same(first, _take(iter(c), 5))  # deterministic from the start too
         for loader in (a, b, c):
             loader.close()
-        images = [b[k] for b in first for k in ("und_images", "gen_images") if k in b]
+        images = [x for b in first for x in (b.und_images, *(i.images for i in b.images.values())) if x is not None]
         assert images and all(x.dtype == torch.uint8 for x in images)  # images stay uint8 until the model
         assert len(state["worker_states"]) == 2 and state["consumed"] == 5
         ranks.append(first)
-    assert not torch.equal(ranks[0][0]["input_ids"], ranks[1][0]["input_ids"])  # ranks read different shards
+    assert not torch.equal(ranks[0][0].input_ids, ranks[1][0].input_ids)  # ranks read different shards
 
 
 def test_resume_keeps_skip_counts_and_the_packing_buffer(shard_dir, tmp_path, vocab, shapes):
@@ -137,14 +159,14 @@ def test_resume_keeps_skip_counts_and_the_packing_buffer(shard_dir, tmp_path, vo
     ]
     cfg = DataConfig(sources=sources, seq_len=96, rows_per_batch=2, shuffle_buffer=4, pack_lookahead=24,
                      num_workers=0, max_image_pixels=10**6)  # fmt: skip
-    a = build_train_loader(cfg, vocab, shapes, 0, 1)
+    a = TrainLoader(cfg, vocab, shapes, 0, 1)
     it = iter(a)
     _take(it, 30)
     state = json.loads(json.dumps(a.state_dict()))
     pending = state["worker_states"]["0"]["pending"]
     assert any(start > 0 for *_, start, _ in pending) or any(p[0] == 2 for p in pending)  # text pieces wait too
     rest = _take(it, 10)
-    b = build_train_loader(cfg, vocab, shapes, 0, 1)
+    b = TrainLoader(cfg, vocab, shapes, 0, 1)
     b.load_state_dict(state)
     assert b.skip_counts() == {k: v for k, v in state["worker_states"]["0"]["skipped"].items()}
     assert any(k.startswith("photos/") for k in b.skip_counts())
@@ -154,32 +176,32 @@ def test_resume_keeps_skip_counts_and_the_packing_buffer(shard_dir, tmp_path, vo
 
 def test_layout_change_refuses_exact_sources_and_resplits_resampled(shard_dir, vocab, shapes, capsys):
     cfg = DataConfig(sources=digit_sources(shard_dir), seq_len=96, rows_per_batch=2, shuffle_buffer=8, num_workers=0)
-    a = build_train_loader(cfg, vocab, shapes, 0, 1)
+    a = TrainLoader(cfg, vocab, shapes, 0, 1)
     _take(iter(a), 3)
-    more = build_train_loader(replace(cfg, num_workers=2), vocab, shapes, 0, 1)
+    more = TrainLoader(replace(cfg, num_workers=2), vocab, shapes, 0, 1)
     with pytest.raises(ValueError, match="exact epochs.*same world size"):
         more.load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="rank 0 given to rank 1"):
-        build_train_loader(cfg, vocab, shapes, 1, 1).load_state_dict(a.state_dict())
+        TrainLoader(cfg, vocab, shapes, 1, 1).load_state_dict(a.state_dict())
 
     res = replace(cfg, sources=digit_sources(shard_dir, resample=True))
-    a = build_train_loader(res, vocab, shapes, 0, 1)
+    a = TrainLoader(res, vocab, shapes, 0, 1)
     _take(iter(a), 3)
-    b = build_train_loader(replace(res, num_workers=2), vocab, shapes, 0, 1)
+    b = TrainLoader(replace(res, num_workers=2), vocab, shapes, 0, 1)
     b.load_state_dict(a.state_dict())
     assert "re-split" in capsys.readouterr().out
-    fresh = _take(iter(build_train_loader(replace(res, num_workers=2), vocab, shapes, 0, 1)), 2)
+    fresh = _take(iter(TrainLoader(replace(res, num_workers=2), vocab, shapes, 0, 1)), 2)
     resplit = _take(iter(b), 2)
-    assert not torch.equal(fresh[0]["input_ids"], resplit[0]["input_ids"])  # new seeds: no replay of a fresh run
+    assert not torch.equal(fresh[0].input_ids, resplit[0].input_ids)  # new seeds: no replay of a fresh run
 
 
 def test_changed_sources_are_refused_on_resume(shard_dir, vocab, shapes):
     cfg = DataConfig(sources=digit_sources(shard_dir), seq_len=96, rows_per_batch=2, shuffle_buffer=8, num_workers=0)
-    a = build_train_loader(cfg, vocab, shapes, 0, 1)
+    a = TrainLoader(cfg, vocab, shapes, 0, 1)
     _take(iter(a), 1)
     other = replace(cfg, sources=digit_sources(shard_dir)[:1])
     with pytest.raises(ValueError, match="data.sources changed"):
-        build_train_loader(other, vocab, shapes, 0, 1).load_state_dict(a.state_dict())
+        TrainLoader(other, vocab, shapes, 0, 1).load_state_dict(a.state_dict())
 
 
 def test_a_rank_whose_shards_run_dry_keeps_yielding(shard_dir, tmp_path, vocab, shapes):
@@ -192,11 +214,11 @@ def test_a_rank_whose_shards_run_dry_keeps_yielding(shard_dir, tmp_path, vocab, 
     pattern = f"{tmp_path}/tiny-000000.tar::{tmp_path}/big-000000.tar"
     cfg = DataConfig(sources=[SourceConfig(name="d", kind="generation", shards=pattern)], seq_len=96,
                      rows_per_batch=2, shuffle_buffer=4, pack_lookahead=8, num_workers=0)  # fmt: skip
-    loaders = [build_train_loader(cfg, vocab, shapes, r, 2) for r in range(2)]
+    loaders = [TrainLoader(cfg, vocab, shapes, r, 2) for r in range(2)]
     its = [iter(x) for x in loaders]
     for _ in range(25):  # both ranks give a batch at every step
         for it in its:
-            assert next(it)["input_ids"].shape == (2, 96)
+            assert next(it).input_ids.shape == (2, 96)
     # each epoch one rank gets the 3-sample shard and runs dry at once: it moves on to its next epoch
     epochs = sorted(x.worker_states[0]["sources"][0]["epoch"] for x in loaders)
     assert epochs[1] >= 3 and epochs[0] < epochs[1]
@@ -212,7 +234,7 @@ def test_a_shard_that_disappears_is_retried_then_skipped(shard_dir, tmp_path, vo
                      open_retries=2, retry_delay_s=0.5)  # fmt: skip
     sleeps = []
     monkeypatch.setattr(data.stream.time, "sleep", sleeps.append)
-    loader = build_train_loader(cfg, vocab, shapes, 0, 1)
+    loader = TrainLoader(cfg, vocab, shapes, 0, 1)
     it = iter(loader)
     next(it)
     reader_shard = loader.worker_states[0]["sources"][0]
@@ -238,19 +260,23 @@ def test_a_source_with_no_usable_sample_fails_loudly_through_the_workers(tmp_pat
     cfg = DataConfig(sources=[SourceConfig(name="junk", kind="generation", shards=str(tmp_path / "allbad.tar"))],
                      seq_len=96, rows_per_batch=1, shuffle_buffer=2, num_workers=1)  # fmt: skip
     with pytest.raises(RuntimeError, match="'junk' gave no usable sample.*junk/not_an_image"):
-        next(iter(build_train_loader(cfg, vocab, shapes, 0, 1)))
+        next(iter(TrainLoader(cfg, vocab, shapes, 0, 1)))
 
 
 def test_shell_urls_only_when_allowed(shard_dir, small_cfg, vocab, shapes):
     url = f"pipe:cat {shard_dir}/digits/train-000000.tar"
     with pytest.raises(ConfigError, match="allow_shell_urls"):
         load_config(None, [f"data.train_shards={url}"])
-    cfg = DataConfig(sources=[SourceConfig(name="d", kind="generation", shards=url)], seq_len=96, rows_per_batch=2,
-                     shuffle_buffer=4, num_workers=0)  # fmt: skip
+    sources = [SourceConfig(name="d", kind="generation", shards=url)]
+    with pytest.raises(ConfigError, match="allow_shell_urls"):  # refused when the data config is built
+        DataConfig(sources=sources, seq_len=96, rows_per_batch=2, shuffle_buffer=4, num_workers=0)
+    cfg = DataConfig(sources=sources, seq_len=96, rows_per_batch=2, shuffle_buffer=4, num_workers=0,
+                     allow_shell_urls=True)  # fmt: skip
+    cfg.allow_shell_urls = False  # past the config's own check: the loader refuses on its own too
     with pytest.raises(ValueError, match="allow_shell_urls"):
-        build_train_loader(cfg, vocab, shapes, 0, 1)
-    batch = next(iter(build_train_loader(replace(cfg, allow_shell_urls=True), vocab, shapes, 0, 1)))
-    assert len(batch["gen_images"]) > 0
+        TrainLoader(cfg, vocab, shapes, 0, 1)
+    batch = next(iter(TrainLoader(replace(cfg, allow_shell_urls=True), vocab, shapes, 0, 1)))
+    assert len(batch.images["flow"].images) > 0
 
 
 def test_shuffle_buffer_pointers_are_stored_compactly_and_in_order():

@@ -1,4 +1,7 @@
-"""Long-context digits (data/longctx.py, digits_longctx): data, V2PE positions in answer, a tiny run end to end."""
+"""Long-context digits (data/bundled/longctx.py, digits_longctx).
+
+The data, V2PE positions in answer, a tiny run end to end.
+"""
 
 from __future__ import annotations
 
@@ -103,12 +106,12 @@ def _v2pe_model(vocab, infer_delta: float = 1 / 16):
 
 def _training_sample(model, album, draw: bool = False):
     """The album through the training path: shard sample -> conversation kind -> Sample (V2PE deltas drawn)."""
-    from data.sources import BuildContext, build_samples
+    from data.sources import BuildContext, SourceConfig, build_samples
 
     raw = {k: (v.encode() if isinstance(v, str) else v) for k, v in shard_sample("a0", album).items()}
     raw["__key__"] = "a0"
     ctx = BuildContext(model.vocab, model.sample_shapes(), 512, 1 << 20, random.Random(0))
-    return build_samples("conversation", raw, ctx)[0]
+    return build_samples(SourceConfig(name="albums", kind="conversation"), raw, ctx)[0]
 
 
 def test_training_sample_supervises_every_answer_fits_a_row_and_draws_v2pe_deltas(vocab):
@@ -214,8 +217,8 @@ def test_tiny_longctx_run_trains_and_evaluates_digits_longctx(shard_dir, tmp_pat
     """A few steps of the small config on its two sources (albums included), then the eval task on it."""
     from mm.config import EvalConfig
     from mm.eval.harness import evaluate
-    from mm.eval.run import load_run_model
-    from mm.train.trainer import Trainer
+    from mm.load import load_run_model
+    from mm.train.launch import launch
 
     build_longctx_shards(tmp_path / "longctx", n=64)
     run = tmp_path / "run"
@@ -231,7 +234,7 @@ def test_tiny_longctx_run_trains_and_evaluates_digits_longctx(shard_dir, tmp_pat
     assert [s.name for s in cfg.data.sources] == ["digits_vqa", "digits_longctx"]
     cfg.data.sources[1].shards = f"{tmp_path}/longctx/train-{{000000..000003}}.tar"
     assert cfg.model.v2pe.enabled
-    Trainer(cfg).train()
+    launch(cfg).train()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from mm.config import AutoencoderConfig, GenCodecConfig, UndEncoderConfig
-from mm.model.autoencoder import DiffusersKL, IdentityAutoencoder, build_autoencoder
-from mm.model.gen_codec import GRN, GenDecoder, GenEncoder, TimeEmbedding
-from mm.model.vision import UnderstandingEncoder
+from mm.model.autoencoder import AutoencoderConfig, DiffusersKL, IdentityAutoencoder, build_autoencoder
+from mm.model.gen_codec import GRN, GenCodecConfig, GenDecoder, GenEncoder, TimeEmbedding
+from mm.model.towers import UndConfig, UnderstandingEncoder
+from mm.schema import ConfigError
 
 
 @pytest.mark.parametrize("kind", ["open_clip", "hf_siglip"])
 def test_understanding_encoder_registry(kind):
-    cfg = UndEncoderConfig(kind=kind, image_size=16, patch_size=4, width=32, layers=1, heads=2)
+    cfg = UndConfig(kind=kind, tower=dict(image_size=16, patch_size=4, width=32, layers=1, heads=2))
     enc = UnderstandingEncoder(cfg, llm_width=48)
     x = torch.rand(3, 3, 16, 16)
     assert enc.features(x).shape == (3, 16, 32)
@@ -20,15 +20,15 @@ def test_understanding_encoder_registry(kind):
 
 
 def test_unknown_encoder_kind_is_named():
-    with pytest.raises(KeyError, match="model.und.kind='nope'"):
-        UnderstandingEncoder(UndEncoderConfig(kind="nope"), 8)
+    with pytest.raises(ConfigError, match="model.und.kind='nope'"):  # the config validates itself
+        UndConfig(kind="nope")
 
 
 def test_open_clip_tower_loads_local_weights(tmp_path):
-    cfg = UndEncoderConfig(image_size=16, patch_size=4, width=32, layers=1, heads=2)
+    cfg = UndConfig(tower=dict(image_size=16, patch_size=4, width=32, layers=1, heads=2))
     a = UnderstandingEncoder(cfg, 8)
     torch.save(a.tower.visual.state_dict(), tmp_path / "tower.pt")
-    cfg.weights = str(tmp_path / "tower.pt")
+    cfg.tower.weights = str(tmp_path / "tower.pt")
     b = UnderstandingEncoder(cfg, 8)
     x = torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(a.features(x), b.features(x))
@@ -93,8 +93,7 @@ def test_named_open_clip_arch_loads_a_local_checkpoint_file(tmp_path):
 
     ref = open_clip.create_model("ViT-S-32", pretrained=None, load_weights=False)
     torch.save(ref.state_dict(), tmp_path / "vit_s32.pt")
-    cfg = UndEncoderConfig(open_clip_arch="ViT-S-32", weights=str(tmp_path / "vit_s32.pt"), image_size=224,
-                           patch_size=32)  # fmt: skip
+    cfg = UndConfig(tower=dict(arch="ViT-S-32", weights=str(tmp_path / "vit_s32.pt"), image_size=224, patch_size=32))
     enc = UnderstandingEncoder(cfg, llm_width=16)
     x = torch.rand(1, 3, 224, 224)
     ref.visual.output_tokens = True

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from data.bundled.mixes import ffd_efficiency, packer_efficiency, padding_efficiency, realistic_mix
-from data.pack import PACKERS, PackItem, collate, pack_all
-from data.sources import BuildContext, build_samples
+from data.pack import PACKERS, pack_all
+from data.sources import BuildContext, SourceConfig, build_samples
 from data.stream import read_samples
+from mm.batch import PackItem, collate
+from mm.config import with_overrides
 from mm.kernels.attention import cu_seqlens
 from mm.model.unified import UnifiedModel
 from mm.sequence import IGNORE, TASK_GEN
@@ -23,7 +25,7 @@ def _samples(shard_dir, vocab, shapes, n_und=4, n_gen=3, n_text=2, seq_len=128):
     for kind, pool, n in (("conversation", raws, n_und), ("generation", raws[50:], n_gen), ("text", docs, n_text)):
         for raw in pool[:n]:
             ctx = BuildContext(vocab, shapes, seq_len, 10**6, random.Random(0))
-            out += build_samples(kind, raw, ctx)
+            out += build_samples(SourceConfig(kind, kind), raw, ctx)
     return out
 
 
@@ -35,8 +37,8 @@ def _forward(model, rows, seq_len, noise_of):
     batch = collate(rows, seq_len, model.vocab.pad, "token")
     gen = [item.sample for row in rows for item in row if item.sample.task == TASK_GEN]
     if gen:
-        batch["gen_noise"] = torch.stack([noise_of[id(s)][0] for s in gen])
-        batch["gen_t"] = torch.stack([noise_of[id(s)][1] for s in gen])
+        noise = torch.stack([noise_of[id(s)][0] for s in gen])
+        batch.draws["flow"] = {"noise": noise, "t": torch.stack([noise_of[id(s)][1] for s in gen])}
     return batch, model(batch)
 
 
@@ -44,25 +46,23 @@ PACKED_VARIANTS = {
     "sdpa": [],
     "sdpa_dense": ["model.llm.attn_implementation=sdpa_dense"],
     "eager": ["model.llm.attn_implementation=eager"],  # additive float mask (a bool one mixed samples)
+    "sdpa_segmented": ["model.llm.attn_implementation=sdpa_segmented"],  # each sample alone, split + concat
     "mod+v2pe": ["model.mod.enabled=true", "model.mod.ratio=0.5", "model.v2pe.enabled=true"],
 }
 PACKED_VARIANTS["mod+v2pe eager"] = PACKED_VARIANTS["mod+v2pe"] + PACKED_VARIANTS["eager"]
+PACKED_VARIANTS["mod+v2pe sdpa_segmented"] = PACKED_VARIANTS["mod+v2pe"] + PACKED_VARIANTS["sdpa_segmented"]
 
 
 @pytest.mark.parametrize("variant", sorted(PACKED_VARIANTS))
 def test_packed_equals_alone(small_cfg, vocab, shard_dir, variant):
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(small_cfg), OmegaConf.from_dotlist(PACKED_VARIANTS[variant]))
-    )
+    cfg = with_overrides(small_cfg, PACKED_VARIANTS[variant])
     torch.manual_seed(0)
     model = UnifiedModel(cfg.model, vocab).eval()
     if model.mod_routers is not None:  # trained-looking routers: distinct scores, so routing really selects
         for p in model.mod_routers.parameters():
             torch.nn.init.normal_(p, std=0.5)
     samples = _samples(shard_dir, vocab, model.sample_shapes(), n_und=3, n_gen=3, n_text=2)
-    noise_of = {id(s): (torch.randn(model.latent_shape), torch.rand(())) for s in samples}
+    noise_of = {id(s): (torch.randn(model.heads["flow"].latent_shape), torch.rand(())) for s in samples}
     seq_len = 64
     p = PACKERS["best_fit"](seq_len, lookahead=64, min_piece=4)
     for item in _items(samples):
@@ -140,7 +140,7 @@ def test_best_fit_reaches_097_on_the_realistic_mix():
 def test_collate_carries_varlen_metadata_and_policy_positions(small_cfg, vocab, shard_dir):
     from dataclasses import replace
 
-    from mm.model.positions import PositionPolicy
+    from mm.positions import PositionPolicy
     from mm.sequence import TOKEN_UND_IMAGE
 
     shapes = UnifiedModel(small_cfg.model, vocab).sample_shapes()
@@ -148,16 +148,21 @@ def test_collate_carries_varlen_metadata_and_policy_positions(small_cfg, vocab, 
     samples = _samples(shard_dir, vocab, v2pe, n_und=3, n_gen=2, n_text=1)
     rows = next(pack_all(samples, 128, rows_per_batch=8))
     b = collate(rows, 128, vocab.pad)
-    bounds, longest = cu_seqlens(b["sample_ids"])
-    assert torch.equal(b["cu_seqlens"], bounds) and int(b["max_seqlen"]) == longest
-    assert b["cu_seqlens"].dtype == torch.int32
+    bounds, longest = cu_seqlens(b.sample_ids)  # derived from the device tensor, as a reference
+    assert torch.equal(b.cu_seqlens, bounds) and b.max_seqlen == longest
+    assert b.cu_seqlens.dtype == torch.int32
     for item in (it for row in rows for it in row):  # positions are the sample's own, copied
-        sid = int(b["sample_ids"].flatten()[_offset(rows, item)])
-        pos = b["position_ids"][b["sample_ids"] == sid]
+        sid = int(b.sample_ids.flatten()[_offset(rows, item)])
+        pos = b.position_ids[b.sample_ids == sid]
         assert torch.equal(pos, item.sample.position_ids()[item.start : item.start + item.length])
+    for r, row in enumerate(b.spans):  # the host layout is where the samples are
+        for span in row:
+            assert (b.sample_ids[r, span.start : span.start + span.length] == span.sample).all()
+            kinds = b.token_kinds[r, span.start : span.start + span.length]
+            assert span.kinds == tuple(int((kinds == k).sum()) for k in range(len(span.kinds)))
     und = [s for s in samples if s.und_images]
     assert all((s.position_ids() % 1 != 0).any() for s in und)  # fractional V2PE deltas were drawn
-    assert torch.equal(b["loss_weights"] > 0, b["targets"] != IGNORE)
+    assert torch.equal(b.loss_weights > 0, b.targets != IGNORE)
 
 
 def _offset(rows, target) -> int:

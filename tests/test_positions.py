@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from mm.model.positions import PositionPolicy, image_runs, next_position, sample_positions
+from mm.positions import PositionPolicy, image_runs, next_position, sample_positions
 from mm.sequence import TOKEN_GEN_IMAGE, TOKEN_TEXT, TOKEN_UND_IMAGE
 
 T, U, G = TOKEN_TEXT, TOKEN_UND_IMAGE, TOKEN_GEN_IMAGE

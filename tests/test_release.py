@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def make_tiny_run(base: Path, shard_dir: Path) -> Path:
     """A few training steps of the small test config, with an EMA copy; built once per session, reused by modules."""
     from mm.config import load_config
-    from mm.train.trainer import Trainer
+    from mm.train.launch import launch
     from tests.conftest import SMALL
 
     run = base / "tiny_run"
@@ -31,7 +31,7 @@ def make_tiny_run(base: Path, shard_dir: Path) -> Path:
             f"run.dir={run}", "train.max_steps=10", "train.ckpt_every=10", "train.ema_decay=0.5",
         ],
     )  # fmt: skip
-    Trainer(cfg).train()
+    launch(cfg).train()
     (run / "done").write_text("ok")
     return run
 
@@ -73,8 +73,8 @@ def test_export_then_auto_classes_give_identical_logits_and_images(tiny_run, rel
 
     import mm  # noqa: F401
     from data.bundled.digits import load_digit_split
-    from mm.eval.run import load_run
     from mm.hf import UnifiedMMModel, UnifiedMMProcessor
+    from mm.load import load_run
 
     files = {p.name for p in release.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "generation_config.json",
@@ -96,7 +96,7 @@ def test_export_then_auto_classes_give_identical_logits_and_images(tiny_run, rel
     digits, _ = load_digit_split("heldout")
     pil = [(d * 255).round().astype(np.uint8) for d in digits[:5]]
     images = processor.und_images(pil)
-    ref = UnifiedMMProcessor.from_model_config(original.cfg, original.vocab.tokenizer).und_images(pil)
+    ref = UnifiedMMProcessor.from_model(original).und_images(pil)
     assert torch.equal(images, ref)
     questions = ["what digit is this ?"] * 5
     logits_a, ans_a = _lm_head_logits(original, images, questions)
@@ -118,7 +118,7 @@ def test_release_is_self_contained_when_parts_came_from_local_weights(tmp_path, 
     import mm  # noqa: F401
     from mm.config import load_config
     from mm.hf import wrap
-    from mm.train.trainer import build_model
+    from mm.model.unified import build_model
 
     torch.manual_seed(0)
     parts = tmp_path / "weights"
@@ -132,23 +132,27 @@ def test_release_is_self_contained_when_parts_came_from_local_weights(tmp_path, 
                                  num_key_value_heads=2, intermediate_size=96, tie_word_embeddings=False)
                      ).save_pretrained(parts / "llm")  # fmt: skip
     cfg = load_config(None, [
-        "model.und.kind=hf_siglip", f"model.und.weights={parts / 'siglip'}", "model.und.image_size=16",
-        "model.und.patch_size=4", "model.autoencoder.kind=diffusers_kl", f"model.autoencoder.path={parts / 'vae'}",
-        "model.autoencoder.image_size=16", "model.autoencoder.image_channels=3", "model.autoencoder.latent_channels=4",
-        "model.autoencoder.downsample=2", "model.gen.channels=16", "model.flow.repa_layer=1",
-        "model.flow.repa_hidden=32", f"model.llm.pretrained={parts / 'llm'}", "model.llm.num_layers=2",
+        "model.und.kind=hf_siglip", f"model.und.tower.weights={parts / 'siglip'}", "model.und.tower.image_size=16",
+        "model.und.tower.patch_size=4", "model.heads.flow.autoencoder.kind=diffusers_kl",
+        f"model.heads.flow.autoencoder.path={parts / 'vae'}", "model.heads.flow.autoencoder.image_size=16",
+        "model.heads.flow.autoencoder.image_channels=3", "model.heads.flow.autoencoder.latent_channels=4",
+        "model.heads.flow.autoencoder.downsample=2", "model.heads.flow.codec.channels=16",
+        "model.heads.flow.repa_layer=1", "model.heads.flow.repa_hidden=32", f"model.llm.pretrained={parts / 'llm'}",
+        "model.llm.num_layers=2",
     ])  # fmt: skip
-    model, _ = build_model(cfg)
+    model = build_model(cfg.model)
     model.eval()
     out = tmp_path / "release"
     wrap(model, cfg.model).save_pretrained(str(out))
     from mm.hf import UnifiedMMProcessor
 
-    UnifiedMMProcessor.from_model_config(cfg.model, model.vocab.tokenizer).save_pretrained(str(out))
+    UnifiedMMProcessor.from_model(model).save_pretrained(str(out))
     shutil.rmtree(parts)
     saved = json.loads((out / "config.json").read_text())
-    assert saved["llm"]["pretrained"] == "" and saved["und"]["weights"] == "" and saved["autoencoder"]["path"] == ""
-    assert set(saved["part_configs"]) == {"und.tower.model", "autoencoder.vae"}
+    flow = saved["heads"]["flow"]
+    assert saved["llm"]["pretrained"] == "" and saved["und"]["tower"]["weights"] == ""
+    assert flow["autoencoder"]["path"] == ""
+    assert set(saved["part_configs"]) == {"und.tower.model", "heads.flow.autoencoder.vae"}
     hf = AutoModel.from_pretrained(str(out), local_files_only=True).eval()
     assert hf.unified.llm.config.hidden_size == 48 and type(hf.unified.und.tower.model) is SiglipVisionModel
     for k, v in model.state_dict().items():
@@ -171,10 +175,10 @@ def test_release_from_a_newer_version_fails_naming_the_unknown_part(release, tmp
     copy = tmp_path / "newer"
     shutil.copytree(release, copy)
     cfg = json.loads((copy / "config.json").read_text())
-    cfg["mm_parts"].append("nextfreq")
-    cfg["nextfreq"] = {"bands": 10}
+    cfg["mm_parts"].append("quantizer")
+    cfg["quantizer"] = {"bits": 4}
     (copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="nextfreq"):
+    with pytest.raises(ConfigError, match="quantizer"):
         AutoModel.from_pretrained(str(copy), local_files_only=True)
 
 
@@ -219,12 +223,12 @@ import deepspeed, torch
 from safetensors.torch import save_file
 from mm.config import load_config
 from mm.schema import to_yaml
-from mm.train.trainer import build_model
+from mm.model.unified import build_model
 from tests.conftest import SMALL
 run = Path(sys.argv[1])
 cfg = load_config("configs/tiny.yaml", SMALL)
 torch.manual_seed(3)
-model, _ = build_model(cfg)
+model = build_model(cfg.model)
 run.mkdir(parents=True)
 (run / "config.yaml").write_text(to_yaml(cfg))
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "reference.safetensors"))

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from mm.config import MoDConfig
 from mm.model.routing import (
+    MoDConfig,
     MoDRouters,
     TokenRouter,
     kept_count,

@@ -8,7 +8,7 @@ from mm.model.unified import UnifiedModel
 def _trained_looking(model):
     # zero-initialised output convs make v=0; perturb so the test compares real velocities
     torch.manual_seed(3)
-    for p in model.gen_decoder.out.parameters():
+    for p in model.heads["flow"].gen_decoder.out.parameters():
         torch.nn.init.normal_(p, std=0.05)
     return model.eval()
 
@@ -17,7 +17,7 @@ def test_cached_sampler_equals_uncached(small_cfg, vocab):
     torch.manual_seed(0)
     model = _trained_looking(UnifiedModel(small_cfg.model, vocab))
     prompts = ["draw the digit 3", "an image of the number seven", "a handwritten 1"]  # different lengths
-    noise = torch.randn(len(prompts), *model.latent_shape, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(len(prompts), *model.heads["flow"].latent_shape, generator=torch.Generator().manual_seed(1))
     a = model.generate(prompts, noise=noise, steps=6, cfg_scale=2.0, use_cache=True)
     b = model.generate(prompts, noise=noise, steps=6, cfg_scale=2.0, use_cache=False)
     assert a.shape == (3, 1, 8, 8)
@@ -28,7 +28,7 @@ def test_cached_sampler_equals_uncached(small_cfg, vocab):
 def test_left_padding_does_not_change_a_prompts_image(small_cfg, vocab):
     torch.manual_seed(0)
     model = _trained_looking(UnifiedModel(small_cfg.model, vocab))
-    noise = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(2, *model.heads["flow"].latent_shape, generator=torch.Generator().manual_seed(2))
     alone = model.generate(["draw the digit 3"], noise=noise[:1], steps=4)
     batched = model.generate(["draw the digit 3", "an image of the number seven"], noise=noise, steps=4)
     torch.testing.assert_close(alone[0], batched[0], rtol=1e-4, atol=1e-5)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mm.sequence import IGNORE, generation_sample, scatter_placeholders, understanding_sample
+from mm.sequence import IGNORE, ImageTemplate, image_generation_sample, scatter_placeholders, understanding_sample
 
 
 def test_understanding_targets_only_on_answer(vocab):
@@ -14,7 +14,8 @@ def test_understanding_targets_only_on_answer(vocab):
 
 
 def test_generation_template(vocab):
-    s = generation_sample(vocab, torch.zeros(1, 8, 8), 16, "draw the digit 3")
+    template = ImageTemplate("flow", 8, 1, (16,), begin="bog")
+    s = image_generation_sample(vocab, template, torch.zeros(1, 8, 8), "draw the digit 3")
     assert s.input_ids.count(vocab.gen) == 16 and s.input_ids.count(vocab.bog) == 1
     assert all(t == IGNORE for t in s.targets)
     prompt = [t for t, m in zip(s.input_ids, s.prompt_mask) if m]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.train.trainer import Trainer
+from mm.train.launch import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,11 +32,11 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_resume_gives_the_same_losses_as_uninterrupted(small_cfg, tmp_path):
     small_cfg = replace(small_cfg, train=replace(small_cfg.train, ema_decay=0.9))
     full = replace(small_cfg, run=replace(small_cfg.run, dir=str(tmp_path / "full")))
-    Trainer(full).train()
+    launch(full).train()
     cut = replace(small_cfg, run=replace(small_cfg.run, dir=str(tmp_path / "cut")))
-    Trainer(cut).train(until=3)  # "interrupted" after the step-3 checkpoint
+    launch(cut).train(until=3)  # "interrupted" after the step-3 checkpoint
     (tmp_path / "cut" / "metrics.jsonl").open("a").write('{"step": 4, "loss": 123.0}\n')  # logged, not saved
-    Trainer(cut, resume="latest").train()
+    launch(cut, resume="latest").train()
     a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):
@@ -48,8 +48,8 @@ def test_resume_gives_the_same_losses_as_uninterrupted(small_cfg, tmp_path):
     # the EMA weights carried over too, and evaluation loads them
     import torch
 
-    from mm.eval.run import load_run
-    from mm.train.checkpoint import load_tensors
+    from mm.checkpoint import load_tensors
+    from mm.load import load_run
 
     ema = [load_tensors(tmp_path / r / "checkpoints/step_00000006/ema.safetensors") for r in ("full", "cut")]
     model = load_tensors(tmp_path / "full/checkpoints/step_00000006/model.safetensors")
@@ -63,7 +63,7 @@ def test_resume_gives_the_same_losses_as_uninterrupted(small_cfg, tmp_path):
 
 def test_checkpoints_are_complete_pruned_and_guarded(small_cfg):
     run = small_cfg.run_dir()
-    Trainer(small_cfg).train()
+    launch(small_cfg).train()
     steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert steps == ["step_00000003", "step_00000006"]
     assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
@@ -73,20 +73,20 @@ def test_checkpoints_are_complete_pruned_and_guarded(small_cfg):
     meta = json.loads((ckpt / "trainer.json").read_text())
     assert meta["step"] == 6 and len(meta["loaders"]) == 1 and meta["loaders"][0]["consumed"] == 6
     with pytest.raises(FileExistsError, match="--resume auto"):
-        Trainer(small_cfg)
+        launch(small_cfg)
     short = replace(small_cfg, train=replace(small_cfg.train, max_steps=2, ckpt_every=1))
-    Trainer(short, overwrite=True).train()  # starting over leaves no stale step_00000006 behind
+    launch(short, overwrite=True).train()  # starting over leaves no stale step_00000006 behind
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000001", "step_00000002"]
     assert [r["step"] for r in _metrics(run)] == [1, 2]
-    Trainer(small_cfg, overwrite=True).train()
+    launch(small_cfg, overwrite=True).train()
     meta["world_size"] = 2
     (ckpt / "trainer.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="world_size=2"):
-        Trainer(small_cfg, resume="latest")
+        launch(small_cfg, resume="latest")
 
 
 def test_metrics_report_every_step_with_task_losses(small_cfg):
-    Trainer(small_cfg).train()
+    launch(small_cfg).train()
     recs = _metrics(small_cfg.run_dir())
     assert [r["step"] for r in recs] == list(range(1, 7))
     for r in recs:
@@ -101,7 +101,7 @@ def test_bad_samples_in_training_are_reported_in_metrics(small_cfg, shard_dir, t
 
     n_bad = corrupt_shard(f"{shard_dir}/digits/train-000000.tar", tmp_path / "bad.tar", every=3)
     cfg = replace(small_cfg, data=replace(small_cfg.data, train_shards=str(tmp_path / "bad.tar")))
-    Trainer(cfg).train()
+    launch(cfg).train()
     skipped = _metrics(cfg.run_dir())[-1]["skipped"]
     assert 0 < sum(skipped.values()) <= n_bad
 
@@ -125,7 +125,7 @@ def test_cli_train_then_eval_writes_results_and_pictures(small_cfg, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "step 4/4" in p.stdout and "tok/s" in p.stdout and "eta" in p.stdout
     p = _run([sys.executable, "eval.py", "--run", str(run), "--tasks", "digits_vqa,digits_t2i", "eval.limit=40",
-              "eval.images_per_prompt=4", "model.flow.sample_steps=3"])  # fmt: skip
+              "eval.images_per_prompt=4", "model.heads.flow.sample_steps=3"])  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((run / "eval" / "results.json").read_text())
     assert 0 <= res["digits_vqa"]["accuracy"] <= 1 and res["digits_vqa"]["n"] == 40
@@ -170,14 +170,15 @@ def test_rgb_photos_train_and_sample_through_the_generic_path(small_cfg, shard_d
     """scikit-image photos (RGB, 32 px) resized for a 16 px, 3-channel generation path."""
     over = [
         f"data.train_shards={shard_dir}/smoke/smoke-000000.tar", "data.shuffle_buffer=4", "data.seq_len=64",
-        "model.und.image_size=16", "model.und.patch_size=4", "model.autoencoder.image_size=16",
-        "model.autoencoder.image_channels=3", "model.autoencoder.latent_channels=3", "model.gen.patch_size=4",
+        "model.und.tower.image_size=16", "model.und.tower.patch_size=4", "model.heads.flow.autoencoder.image_size=16",
+        "model.heads.flow.autoencoder.image_channels=3", "model.heads.flow.autoencoder.latent_channels=3",
+        "model.heads.flow.codec.patch_size=4",
         "train.max_steps=3", f"run.dir={tmp_path}/rgb",
     ]  # fmt: skip
     from mm.config import load_config
 
     cfg = load_config(ROOT / "configs/tiny.yaml", _cli_overrides(small_cfg)[:-2] + over)
-    trainer = Trainer(cfg)
+    trainer = launch(cfg)
     trainer.train()
     assert all(r["flow"] > 0 and r["text"] > 0 for r in _metrics(cfg.run_dir()))
     images = trainer.model.eval().generate(["a photo of a cat"], steps=2)
@@ -187,11 +188,11 @@ def test_rgb_photos_train_and_sample_through_the_generic_path(small_cfg, shard_d
 
 def test_resume_auto_starts_fresh_then_skips_a_checkpoint_cut_off_mid_write(small_cfg):
     run = small_cfg.run_dir()
-    Trainer(small_cfg, resume="auto").train(until=3)  # nothing to resume: a fresh start
+    launch(small_cfg, resume="auto").train(until=3)  # nothing to resume: a fresh start
     staging = run / "checkpoints" / ".tmp_step_00000006"  # a job killed while writing step 6
     staging.mkdir()
     (staging / "model.safetensors").write_bytes(b"half a file")
-    trainer = Trainer(small_cfg, resume="auto")
+    trainer = launch(small_cfg, resume="auto")
     assert trainer.step == 3
     trainer.train()
     assert [r["step"] for r in _metrics(run)] == list(range(1, 7))
@@ -203,21 +204,21 @@ def test_next_stage_starts_from_the_previous_one_and_references_frozen_weights(s
     yet load_model_weights returns them (from stage 1's checkpoint)."""
     import torch
 
+    from mm.checkpoint import load_model_weights, load_tensors
     from mm.config import ParamGroupConfig
-    from mm.train.checkpoint import load_model_weights, load_tensors
 
     stage1 = replace(small_cfg, run=replace(small_cfg.run, dir=str(tmp_path / "stage1")))
-    Trainer(stage1).train(until=3)
+    launch(stage1).train(until=3)
     t = replace(
         small_cfg.train, init_from=str(tmp_path / "stage1"), frozen=["llm"], max_steps=2,
-        param_groups=[ParamGroupConfig(modules=["und.aligner", "repa_proj"], lr=1e-4)],
+        param_groups=[ParamGroupConfig(modules=["und.aligner", "heads.flow.repa_proj"], lr=1e-4)],
     )  # fmt: skip
     stage2 = replace(small_cfg, run=replace(small_cfg.run, dir=str(tmp_path / "stage2")), train=t)
-    trainer = Trainer(stage2)
+    trainer = launch(stage2)
     assert "llm" in trainer.stage.referenced and "(weights from train.init_from)" in trainer.stage.report
     trainer.train()
     rec = _metrics(tmp_path / "stage2")[-1]
-    assert rec["lr/und.aligner+repa_proj"] != rec["lr/default"]
+    assert rec["lr/und.aligner+heads.flow.repa_proj"] != rec["lr/default"]
     ckpt = tmp_path / "stage2/checkpoints/step_00000002"
     assert not any(k.startswith("llm.") for k in load_tensors(ckpt / "model.safetensors"))
     full, before = load_model_weights(ckpt), load_model_weights(tmp_path / "stage1")

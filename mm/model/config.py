@@ -55,7 +55,7 @@ class ModelConfig:
         return {name: head_class(name).recipe(c) for name, c in self.heads.items()}
 
 
-def model_config_from_dict(section: dict, source: str) -> ModelConfig:
-    """A ``model`` section as saved by any version (format-1 names are migrated) -> a validated ModelConfig."""
-    migrated, _ = migrate_model(section)
+def model_config_from_dict(section: dict, source: str, legacy: bool = False) -> ModelConfig:
+    """A saved ``model`` section -> a validated ModelConfig; ``legacy``: written in format 1 (names migrated)."""
+    migrated = migrate_model(section)[0] if legacy else section
     return merge_layers(ModelConfig, [(source, OmegaConf.create(migrated))], plug_ins=ModelConfig.PLUG_INS)
