@@ -3,7 +3,7 @@
     python eval.py                                   # the latest run under runs/, the whole bundled benchmark
     python eval.py --run DIR --tasks digits_vqa,digits_pope
     python eval.py --model RELEASE_FOLDER --out DIR  # an exported release (scripts/export_release.py)
-    python eval.py --task-dir MY_TASKS --tasks my_task eval.limit=100 model.flow.cfg_scale=3
+    python eval.py --task-dir MY_TASKS --tasks my_task eval.limit=100 model.heads.flow.cfg_scale=3
 
 Writes OUT/results.json (task -> metrics, prompts and recipe), OUT/samples_<task>.jsonl
 (one line per document), OUT/report.md, generated images in GenEval's layout
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="output folder (default: <run or release>/eval)")
     ap.add_argument("--list", action="store_true", help="list the known tasks and exit")
     ap.add_argument(
-        "overrides", nargs="*", help="config overrides, e.g. eval.limit=50 eval.batch_size=32 model.flow.cfg_scale=3"
+        "overrides", nargs="*", help="config overrides, e.g. eval.limit=50 eval.batch_size=32 model.heads.flow.cfg_scale=3"
     )
     args = ap.parse_args()
 

@@ -137,7 +137,7 @@ class Config:
         return resolve_path(self.run.dir or f"runs/{self.run.name}")
 
 
-PLUG_INS = tuple(f"model.{p}" for p in ModelConfig.PLUG_INS)
+PLUG_INS = {f"model.{p}": k and f"model.{k}" for p, k in ModelConfig.PLUG_INS.items()}
 
 
 def _migrate(source: str, layer: DictConfig, notes: list[str]) -> DictConfig:

@@ -36,7 +36,7 @@ from mm.images import fit_image
 from mm.model.autoencoder import DiffusersKL
 from mm.model.config import ModelConfig, model_config_from_dict
 from mm.model.freq_tokenizer import FreqTokenizer
-from mm.model.legacy import FORMAT, legacy_key
+from mm.model.legacy import FORMAT, LEGACY_KEY_MAPPING, legacy_key
 from mm.model.towers import HFSiglipTower
 from mm.model.unified import UnifiedModel
 from mm.schema import ConfigError, to_plain
@@ -219,6 +219,17 @@ class UnifiedMMModel(PreTrainedModel):
             self.add_module(name, child)
         object.__setattr__(self, "_unified", unified)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader; a release written before image heads owned their parts (format 1) has its
+        weight names mapped onto today's (``mm.model.legacy``)."""
+        config = kwargs.get("config")
+        if not isinstance(config, UnifiedMMConfig):
+            config = UnifiedMMConfig.from_pretrained(pretrained_model_name_or_path, local_files_only=True)
+        if config.mm_format < 2:
+            kwargs.setdefault("key_mapping", LEGACY_KEY_MAPPING)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @property
     def unified(self):

@@ -76,17 +76,24 @@ def describe(e: OmegaConfBaseException, source: str, prefix: str = "") -> str:
     return f"config error in {source}: {key}: {first_line}"
 
 
-def merge_layers(schema: Any, layers: list[tuple[str, DictConfig]], plug_ins: tuple[str, ...] = ()) -> Any:
+def merge_layers(
+    schema: Any, layers: list[tuple[str, DictConfig]], plug_ins: Mapping[str, str | None] | None = None
+) -> Any:
     """``schema`` (a dataclass type or instance) <- each (source, layer) in order -> the dataclass object.
 
-    ``plug_ins``: dotted paths of plug-in sections (a mapping whose schema depends on a kind or a
-    name, parsed by the part's own config class in ``__post_init__``). They start empty, so a layer
-    may switch kind, and their defaults come from the class that parses them.
+    ``plug_ins``: dotted paths of plug-in sections (a mapping whose schema depends on a kind or a name, parsed
+    by the part's own config class in ``__post_init__``) -> the dotted path of the kind that selects their
+    schema, or None. They start empty, their defaults come from the class that parses them, and a layer that
+    changes the kind starts the section afresh (the old kind's keys would not fit the new one's class).
     """
     merged = OmegaConf.structured(schema)
-    for path in plug_ins:
+    for path in plug_ins or {}:
         OmegaConf.update(merged, path, {}, merge=False)
     for source, layer in layers:
+        for path, kind_path in (plug_ins or {}).items():
+            new_kind = OmegaConf.select(layer, kind_path) if kind_path else None
+            if new_kind is not None and new_kind != OmegaConf.select(merged, kind_path):
+                OmegaConf.update(merged, path, {}, merge=False)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:  # unknown key or wrong type

@@ -76,7 +76,7 @@ def _time(fn, repeats: int) -> list[float]:
     return out
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
@@ -94,7 +94,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = leave)")
     ap.add_argument("--config", default="", help="whole-model mode: a config with model.mod enabled")
     ap.add_argument("--batches", type=int, default=8, help="whole-model mode: distinct cached batches")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = _args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.config:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mm.config import load_config
-from mm.model.unified import UnifiedModel, count_parameters
+from mm.model.unified import UnifiedModel, build_model, count_parameters
 from mm.schema import ConfigError
 from mm.sequence import load_vocab
 
@@ -24,8 +24,11 @@ def test_every_yaml_loads(path):
 
 
 def test_overrides_apply_and_keys_users_reach_for_exist():
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["train.max_steps=7", "run.dir=/tmp/x", "model.flow.cfg_scale=3.5"])
-    assert cfg.train.max_steps == 7 and cfg.run_dir() == Path("/tmp/x") and cfg.model.flow.cfg_scale == 3.5
+    over = ["train.max_steps=7", "run.dir=/tmp/x", "model.heads.flow.cfg_scale=3.5"]
+    cfg = load_config(ROOT / "configs/tiny.yaml", over)
+    assert cfg.train.max_steps == 7 and cfg.run_dir() == Path("/tmp/x") and cfg.model.heads["flow"].cfg_scale == 3.5
+    # a key of the layout before image heads owned their parts still reaches the same field
+    assert load_config(ROOT / "configs/tiny.yaml", ["model.flow.cfg_scale=3.5"]).model.heads["flow"].cfg_scale == 3.5
 
 
 @pytest.mark.parametrize(
@@ -46,7 +49,7 @@ def test_unknown_key_in_yaml_fails_naming_it(tmp_path):
 
 def test_cross_field_rule_fails_at_start():
     with pytest.raises(ConfigError, match="REPA"):
-        load_config(ROOT / "configs/tiny.yaml", ["model.und.patch_size=4"])
+        build_model(load_config(ROOT / "configs/tiny.yaml", ["model.und.tower.patch_size=4"]).model)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(ROOT / "configs/nope.yaml")
 
@@ -63,8 +66,8 @@ def test_janusflow_builds_on_meta_and_reports_parameter_counts():
     # 24 x 2048 LLaMA with a 102400 vocabulary (untied): 1.23B blocks + 0.42B embeddings.
     assert 1.6e9 < counts["llm"] < 1.7e9
     assert 3.0e8 < counts["und"] < 3.2e8  # SigLIP-L/16 tower + Linear aligner
-    assert model.gen_tokens_per_image == model.und.tokens_per_image == 576  # 24x24 grid on both paths
-    assert model.latent_shape == (4, 48, 48)
+    assert model.heads["flow"].tokens_per_image == model.und.tokens_per_image == 576  # 24x24 grid on both paths
+    assert model.heads["flow"].latent_shape == (4, 48, 48)
     assert model.llm.config.num_hidden_layers == 24 and model.llm.config.hidden_size == 2048
 
 
@@ -123,47 +126,39 @@ def _meta_model(path: str, *overrides: str):
 
 def test_a_frozen_module_without_weights_is_an_error_at_start():
     """janusflow_1.3b.yaml freezes a tower it has no weights for: loadable and buildable, not trainable."""
-    from mm.train.trainer import apply_stage
+    from mm.train.stage import apply_stage
 
     cfg, model = _meta_model("configs/janusflow_1.3b.yaml")
-    with pytest.raises(ConfigError, match=r"und\.tower \(30\d\.\dM; model\.und\.weights") as e:
-        apply_stage(model, cfg)
-    assert "autoencoder" in str(e.value)  # the random frozen VAE too
-    cfg.model.und.weights, cfg.model.autoencoder.path = "/models/siglip", "/models/sdxl-vae"
-    stage = apply_stage(model, cfg)
-    assert stage.referenced == ["autoencoder", "und.tower"]  # checkpoints reference them, never copy them
+    with pytest.raises(ConfigError, match=r"und\.tower \(30\d\.\dM; model\.und\.tower\.weights") as e:
+        apply_stage(model, cfg.train)
+    assert "heads.flow.autoencoder" in str(e.value)  # the random frozen VAE too
+    cfg.model.und.tower.weights = "/models/siglip"
+    cfg.model.heads["flow"].autoencoder.path = "/models/sdxl-vae"
+    stage = apply_stage(model, cfg.train)
+    assert stage.referenced == ["heads.flow.autoencoder", "und.tower"]  # checkpoints reference them, never copy
+
+
+FLOW_TRAINS = {f"heads.flow.{p}" for p in ("time_embed", "gen_encoder", "gen_decoder", "repa_proj")}
 
 
 @pytest.mark.parametrize(
     "stage, trains, frozen",
     [
-        (
-            1,
-            {"und.aligner", "time_embed", "gen_encoder", "gen_decoder", "repa_proj"},
-            {"und.tower", "llm", "autoencoder"},
-        ),
-        (
-            2,
-            {"und.aligner", "time_embed", "gen_encoder", "gen_decoder", "repa_proj", "llm"},
-            {"und.tower", "autoencoder"},
-        ),
-        (
-            3,
-            {"und.tower", "und.aligner", "time_embed", "gen_encoder", "gen_decoder", "repa_proj", "llm"},
-            {"autoencoder"},
-        ),
+        (1, {"und.aligner", *FLOW_TRAINS}, {"und.tower", "llm", "heads.flow.autoencoder"}),
+        (2, {"und.aligner", *FLOW_TRAINS, "llm"}, {"und.tower", "heads.flow.autoencoder"}),
+        (3, {"und.tower", "und.aligner", *FLOW_TRAINS, "llm"}, {"heads.flow.autoencoder"}),
     ],
 )
 def test_janusflow_stages_switch_by_config(stage, trains, frozen):
-    from mm.train.trainer import _part, apply_stage
+    from mm.train.stage import _part, apply_stage
 
     # the stage configs point at local weights that do not exist here: build the shapes instead
     cfg, model = _meta_model(
-        f"configs/janusflow_stage{stage}.yaml", "model.und.kind=open_clip", "model.und.weights=''",
-        "model.llm.pretrained=''", "model.autoencoder.path=''",
+        f"configs/janusflow_stage{stage}.yaml", "model.und.kind=open_clip", "model.und.tower.weights=''",
+        "model.llm.pretrained=''", "model.heads.flow.autoencoder.path=''",
     )  # fmt: skip
     cfg.train.init_from = ""  # the previous stage's run does not exist here either
-    s = apply_stage(model, cfg, allow_random_frozen=True)
+    s = apply_stage(model, cfg.train, allow_random_frozen=True)
     by_part: dict[str, set[bool]] = {}
     for n, p in model.named_parameters():
         by_part.setdefault(_part(n), set()).add(p.requires_grad)

@@ -4,9 +4,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from data.loader import build_train_loader
-from mm.config import MoDConfig, load_config
-from mm.model.routing import layer_ratios, routable_mask, select_tokens
+from data.loader import TrainLoader
+from mm.batch import Batch, Span
+from mm.config import load_config
+from mm.kernels.attention import Varlen
+from mm.model.routing import MoDConfig, layer_ratios, routable_mask, select_tokens
+from mm.model.unified import build_model
 from mm.sequence import IGNORE, TOKEN_GEN_IMAGE, TOKEN_UND_IMAGE
 from mm.train.flops import (
     BatchShape,
@@ -18,7 +21,7 @@ from mm.train.flops import (
     peak_tflops,
     prefill_flops,
 )
-from mm.train.trainer import apply_stage, build_model
+from mm.train.stage import apply_stage
 from tests.conftest import ROOT, SMALL
 
 
@@ -51,16 +54,16 @@ def _step(small_cfg, frozen: list[str], tie: bool = False):
     )
     cfg.train.frozen = frozen
     torch.manual_seed(0)
-    model, vocab = build_model(cfg)
+    model = build_model(cfg.model)
     if tie:
         model.llm.get_output_embeddings().weight = model.llm.get_input_embeddings().weight
-    apply_stage(model, cfg, allow_random_frozen=True)
+    apply_stage(model, cfg.train, allow_random_frozen=True)
     flops = ModelFlops(model)
-    batch = next(iter(build_train_loader(cfg.data, vocab, model.sample_shapes(), 0, 1)))
-    batch = model.add_flow_inputs(batch, torch.Generator().manual_seed(0))
-    assert len(batch["und_images"]) and len(batch["gen_images"])  # both image paths are exercised
+    batch = next(iter(TrainLoader(cfg.data, model.vocab, model.sample_shapes(), 0, 1)))
+    batch = model.add_draws(batch, torch.Generator().manual_seed(0))
+    assert len(batch.und_images) and len(batch.images["flow"])  # both image paths are exercised
     # eager computes every (query, key) pair of the row under a mask: count those for the comparison
-    B, L = batch["sample_ids"].shape
+    B, L = batch.sample_ids.shape
     real = batch_shape(batch, flops.num_layers)
     dense = BatchShape(
         real.tokens, [B * L] * flops.num_layers, [float(B * L * L)] * flops.num_layers,
@@ -75,9 +78,9 @@ def _step(small_cfg, frozen: list[str], tie: bool = False):
         ([], False),  # everything trains
         ([], True),  # tied embeddings: the head's matmul counts once per logit token, the lookup not at all
         (["llm", "und.tower"], False),  # stage 1: a frozen LLM still back-propagates to the aligner
-        (["llm", "und", "time_embed", "gen_encoder", "repa_proj"], False),  # only the decoder: no LLM backward
+        (["llm", "und", "heads.flow.time_embed", "heads.flow.gen_encoder", "heads.flow.repa_proj"], False),
     ],
-    ids=["all", "tied", "stage1", "decoder_only"],
+    ids=["all", "tied", "stage1", "decoder_only"],  # decoder_only: only the flow decoder trains, no LLM backward
 )
 def test_analytic_flops_match_flop_counter(small_cfg, frozen, tie):
     analytic, measured, _, _ = _step(small_cfg, frozen, tie)
@@ -113,7 +116,19 @@ def _packed_batch():
     kinds[1, 16:18] = TOKEN_GEN_IMAGE  # not routable by default
     targets = torch.full_like(sid, IGNORE)
     targets[:, -4] = 1
-    return {"sample_ids": sid, "token_kinds": kinds, "targets": targets}
+    spans = []  # the host layout collate would record
+    for r in range(sid.shape[0]):
+        row = []
+        for s in sorted(set(sid[r].tolist()) - {-1}):
+            at = (sid[r] == s).nonzero().flatten()
+            k, t = kinds[r, at], targets[r, at]
+            counts = tuple(int((k == kind).sum()) for kind in range(3))
+            row.append(Span(s, int(at[0]), len(at), counts, int((t != IGNORE).sum())))
+        spans.append(tuple(row))
+    varlen = Varlen.from_segments(sid)
+    zeros = torch.zeros_like(sid)
+    return Batch(zeros, targets, zeros.float(), sid, None, zeros.bool(), kinds, zeros.float(), torch.arange(3),
+                 varlen.cu_seqlens, varlen.max_seqlen, tuple(spans))  # fmt: skip
 
 
 def test_layer_counts_analytic():
@@ -131,8 +146,8 @@ def test_mod_batch_shape_counts_what_select_tokens_keeps():
     mod = MoDConfig(enabled=True)
     ratios = layer_ratios(8, mod)
     shape = batch_shape(batch, 8, mod)
-    sid = batch["sample_ids"]
-    routable = routable_mask(batch["token_kinds"], sid, mod.routable_kinds)
+    sid = batch.sample_ids
+    routable = routable_mask(batch.token_kinds, sid, mod.routable_kinds)
     for layer, ratio in enumerate(ratios):
         keep = select_tokens(torch.randn(sid.shape), routable, sid, ratio) & (sid >= 0)
         assert shape.tokens_per_layer[layer] == int(keep.sum())

@@ -77,16 +77,20 @@ class DiffusersKL(nn.Module):
         if cfg.path:
             path = resolve_path(cfg.path)
             if not path.is_dir():
-                raise FileNotFoundError(f"model.autoencoder.path: no such directory {path}")
+                raise FileNotFoundError(f"model.heads.<name>.autoencoder.path: no such directory {path}")
             self.vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, torch_dtype=self.dtype)
         else:
             self.vae = AutoencoderKL(**SDXL_VAE).to(self.dtype)
         self.vae.requires_grad_(False).eval()
         self.scaling = float(self.vae.config.scaling_factor)  # the VAE's own latent scale
-        self.path = cfg.path
+        self.cfg = cfg
+
+    @property
+    def path(self) -> str:
+        return self.cfg.path
 
     def pretrained_source(self) -> tuple[str, str] | None:
-        return ("autoencoder.path", self.path) if self.path else None
+        return ("autoencoder.path", self.cfg.path) if self.cfg.path else None
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,8 @@ class ModelConfig:
     heads: dict[str, Any] = field(default_factory=dict)  # image head -> its config; first = default; {} = flow
     text_loss_weight: float = 1.0
 
-    # plug-in sections (dotted, from the model): empty in the merge schema, parsed by their classes
-    PLUG_INS = ("und.tower", "heads")
+    # plug-in sections (dotted, from the model) -> the kind that selects their schema (mm.schema.merge_layers)
+    PLUG_INS = {"und.tower": "und.kind", "heads": None}
 
     def __post_init__(self) -> None:
         heads = {name: c for name, c in dict(self.heads).items() if c is not None}
@@ -58,4 +58,4 @@ class ModelConfig:
 def model_config_from_dict(section: dict, source: str, legacy: bool = False) -> ModelConfig:
     """A saved ``model`` section -> a validated ModelConfig; ``legacy``: written in format 1 (names migrated)."""
     migrated = migrate_model(section)[0] if legacy else section
-    return merge_layers(ModelConfig, [(source, OmegaConf.create(migrated))], plug_ins=ModelConfig.PLUG_INS)
+    return merge_layers(ModelConfig, [(source, OmegaConf.create(migrated))], ModelConfig.PLUG_INS)

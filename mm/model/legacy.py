@@ -23,6 +23,13 @@ TOWER_KEYS = ("open_clip_arch", "weights", "image_size", "patch_size", "width", 
               "in_channels", "mean", "std")  # fmt: skip
 
 
+# The same renaming as regular expressions, for transformers' ``from_pretrained(key_mapping=...)`` (releases)
+LEGACY_KEY_MAPPING = {
+    rf"^({'|'.join(FLOW_PARTS)})\.": r"heads.flow.\1.",
+    rf"^({'|'.join(CODE_HEADS)})\.": r"heads.\1.",
+}
+
+
 def legacy_key(name: str) -> str:
     """A format-1 parameter name or module prefix -> its format-2 name (others unchanged)."""
     first = name.split(".", 1)[0]
