@@ -123,7 +123,8 @@ def load_run_model(run_dir: Path, overrides: list[str] | None = None, checkpoint
 
 
 def load_release(folder: Path, overrides: list[str] | None = None) -> LoadedModel:
-    """A release folder through the Auto classes; ``eval.*`` and the flow head's sampling overrides (``model.heads.flow.*``) apply."""
+    """A release folder through the Auto classes; ``eval.*`` and the flow head's sampling overrides
+    (``model.heads.flow.*``) apply."""
     from dataclasses import replace
 
     from transformers import AutoModel, AutoProcessor

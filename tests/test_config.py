@@ -153,8 +153,9 @@ def test_janusflow_stages_switch_by_config(stage, trains, frozen):
     from mm.train.stage import _part, apply_stage
 
     # the stage configs point at local weights that do not exist here: build the shapes instead
+    siglip_l = "{image_size: 384, patch_size: 16, width: 1024, layers: 24, heads: 16, mlp_ratio: 4.0}"
     cfg, model = _meta_model(
-        f"configs/janusflow_stage{stage}.yaml", "model.und.kind=open_clip", "model.und.tower.weights=''",
+        f"configs/janusflow_stage{stage}.yaml", "model.und.kind=open_clip", f"model.und.tower={siglip_l}",
         "model.llm.pretrained=''", "model.heads.flow.autoencoder.path=''",
     )  # fmt: skip
     cfg.train.init_from = ""  # the previous stage's run does not exist here either

@@ -61,8 +61,9 @@ def test_diffusers_kl_loads_from_local_directory(tmp_path):
 
 
 def test_missing_vae_directory_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.autoencoder.path"):
-        build_autoencoder(AutoencoderConfig(kind="diffusers_kl", path=str(tmp_path / "none")))
+    with pytest.raises(FileNotFoundError, match=r"model\.heads\.flow\.autoencoder\.path: no such directory"):
+        cfg = AutoencoderConfig(kind="diffusers_kl", path=str(tmp_path / "none"))
+        build_autoencoder(cfg, "model.heads.flow.autoencoder")
 
 
 def test_gen_codec_shapes_skip_and_zero_velocity_at_init():

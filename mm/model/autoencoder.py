@@ -51,7 +51,7 @@ SDXL_VAE = dict(
 class IdentityAutoencoder(nn.Module):
     """Pixels are the latents, rescaled to [-1, 1] (tiny configs)."""
 
-    def __init__(self, cfg: AutoencoderConfig):
+    def __init__(self, cfg: AutoencoderConfig, where: str = "autoencoder"):
         super().__init__()
         if cfg.latent_channels != cfg.image_channels or cfg.downsample != 1:
             raise ConfigError("identity autoencoder needs latent_channels == image_channels and downsample == 1")
@@ -69,7 +69,7 @@ class IdentityAutoencoder(nn.Module):
 class DiffusersKL(nn.Module):
     """diffusers ``AutoencoderKL`` from a local directory (e.g. SDXL-VAE), frozen."""
 
-    def __init__(self, cfg: AutoencoderConfig):
+    def __init__(self, cfg: AutoencoderConfig, where: str = "autoencoder"):
         super().__init__()
         from diffusers import AutoencoderKL
 
@@ -77,7 +77,7 @@ class DiffusersKL(nn.Module):
         if cfg.path:
             path = resolve_path(cfg.path)
             if not path.is_dir():
-                raise FileNotFoundError(f"model.heads.<name>.autoencoder.path: no such directory {path}")
+                raise FileNotFoundError(f"{where}.path: no such directory {path}")
             self.vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, torch_dtype=self.dtype)
         else:
             self.vae = AutoencoderKL(**SDXL_VAE).to(self.dtype)
@@ -111,5 +111,6 @@ class DiffusersKL(nn.Module):
 AUTOENCODERS: dict[str, type[nn.Module]] = {"identity": IdentityAutoencoder, "diffusers_kl": DiffusersKL}
 
 
-def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
-    return AUTOENCODERS[cfg.kind](cfg)
+def build_autoencoder(cfg: AutoencoderConfig, where: str = "autoencoder") -> nn.Module:
+    """``where``: the config key of ``cfg`` (e.g. ``model.heads.flow.autoencoder``), for error messages."""
+    return AUTOENCODERS[cfg.kind](cfg, where)

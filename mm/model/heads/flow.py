@@ -93,7 +93,7 @@ class FlowHead(ImageHead):
             )
         if not 0 < cfg.repa_layer <= ctx.num_layers:
             raise ConfigError(f"model.heads.{name}.repa_layer={cfg.repa_layer} outside 1..{ctx.num_layers}")
-        self.autoencoder = build_autoencoder(ae)
+        self.autoencoder = build_autoencoder(ae, f"model.heads.{name}.autoencoder")
         self.time_embed = TimeEmbedding(cfg.codec.time_freq_dim, d)
         self.gen_encoder = GenEncoder(cfg.codec, ae.latent_channels, d)
         self.gen_decoder = GenDecoder(cfg.codec, ae.latent_channels, d)
