@@ -104,7 +104,9 @@ class EvalConfig:
     threads: int = 1  # torch intra-op threads; 0 = torch default. 1: on 2 shared cores the tiny benchmark took
     # 78-150 s with 1 thread and 400 s with 2 (other jobs running); raise it for big models evaluated on CPU
     grid_columns: int = 10
-    inception_weights: str = ""  # local torchvision inception_v3 state dict (FID/KID); "" or missing = skipped
+    # the standard FID Inception's weights (pt_inception-2015-12-05-6726825d.pth of torch-fidelity/pytorch-fid),
+    # a local file; "" or missing = FID/KID skipped
+    inception_weights: str = ""
     clip_arch: str = "ViT-B-32"  # open_clip architecture of clip_weights
     clip_weights: str = ""  # local open_clip checkpoint (CLIP score); "" or missing = skipped
 

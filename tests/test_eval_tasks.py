@@ -198,25 +198,6 @@ def test_missing_weights_are_reported_as_skipped(tmp_path):
     assert inception_metrics(imgs, imgs, "")["fid"].startswith("skipped: weights not found at <unset")
 
 
-@pytest.mark.slow  # ~1 min on 2 busy cores: Inception at 299 px
-def test_inception_features_from_a_local_file(tmp_path):
-    """FID/KID on a local torchvision Inception-v3 state dict (random weights: the pipeline, not the number)."""
-    from torchvision.models import inception_v3
-
-    from mm.eval.generation import InceptionFeatures, distance_metrics
-
-    torch.manual_seed(0)
-    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-    torch.save(net.state_dict(), tmp_path / "inception.pth")
-    ext = InceptionFeatures(tmp_path / "inception.pth")
-    rng = np.random.default_rng(0)
-    a = rng.uniform(size=(4, 1, 8, 8)).astype(np.float32)
-    feats = ext(a)
-    assert feats.shape == (4, 2048) and np.isfinite(feats).all()
-    m = distance_metrics(a, a, ext, kid_subset=4)
-    assert set(m) == {"fid", "kid"} and abs(m["fid"]) < 1e-3
-
-
 def test_clip_score_with_a_local_open_clip_checkpoint(tmp_path):
     import open_clip
 

@@ -1,4 +1,4 @@
-"""Generation metrics: GenEval's layout and rules, FID/KID with pluggable features, CLIP score.
+"""Generation metrics: GenEval's layout and rules, FID/KID on the standard FID Inception, CLIP score.
 
 * GenEval: prompts come as its metadata lines (``tag``, ``include``/``exclude`` with
   ``class`` and ``count``, ``position: [relation, index of the reference include]``);
@@ -6,11 +6,14 @@
   an image is correct when the detections satisfy every include/exclude rule, with
   GenEval's confidence thresholds (0.3; 0.9 for counting) and its relative-position
   test (box centres, offsets shrunk by 0.1 x the box sizes). The overall score is the
-  mean of the per-tag accuracies.
-* Frechet and kernel distances on features of a registered extractor. Only the
-  Inception-v3 extractor's numbers are called ``fid``/``kid``; a domain extractor's are
-  ``fd_<name>``/``kd_<name>``. Inception weights load from a local torchvision
-  ``inception_v3`` state dict; absent weights give ``"skipped: weights not found at <path>"``.
+  mean of the per-tag accuracies. A rule the judge cannot check (a ``color``: the digit
+  judge sees grey digits and has no colour classifier) makes the image *unsupported*:
+  counted, and left out of the accuracies, never guessed.
+* ``fid``/``kid``: the standard FID Inception network (the TF-ported 2015-12-05 weights that
+  pytorch-fid, torchmetrics and torch-fidelity use, ``pt_inception-2015-12-05-6726825d.pth``)
+  through torch-fidelity, loaded strictly from a local file; no file gives
+  ``"skipped: weights not found at <path>"`` (nothing is downloaded). Frechet and kernel
+  distances on any other extractor's features are ``fd_<name>``/``kd_<name>``, never FID/KID.
 * CLIP score (100 x max(cos(image, text), 0), averaged) with a local open_clip checkpoint.
 """
 
@@ -64,10 +67,19 @@ def relative_position(a: tuple, b: tuple) -> set[str]:
     return rels
 
 
+def unsupported_rules(metadata: dict) -> list[str]:
+    """The rules of a GenEval prompt that the digit judge cannot check: colours (it has no colour classifier)."""
+    return [f"{req.get('color')} {req.get('class')}" for key in ("include", "exclude")
+            for req in metadata.get(key, []) if "color" in req]  # fmt: skip
+
+
 def geneval_judge(
     metadata: dict, detections: list[Detection], class_names: dict[int, str] | None = None
-) -> tuple[bool, str]:
-    """(correct, reason) of one image under GenEval's rules (colour rules are not supported)."""
+) -> tuple[bool | None, str]:
+    """(correct, reason) of one image under GenEval's rules; (None, "unsupported: ...") for colour rules."""
+    unsupported = unsupported_rules(metadata)
+    if unsupported:
+        return None, f"unsupported: colour rule ({', '.join(unsupported)}): the digit judge has no colour classifier"
     threshold = GENEVAL_COUNTING_THRESHOLD if metadata.get("tag") == "counting" else GENEVAL_THRESHOLD
     by_class: dict[str, list[Detection]] = defaultdict(list)
     for d in sorted(detections, key=lambda d: -d.score):
@@ -75,8 +87,6 @@ def geneval_judge(
             by_class[class_names[d.label] if class_names else str(d.label)].append(d)
     correct, reasons, groups = True, [], []
     for req in metadata.get("include", []):
-        if "color" in req:
-            raise ValueError("colour rules need a colour classifier; the digit judge has none")
         found = by_class.get(req["class"], [])[: req["count"]]
         matched = len(found) >= req["count"]
         if not matched:
@@ -106,12 +116,21 @@ def geneval_judge(
 
 
 def geneval_summary(records: list[dict]) -> dict:
-    """Per-tag accuracy and their mean (GenEval's overall score). ``records``: ``{"tag", "correct"}`` per image."""
+    """Per-tag accuracy and their mean (GenEval's overall score). ``records``: ``{"tag", "correct"}`` per image.
+
+    ``correct`` None (a rule the judge cannot check) is counted in ``unsupported`` and left out of
+    the accuracies rather than scored as wrong.
+    """
     tags: dict[str, list[bool]] = defaultdict(list)
+    unsupported = 0
     for r in records:
-        tags[r["tag"]].append(bool(r["correct"]))
+        if r["correct"] is None:
+            unsupported += 1
+        else:
+            tags[r["tag"]].append(bool(r["correct"]))
     per_tag = {t: sum(v) / len(v) for t, v in sorted(tags.items())}
-    return {"overall": sum(per_tag.values()) / len(per_tag) if per_tag else 0.0, "per_tag": per_tag}
+    overall = sum(per_tag.values()) / len(per_tag) if per_tag else 0.0
+    return {"overall": overall, "per_tag": per_tag, "unsupported": unsupported}
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -177,40 +196,64 @@ def kernel_distance(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_siz
     return float(np.mean(vals))
 
 
-class InceptionFeatures:
-    """torchvision Inception-v3 pool features (2048-d) from a local state-dict file."""
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's name; torch-fidelity's is the same file
 
-    name = "inception"
-    is_inception = True
+
+def _fid_network(weights: str | Path) -> torch.nn.Module:
+    """torch-fidelity's FID Inception with the state dict of ``weights``, loaded strictly; ValueError if it differs.
+
+    The file is read with ``weights_only=True`` first (tensors only, no code), then handed to
+    torch-fidelity, which loads it with ``load_state_dict(strict=True)``: a missing, extra or
+    differently shaped tensor fails, naming the keys.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{weights}: not a state dict of tensors (expected FID's Inception, {FID_WEIGHTS_FILE})")
+    hint = ""
+    if any(k.startswith("AuxLogits.") for k in state):
+        hint = " (this looks like torchvision's ImageNet inception_v3, a different network from FID's)"
+    try:
+        return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    except RuntimeError as e:
+        raise ValueError(
+            f"{weights} is not the FID Inception state dict (the TF-ported 2015-12-05 weights, {FID_WEIGHTS_FILE}, "
+            f"used by pytorch-fid, torchmetrics and torch-fidelity){hint}: {e}"
+        ) from e
+
+
+class FIDInceptionFeatures:
+    """The standard FID Inception's 2048-d pool features (torch-fidelity's network) from a local weights file."""
+
+    name = "fid_inception"
 
     def __init__(self, weights: str | Path, device: str = "cpu", batch_size: int = 64):
-        from torchvision.models import inception_v3
-
-        net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        net.fc = torch.nn.Identity()
-        self.net, self.device, self.batch_size = net.eval().to(device), device, batch_size
+        self.net, self.device, self.batch_size = _fid_network(weights).to(device), device, batch_size
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """[N,C,H,W] or [N,H,W] floats in [0,1] -> [N, 2048]."""
-        x = torch.as_tensor(images, dtype=torch.float32)
+        """[N,C,H,W] or [N,H,W] floats in [0,1] -> [N, 2048].
+
+        Images go in as 8-bit RGB, as FID's reference pipeline reads PNGs; the network resizes
+        them to 299 px itself (TF1-style bilinear) and scales to [-1, 1].
+        """
+        x = torch.as_tensor(np.ascontiguousarray(images), dtype=torch.float32)  # views (x[::-1]) too
         if x.ndim == 3:
             x = x[:, None]
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
+        x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
         feats = []
         for i in range(0, len(x), self.batch_size):
-            chunk = F.interpolate(x[i : i + self.batch_size], size=(299, 299), mode="bilinear", align_corners=False)
-            feats.append(self.net(chunk.to(self.device) * 2 - 1).float().cpu())  # Inception expects [-1, 1]
-        return torch.cat(feats).numpy()
+            feats.append(self.net(x[i : i + self.batch_size].to(self.device))[0].cpu())  # (features,) per batch
+        return torch.cat(feats).numpy()  # float32, as torch-fidelity's own pipeline hands them to its metrics
 
 
 class DigitFeatures:
     """The digit judge's hidden layer on 8x8 grey images: a domain extractor, never called FID."""
 
     name = "digit_mlp"
-    is_inception = False
 
     def __init__(self):
         self.judge = get_judge()
@@ -221,7 +264,7 @@ class DigitFeatures:
 
 def to_gray8(images: np.ndarray) -> np.ndarray:
     """[N,C,H,W] or [N,H,W] floats in [0,1] -> [N,8,8] grey (the judge's input)."""
-    x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    x = torch.as_tensor(np.ascontiguousarray(images), dtype=torch.float32)  # views (x[::-1]) too
     if x.ndim == 3:
         x = x[:, None]
     x = x.mean(1, keepdim=True)
@@ -230,22 +273,41 @@ def to_gray8(images: np.ndarray) -> np.ndarray:
     return x[:, 0].clamp(0, 1).numpy()
 
 
-FEATURE_EXTRACTORS: dict[str, Callable[..., object]] = {"inception": InceptionFeatures, "digit_mlp": DigitFeatures}
+FEATURE_EXTRACTORS: dict[str, Callable[..., object]] = {"fid_inception": FIDInceptionFeatures,
+                                                       "digit_mlp": DigitFeatures}  # fmt: skip
+
+
+def fid_kid(fake: np.ndarray, real: np.ndarray) -> dict[str, float]:
+    """FID and KID of two sets of FID Inception features ([N, 2048] float32), by torch-fidelity's own functions.
+
+    KID: 100 subsets of min(1000, both set sizes) samples, torch-fidelity's polynomial kernel and seed.
+    """
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+
+    if min(len(fake), len(real)) < 2:
+        raise ValueError(f"FID/KID need at least 2 images per set, got {len(fake)} and {len(real)}")
+    f, r = torch.as_tensor(fake), torch.as_tensor(real)
+    fid = fid_statistics_to_metric(fid_features_to_statistics(f), fid_features_to_statistics(r), verbose=False)
+    kid = kid_features_to_metric(f, r, kid_subset_size=min(1000, len(f), len(r)), verbose=False)
+    return {"fid": fid[KEY_METRIC_FID], "kid": kid[KEY_METRIC_KID_MEAN]}
 
 
 def distance_metrics(fake: np.ndarray, real: np.ndarray, extractor, kid_subset: int = 1000) -> dict[str, float]:
-    """``fid``/``kid`` for the Inception extractor, ``fd_<name>``/``kd_<name>`` for any other."""
+    """``fid``/``kid`` for the FID Inception, ``fd_<name>``/``kd_<name>`` (our estimators) for any other extractor."""
     f, r = extractor(fake), extractor(real)
-    fd_key, kd_key = ("fid", "kid") if extractor.is_inception else (f"fd_{extractor.name}", f"kd_{extractor.name}")
+    if isinstance(extractor, FIDInceptionFeatures):
+        return fid_kid(f, r)
+    fd_key, kd_key = f"fd_{extractor.name}", f"kd_{extractor.name}"
     return {fd_key: frechet_distance(f, r), kd_key: kernel_distance(f, r, subset_size=kid_subset)}
 
 
 def inception_metrics(fake: np.ndarray, real: np.ndarray, weights: str | Path) -> dict[str, float | str]:
-    """FID/KID when the Inception weights file exists, else both say where they were looked for."""
+    """FID/KID when the FID Inception weights file exists, else both say where they were looked for."""
     if not weights or not Path(weights).is_file():
         return {"fid": skipped(weights or "<unset: eval.inception_weights>"),
                 "kid": skipped(weights or "<unset: eval.inception_weights>")}  # fmt: skip
-    return distance_metrics(fake, real, InceptionFeatures(weights))
+    return distance_metrics(fake, real, FIDInceptionFeatures(weights))
 
 
 # ---------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """Scoring rules as the reference toolkits apply them (rule-based: no GPT judge anywhere).
 
-* Multiple choice: VLMEvalKit's rule-based letter extraction (a lone option letter,
-  else a lone option text inside the answer) and MMBench's CircularEval (a question
-  counts only if every rotation of its options is answered correctly).
-* POPE: the official answer normalisation (first sentence; "no"/"not" -> no, else yes)
-  with accuracy, precision, recall, F1 and the predicted-yes ratio; the raw exact-match
-  accuracy (what lmms-eval's POPE task reports) beside it.
+* Multiple choice: VLMEvalKit's rule-based matcher (``can_infer``: the option letter, then
+  the option text) and MMBench's CircularEval (a question counts only if every rotation
+  of its options is answered correctly).
+* POPE, two rule sets under different names: lmms-eval's POPE task (exact yes/no matches;
+  its ``yes_ratio`` is the share of yes *labels*) and POPE's own evaluation (first sentence;
+  "no"/"not" -> no, else yes; its yes ratio is the share of *predicted* yes).
 * MME: Otter/lmms-eval yes/no parsing; acc per question, acc+ per image (both of its
-  two questions right); the score of a category is acc + acc+ in percent (0..200).
+  two questions right); the score of a category is acc + acc+ in percent (0..200);
+  lmms-eval's perception and cognition scores sum the categories of each split.
 * VQA: the official answer normalisation (punctuation, number words, articles,
   contractions) and the 10-annotator accuracy min(1, matches/3) averaged over the
   leave-one-out subsets.
@@ -15,7 +16,8 @@
   text; the last mention wins; a seeded random letter when nothing parses, as MMMU does)
   and its open-answer parser (key sub-responses, numbers, normalised strings).
 
-Every function is pure; tests/test_scoring.py checks each against hand-computed cases.
+Every function is pure; tests/test_scoring.py checks each against hand-computed cases and
+tests/test_scoring_reference.py against lmms-eval's own task code when it is installed.
 """
 
 from __future__ import annotations
@@ -31,23 +33,29 @@ from collections.abc import Iterable, Sequence
 # ---------------------------------------------------------------------------------
 
 _OPTION_PUNCT = ".()[],:;!*#{}"
+API_FAILURE = "Failed to obtain answer via API"
 REFUSALS = (
     "Sorry, I can't help with images of people yet.",
     "I can't process this file.",
     "I'm sorry, but without the image provided",
     "Cannot determine the answer",
 )
+# "... answer is B", "The correct answer is **C**": VLMEvalKit's pattern is case-insensitive, so a lower-case
+# letter word counts too ("the answer is a dog" names A); kept as the reference has it.
+_ANSWER_IS = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
 
 
-def extract_option_letter(answer: str, choices: dict[str, str]) -> str | None:
-    """The option letter an answer names, or None when the rules cannot tell.
+def infer_option(answer: str, choices: dict[str, str]) -> str | None:
+    """VLMEvalKit's ``can_infer_option``: the option letter an answer names as a word, else None.
 
-    ``choices`` maps letters to option texts (NaN/empty options already dropped).
-    Rule 1: after replacing ``.()[],:;!*#{}`` by spaces, exactly one option letter is
-    a whole word (an "A" in a long answer is taken for the article and rejected);
-    "Z" alone, or a known refusal, means "none of them". Rule 2: exactly one option
-    text occurs (case-insensitively) in the answer.
+    A known refusal means "none of them" (``Z``). After ``.()[],:;!*#{}`` become spaces, exactly
+    one option letter must be a word, and it must be among the last four words (so a letter early
+    in a long sentence, such as the article "A", is not taken); no option letter but a lone ``Z``
+    word is ``Z``. Otherwise "answer is <letter>" decides, when it names an option.
+    VLMEvalKit's extra check for an article "A" runs only with its VERBOSE switch on, so not here.
     """
+    if API_FAILURE in answer:
+        return None
     if any(r in answer for r in REFUSALS):
         return "Z"
     text = answer
@@ -56,16 +64,39 @@ def extract_option_letter(answer: str, choices: dict[str, str]) -> str | None:
     words = text.split()
     named = [c for c in choices if c in words]
     if len(named) == 1:
-        if "A" in words and len(words) > 3:  # "A" is probably the article
-            return None
-        return named[0]
-    if not named and "Z" in words:
+        if words.index(named[0]) > len(words) - 5:
+            return named[0]
+    elif not named and "Z" in words:
         return "Z"
-    if named:  # several letters named: ambiguous
-        return None
+    m = _ANSWER_IS.search(answer)
+    if m and m.group(1).upper() in choices:
+        return m.group(1).upper()
+    return None
+
+
+def infer_text(answer: str, choices: dict[str, str]) -> str | None:
+    """VLMEvalKit's ``can_infer_text``: the one option whose text occurs in the answer (case-insensitive).
+
+    Answers longer than twice the options' total length are not searched (a long explanation
+    mentions several options); two or more options found is no answer.
+    """
     low = answer.lower()
+    if len(low) > 2 * sum(len(str(t)) for t in choices.values()):
+        return None
     hits = [c for c, t in choices.items() if str(t).lower() in low]
     return hits[0] if len(hits) == 1 else None
+
+
+def extract_option_letter(answer: str, choices: dict[str, str]) -> str | None:
+    """VLMEvalKit's rule-based ``can_infer``: the option letter first, then the option text; None if neither.
+
+    ``choices`` maps letters to option texts (NaN/empty options already dropped, as VLMEvalKit's
+    ``build_choices`` does). ``"Z"`` means the answer declines every option. With several letters
+    named, the letter rule gives nothing (unless "answer is X") and the option text decides.
+    Follows ``vlmeval/utils/matching_util.py`` at open-compass/VLMEvalKit e8e78f05 (2026-08).
+    """
+    answer = str(answer)
+    return infer_option(answer, choices) or infer_text(answer, choices)
 
 
 def rotate_options(options: Sequence[str], answer_index: int, shift: int) -> tuple[list[str], int]:
@@ -106,37 +137,56 @@ def pope_normalize(answer: str) -> str:
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
-def pope_metrics(records: Iterable[dict]) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 (positive = yes) and the predicted-yes ratio.
+def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    """Precision, recall and F1 (0 where undefined), in lmms-eval's order of operations."""
+    precision = tp / (tp + fp) if tp + fp > 0 else 0.0
+    recall = tp / (tp + fn) if tp + fn > 0 else 0.0
+    f1 = 2 * (precision * recall) / (precision + recall) if precision + recall > 0 else 0.0
+    return precision, recall, f1
 
-    ``records``: ``{"prediction": raw answer, "label": "yes"|"no"}``. Predictions are
-    normalised with :func:`pope_normalize`; ``exact_match_accuracy`` compares the raw
-    answer (lower-cased, stripped) with the label instead (lmms-eval's POPE number).
+
+def pope_orig_metrics(records: Iterable[dict]) -> dict[str, float]:
+    """POPE's own evaluation: accuracy, precision, recall, F1 (positive = yes) and the predicted-yes ratio.
+
+    ``records``: ``{"prediction": raw answer, "label": "yes"|"no"}``. Every prediction is first
+    normalised with :func:`pope_normalize`, so a digit, an empty or any answer without no/not is a yes.
     """
     records = list(records)
-    tp = fp = tn = fn = exact = 0
+    tp = fp = tn = fn = 0
     for r in records:
         label = r["label"].strip().lower()
-        pred = pope_normalize(r["prediction"])
-        exact += r["prediction"].strip().lower() == label
-        if pred == "yes":
+        if pope_normalize(r["prediction"]) == "yes":
             tp += label == "yes"
             fp += label == "no"
         else:
             tn += label == "no"
             fn += label == "yes"
     n = len(records)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "accuracy": (tp + tn) / n if n else 0.0,
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "yes_ratio": (tp + fp) / n if n else 0.0,
-        "exact_match_accuracy": exact / n if n else 0.0,
-    }
+    precision, recall, f1 = _prf(tp, fp, fn)
+    return {"accuracy": (tp + tn) / n if n else 0.0, "precision": precision, "recall": recall, "f1": f1,
+            "predicted_yes_ratio": (tp + fp) / n if n else 0.0}  # fmt: skip
+
+
+def pope_lmms_metrics(records: Iterable[dict]) -> dict[str, float]:
+    """lmms-eval's POPE numbers: exact yes/no matches, no normalisation beyond lower-case and strip.
+
+    ``accuracy``: answer == label. ``precision``/``recall``/``f1_score``: an answer that is
+    neither exactly "yes" nor "no" is no positive prediction and no false negative either (it
+    only lowers accuracy). ``yes_ratio``: the share of questions whose *label* is yes.
+    """
+    records = list(records)
+    tp = fp = fn = hits = gt_yes = gt_no = 0
+    for r in records:
+        pred, gt = r["prediction"].lower().strip(), r["label"].lower().strip()
+        hits += pred == gt
+        tp += gt == "yes" and pred == "yes"
+        fp += gt == "no" and pred == "yes"
+        fn += gt == "yes" and pred == "no"
+        gt_yes += gt == "yes"
+        gt_no += gt == "no"
+    precision, recall, f1 = _prf(tp, fp, fn)
+    return {"accuracy": hits / len(records) if records else 0.0, "precision": precision, "recall": recall,
+            "f1_score": f1, "yes_ratio": gt_yes / (gt_yes + gt_no) if gt_yes + gt_no else 0.0}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------
@@ -159,28 +209,66 @@ def mme_parse(answer: str) -> str:
     return "other"
 
 
+# lmms-eval's MME split (``tasks/mme/utils.py``): these categories are perception; every other category,
+# whatever it is called, goes to cognition.
+MME_PERCEPTION_CATEGORIES = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                             "artwork", "OCR")  # fmt: skip
+
+
+def mme_split(category: str) -> str:
+    """``"perception"`` or ``"cognition"``, as lmms-eval's MME task assigns a category."""
+    return "perception" if category in MME_PERCEPTION_CATEGORIES else "cognition"
+
+
+def _mme_category_score(images: dict[str, list[float]], category: str) -> float:
+    """Mean over images of 100 * (share of its questions right) + 100 * (both right): 0..200.
+
+    Summed image by image as lmms-eval does, so the floats are the same; MME pairs two
+    questions per image, else ValueError names the image.
+    """
+    total = 0.0
+    for image_id, scores in images.items():
+        if len(scores) != 2:
+            raise ValueError(
+                f"MME needs two questions per image; category {category!r} image {image_id!r} has {len(scores)}"
+            )
+        acc = sum(scores) / len(scores) * 100.0
+        acc_plus = (sum(scores) == 2) * 100.0
+        total += acc_plus + acc
+    return total / len(images)
+
+
+def mme_lmms_score(records: Iterable[dict]) -> float:
+    """lmms-eval's ``mme_perception_score``/``mme_cognition_score``: the sum of the category scores.
+
+    ``records``: ``{"question_id": image id, "category", "score": 1.0|0.0}`` for the questions of
+    one split; categories are summed in order of first appearance, as lmms-eval does.
+    """
+    by_cat: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for r in records:
+        by_cat[r["category"]].setdefault(r["question_id"], []).append(r["score"])
+    return sum(_mme_category_score(images, cat) for cat, images in by_cat.items())
+
+
 def mme_scores(records: Iterable[dict]) -> dict:
     """Per category and overall: acc (per question), acc+ (per image), score = (acc + acc+) * 100.
 
     ``records``: ``{"category", "image_id", "prediction", "label"}``; every image must
     have exactly two questions (MME's pairing), else ValueError names the image.
+    ``total_score`` sums every category's score (MME's perception + cognition when the
+    categories are MME's).
     """
-    by_cat: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    by_cat: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        by_cat[r["category"]][r["image_id"]].append(mme_parse(r["prediction"]) == r["label"].strip().lower())
+        by_cat[r["category"]][r["image_id"]].append(float(mme_parse(r["prediction"]) == r["label"].strip().lower()))
     out: dict = {"categories": {}}
     all_q, all_img = [], []
     for cat in sorted(by_cat):
         images = by_cat[cat]
-        bad = [k for k, v in images.items() if len(v) != 2]
-        if bad:
-            raise ValueError(
-                f"MME needs two questions per image; category {cat!r} image {bad[0]!r} has {len(images[bad[0]])}"
-            )
+        score = _mme_category_score(images, cat)
         q = [c for v in images.values() for c in v]
-        img = [all(v) for v in images.values()]
-        acc, acc_plus = sum(q) / len(q), sum(img) / len(img)
-        out["categories"][cat] = {"acc": acc, "acc_plus": acc_plus, "score": 100 * (acc + acc_plus)}
+        img = [sum(v) == 2 for v in images.values()]
+        out["categories"][cat] = {"acc": sum(q) / len(q), "acc_plus": sum(img) / len(img), "score": score}
         all_q += q
         all_img += img
     out["acc"] = sum(all_q) / len(all_q) if all_q else 0.0

@@ -1,4 +1,9 @@
-"""digits_geneval: GenEval's metadata and rules with a digit detector."""
+"""digits_geneval: GenEval's metadata and rules with a digit detector.
+
+A prompt with a rule the judge cannot check (a colour: the digits are grey and the judge has
+no colour classifier) is judged None ("unsupported"), counted in ``geneval_unsupported_prompts``
+and left out of every accuracy, the judge's ceiling and the chance floor included.
+"""
 
 import json
 
@@ -32,7 +37,10 @@ def process_results(doc, images):
 
 def aggregate(results):
     model = geneval_summary([{"tag": r["tag"], "correct": c} for r in results for c in r["correct"]])
-    out = {"geneval_overall": model["overall"], **{f"geneval_{t}": v for t, v in model["per_tag"].items()}}
+    n_unsupported = sum(any(c is None for c in r["correct"]) for r in results)
+    overall = model["overall"] if model["per_tag"] or not n_unsupported else "unsupported: no prompt can be judged"
+    out = {"geneval_overall": overall, **{f"geneval_{t}": v for t, v in model["per_tag"].items()}}
+    out["geneval_unsupported_prompts"] = n_unsupported
     # ceiling: real canvases that satisfy each prompt; floor: real canvases of another prompt with the same tag
     sampler = Sampler("heldout", "digits_geneval_reference")
     metas = [r["metadata"] for r in results]
