@@ -241,6 +241,14 @@ def test_interp_swiglu_fp32():
     check_swiglu("cpu", torch.float32)
 
 
+@interp
+def test_interp_liger_elementwise_bf16_uses_the_reference_on_cpu():
+    """Interpreted bf16 RMSNorm/SwiGLU would be wrong (bf16 * bf16 in the interpreter): the reference runs."""
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert torch.equal(rms_norm(x, x[0], 1e-6, "fused"), rms_norm_reference(x, x[0], 1e-6))
+    assert torch.equal(swiglu(x, x, "fused"), swiglu_reference(x, x))
+
+
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_liger_rms_norm_and_swiglu(dtype):

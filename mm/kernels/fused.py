@@ -36,6 +36,12 @@ from mm.kernels.rope import rotary_qk, rotary_qk_reference
 IGNORE_INDEX = -100
 
 
+def _liger_elementwise_ok(*tensors: torch.Tensor) -> bool:
+    """liger's RMSNorm / SwiGLU kernels multiply bf16 by bf16, which the Triton interpreter gets wrong
+    (``mm/kernels/interpreter.py``): on CPU (interpreted) only fp32 takes the fused path."""
+    return all(t.is_cuda or t.dtype == torch.float32 for t in tensors)
+
+
 # ---- RMSNorm ------------------------------------------------------------------------------------
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF LlamaRMSNorm (also Qwen2/Qwen3's): normalise in fp32, cast back, then scale by the weight."""
@@ -48,10 +54,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "tor
     """RMSNorm over the last dim: x [..., D], weight [D] -> [..., D].
 
     Fused only when x and weight share a dtype (HF promotes ``weight * h`` to the wider one, liger keeps
-    x's); otherwise the reference runs. The fused backward does not overwrite the incoming gradient
-    (liger's ``in_place=False``): the decoder's norm outputs may feed more than one consumer.
+    x's) and, on CPU under the interpreter, are fp32; otherwise the reference runs. The fused backward
+    does not overwrite the incoming gradient (liger's ``in_place=False``): the decoder's norm outputs
+    may feed more than one consumer.
     """
-    if x.dtype != weight.dtype or not use_kernels(impl, x, weight):
+    if x.dtype != weight.dtype or not use_kernels(impl, x, weight) or not _liger_elementwise_ok(x):
         return rms_norm_reference(x, weight, eps)
     liger = kernel_module("liger_kernel.ops.rms_norm", x.device)
     return liger.LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
@@ -71,7 +78,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "torch") -> torch.T
     ``up_proj`` outputs that nothing else saves); do not pass tensors that are read again after the
     backward (or saved by another op for its backward).
     """
-    if gate.dtype != up.dtype or not use_kernels(impl, gate, up):
+    if gate.dtype != up.dtype or not use_kernels(impl, gate, up) or not _liger_elementwise_ok(gate):
         return swiglu_reference(gate, up)
     liger = kernel_module("liger_kernel.ops.swiglu", gate.device)
     return liger.LigerSiLUMulFunction.apply(gate, up)
