@@ -54,12 +54,16 @@ from data.pack import PACKERS, PackItem, collate
 from data.sources import SOURCE_KINDS, BuildContext, build_samples
 from data.stream import (
     BadSample,
+    ReadingBoard,
     SampleShapes,
     ShardUnavailable,
     check_openable,
     expand_shards,
     iter_samples,
+    note_reading,
     open_shard,
+    read_shard,
+    shard_has_sample,
 )
 from mm.config import DataConfig
 from mm.sequence import Vocab
@@ -143,6 +147,8 @@ class SourceReader:
         self.reads_per_epoch = 0  # of the first completed epoch (0 = none completed yet)
         self._samples: Iterator[tuple[int, dict]] | None = None
         self._units_cache: tuple[int, list[tuple[int, int]]] | None = None
+        self._label = b""  # the shard being read, for a stalled worker's report (note_reading)
+        self.readable: bool | None = None  # does any shard of the source yield a sample (asked after an empty epoch)
 
     # ---- where to read ----------------------------------------------------------------
     def _seed(self, *parts: Any) -> int:
@@ -172,11 +178,9 @@ class SourceReader:
             self._problem("shard_unavailable", f"{e}; skipping this shard for now")
             return None
 
-        def samples() -> Iterator[tuple[int, dict]]:
-            with open_shard(url) as f:
-                yield from iter_samples(f, self._problem, lambda o: o >= start and o % parts == part)
-
-        return samples()
+        self._label = f"{url} (source {self.spec.name!r})".encode()
+        # a whole shard that yields nothing (empty or unreadable) is counted as data/<source>/empty_shard
+        return read_shard(url, self._problem, lambda o: o >= start and o % parts == part, start == 0 and parts == 1)
 
     def _next_unit(self) -> None:
         self._samples, self.ordinal = None, 0
@@ -188,13 +192,17 @@ class SourceReader:
         if self.spec.resample and self.epoch % n:
             return  # resampled: the bookkeeping below runs every n draws ("an epoch")
         if self.epoch_reads == 0 and (not self.spec.resample or self.reads_per_epoch == 0):
-            # every shard unavailable, empty or unreadable: stop instead of spinning forever
-            raise RuntimeError(
-                f"data source {self.spec.name!r} (rank {self.rank}, worker {self.worker}) read no sample from "
-                f"its {len(self.units()) if not self.spec.resample else n} shard(s) in "
-                f"{'epoch ' + str(self.epoch - 1) if not self.spec.resample else str(n) + ' shard draws'}; "
-                f"skipped so far: {dict(self.skip.counts)}"
-            )
+            # This slice's shards gave nothing (empty, unreadable or gone: each counted). Other shards of the source
+            # may: then this slice goes on to its next epoch's shards. Only a source none of whose shards yields a
+            # sample stops, instead of spinning forever.
+            if self.readable is None:
+                retries, delay = self.cfg.open_retries, self.cfg.retry_delay_s
+                self.readable = any(shard_has_sample(url, retries, delay) for url in self.spec.urls)
+            if not self.readable:
+                raise RuntimeError(
+                    f"data source {self.spec.name!r} (rank {self.rank}, worker {self.worker}): none of its {n} "
+                    f"shard(s) yields a sample (empty, unreadable or missing); skipped so far: {dict(self.skip.counts)}"
+                )
         self.reads_per_epoch = self.reads_per_epoch or self.epoch_reads
         self.epoch_reads = 0
 
@@ -205,6 +213,7 @@ class SourceReader:
                 if self._samples is None:
                     self._next_unit()
                     continue
+            note_reading(self._label)
             try:
                 ordinal, raw = next(self._samples)
             except StopIteration:
@@ -418,6 +427,7 @@ class _Slices(IterableDataset):
         self.specs, self.cfg, self.vocab, self.shapes = loader.specs, loader.cfg, loader.vocab, loader.shapes
         self.rank, self.world, self.workers, self.salt = loader.rank, loader.world, loader.workers, loader.salt
         self.states, self.first = dict(loader.worker_states), first
+        self.board: ReadingBoard | None = None  # where DataLoader workers say which shard they read
 
     def stream(self, worker: int) -> WorkerStream:
         if get_worker_info() is not None:  # PIL's cap is process-wide: set it in worker processes only
@@ -429,6 +439,8 @@ class _Slices(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
         info = get_worker_info()
+        if info is not None and self.board is not None:
+            self.board.attach(info.id)
         # The DataLoader starts its round robin at process 0; on resume, process 0 plays the logical worker
         # whose batch comes next, so the order continues where it stopped.
         worker = (self.first + (info.id if info else 0)) % self.workers
@@ -436,6 +448,28 @@ class _Slices(IterableDataset):
             if info is not None:
                 batch = {k: to_transport(v) for k, v in batch.items()}
             yield batch, state
+
+
+def _watched(batches: DataLoader, board: ReadingBoard, rank: int, first: int, timeout: float) -> Iterator:
+    """The DataLoader's batches; when a worker produces none in ``timeout`` s (data.worker_timeout_s), one line
+    names the rank, the worker and the shard it was reading, instead of DataLoader's bare "timed out"."""
+    due = 0  # DataLoader process whose batch comes next (its round robin)
+    for_workers = batches.num_workers
+    it = iter(batches)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if not str(e).startswith("DataLoader timed out"):
+                raise
+            raise RuntimeError(
+                f"data: rank {rank} DataLoader worker {due} (logical worker {(first + due) % for_workers}) produced "
+                f"no batch in {timeout:g} s (data.worker_timeout_s); it was reading {board.read(due) or 'no shard yet'}"
+            ) from None
+        due = (due + 1) % for_workers
+        yield item
 
 
 SMALL_TENSOR_BYTES = 1 << 20
@@ -490,10 +524,12 @@ class TrainLoader:
         if self.cfg.num_workers == 0:
             source: Any = iter(dataset)
         else:
-            source = DataLoader(
+            dataset.board = ReadingBoard(self.workers)
+            source = _watched(DataLoader(
                 dataset, batch_size=None, num_workers=self.workers, collate_fn=_identity,
                 prefetch_factor=self.cfg.prefetch_factor, pin_memory=torch.cuda.is_available(),
-            )  # fmt: skip
+                timeout=self.cfg.worker_timeout_s,
+            ), dataset.board, self.rank, first, self.cfg.worker_timeout_s)  # fmt: skip
         expected = first
         for batch, state in source:
             batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}

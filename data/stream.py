@@ -14,10 +14,11 @@ is the tar), which is how object stores are read (``pipe:aws s3 cp s3://b/x.tar 
 from __future__ import annotations
 
 import io
+import multiprocessing
 import shlex
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,64 @@ def check_openable(url: str, retries: int, delay_s: float) -> None:
             if attempt == retries:
                 raise ShardUnavailable(f"{url}: {e.strerror or e} (after {retries} retries)") from None
             time.sleep(delay_s * 2**attempt)
+
+
+def read_shard(
+    url: str, on_problem: ProblemHandler, wanted: Callable[[int], bool] = lambda o: True, whole: bool = True
+) -> Iterator[tuple[int, dict]]:
+    """:func:`iter_samples` of the shard at ``url``; a ``whole`` shard read through that yields no sample
+    (an empty tar, or every member damaged) is a counted skip (``empty_shard``), like a damaged sample."""
+    n = 0
+    with open_shard(url) as f:
+        for item in iter_samples(f, on_problem, wanted):
+            n += 1
+            yield item
+    if whole and n == 0:
+        on_problem("empty_shard", f"{url}: no readable sample")
+
+
+def shard_has_sample(url: str, retries: int = 0, delay_s: float = 1.0) -> bool:
+    """Whether the shard yields at least one sample (read up to the first); missing or unreadable: False."""
+    found = False
+    try:
+        check_openable(url, retries, delay_s)
+        with open_shard(url) as f:
+            found = next(iter_samples(f, lambda reason, message: None), None) is not None
+    except OSError:  # a pipe: command we stopped reading early exits with an error; what was found stands
+        pass
+    return found
+
+
+# ---- what each DataLoader worker process is reading (the main process names it when one stalls) ----
+class ReadingBoard:
+    """One line of shared memory per DataLoader worker process, holding the shard it is reading now.
+
+    The main process cannot look into a worker: when one stops producing batches, this
+    is how the error can say which shard it was reading. Created before the workers
+    start (they inherit it); each worker ``attach``es its slot and ``note_reading`` writes it.
+    """
+
+    WIDTH = 1024
+
+    def __init__(self, workers: int):
+        self.slots = [multiprocessing.RawArray("c", self.WIDTH) for _ in range(workers)]
+
+    def attach(self, worker: int) -> None:
+        """In worker process ``worker``: later ``note_reading`` calls of this process write its slot."""
+        global _READING_SLOT
+        _READING_SLOT = self.slots[worker]
+
+    def read(self, worker: int) -> str:
+        return self.slots[worker].value.decode("utf-8", "replace")
+
+
+_READING_SLOT = None  # this process's slot of a ReadingBoard (DataLoader workers only)
+
+
+def note_reading(label: bytes) -> None:
+    """Record what this worker reads now (a shard URL and its source); free outside DataLoader workers."""
+    if _READING_SLOT is not None:
+        _READING_SLOT.value = label[: ReadingBoard.WIDTH - 1]
 
 
 def read_samples(pattern: str, allow_shell: bool = False) -> Iterator[dict]:

@@ -240,6 +240,9 @@ class DataConfig:
     open_retries: int = 3  # a shard that cannot be opened is retried (backoff) then skipped
     retry_delay_s: float = 1.0
     skip_log_every_s: float = 60.0  # after the first skip of each reason, at most one summary line per interval
+    # A DataLoader worker that produces no batch for this long (a stalled pipe: command, a hung mount) stops the run
+    # with one line naming the rank, the worker and the shard it was reading; 0 waits forever.
+    worker_timeout_s: float = 600.0
     seed: int = 0
 
 
