@@ -57,13 +57,13 @@ from data.stream import (
     ReadingBoard,
     SampleShapes,
     ShardUnavailable,
+    any_shard_has_sample,
     check_openable,
     expand_shards,
     iter_samples,
     note_reading,
     open_shard,
     read_shard,
-    shard_has_sample,
 )
 from mm.config import DataConfig
 from mm.sequence import Vocab
@@ -148,7 +148,6 @@ class SourceReader:
         self._samples: Iterator[tuple[int, dict]] | None = None
         self._units_cache: tuple[int, list[tuple[int, int]]] | None = None
         self._label = b""  # the shard being read, for a stalled worker's report (note_reading)
-        self.readable: bool | None = None  # does any shard of the source yield a sample (asked after an empty epoch)
 
     # ---- where to read ----------------------------------------------------------------
     def _seed(self, *parts: Any) -> int:
@@ -194,11 +193,8 @@ class SourceReader:
         if self.epoch_reads == 0 and (not self.spec.resample or self.reads_per_epoch == 0):
             # This slice's shards gave nothing (empty, unreadable or gone: each counted). Other shards of the source
             # may: then this slice goes on to its next epoch's shards. Only a source none of whose shards yields a
-            # sample stops, instead of spinning forever.
-            if self.readable is None:
-                retries, delay = self.cfg.open_retries, self.cfg.retry_delay_s
-                self.readable = any(shard_has_sample(url, retries, delay) for url in self.spec.urls)
-            if not self.readable:
+            # sample stops, instead of spinning forever (asked again after each empty epoch: shards may vanish).
+            if not any_shard_has_sample(self.spec.urls, self.cfg.open_retries, self.cfg.retry_delay_s):
                 raise RuntimeError(
                     f"data source {self.spec.name!r} (rank {self.rank}, worker {self.worker}): none of its {n} "
                     f"shard(s) yields a sample (empty, unreadable or missing); skipped so far: {dict(self.skip.counts)}"

@@ -182,6 +182,13 @@ def shard_has_sample(url: str, retries: int = 0, delay_s: float = 1.0) -> bool:
     return found
 
 
+def any_shard_has_sample(urls: list[str] | tuple[str, ...], retries: int = 0, delay_s: float = 1.0) -> bool:
+    """Whether any shard yields a sample: each asked once without retries (stopping at the first that does); if
+    none does, the first again with ``retries`` (a storage hiccup hits every shard alike), so a source of many
+    missing shards is told in seconds, not after every shard's backoff."""
+    return any(shard_has_sample(url) for url in urls) or (bool(urls) and shard_has_sample(urls[0], retries, delay_s))
+
+
 # ---- what each DataLoader worker process is reading (the main process names it when one stalls) ----
 class ReadingBoard:
     """One line of shared memory per DataLoader worker process, holding the shard it is reading now.
