@@ -70,6 +70,7 @@ MAX_MEMBER_BYTES = 1 << 30  # a training sample's member is never this big: abov
 MAX_META_BYTES = 1 << 20  # pax records or a GNU long name above this are damage
 READ_CHUNK = 1 << 24  # reads go in chunks this big: memory follows the bytes that exist, not what a header claims
 SKIP_CHUNK = 1 << 20  # bytes read and dropped at a time on a stream that cannot seek
+SMALL_MEMBER = 1 << 16  # members up to this size are read with their padding in one call
 REGULAR = (b"0", b"\0", b"7")
 NO_PAYLOAD = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, fifos: size means nothing (tarfile)
 META = (b"x", b"L", b"K", b"g")  # pax record, GNU long name / long link name, pax global header
@@ -100,7 +101,7 @@ def _number(field: bytes, what: str) -> int:
     text = field.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
-    if not all(48 <= c <= 55 for c in text):  # 0-7 only
+    if text.translate(None, b"01234567"):  # anything but 0-7 left
         raise ValueError(f"{what} field {field!r} is not an octal number")
     return int(text, 8)
 
@@ -394,12 +395,16 @@ class _Members:
             self.src.skip(padded)
             yield name, None
             return False
-        data = self.src.read(size)
+        small = size <= SMALL_MEMBER  # with its padding in one read (then sliced): cheaper than a read and a seek
+        data = self.src.read(padded if small else size)
         if len(data) < size:
             self.problem("truncated_shard", f"the shard ends inside member {name!r}")
             yield name, LOST
             return True
-        self.src.skip(padded - size)
+        if small:
+            data = data[:size] if padded != size else data
+        else:
+            self.src.skip(padded - size)
         yield name, data
         return False
 
