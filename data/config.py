@@ -38,6 +38,9 @@ class DataConfig:
     open_retries: int = 3  # a shard that cannot be opened is retried (backoff) then skipped
     retry_delay_s: float = 1.0
     skip_log_every_s: float = 60.0  # after the first skip of each reason, at most one summary line per interval
+    # A DataLoader worker that produces no batch for this long (a stalled pipe: command, a hung mount) stops the run
+    # with one line naming the rank, the worker and the shard it was reading; 0 waits forever.
+    worker_timeout_s: float = 600.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -65,5 +68,7 @@ class DataConfig:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
         if not 0 <= self.pack_slack < 1:
             raise ConfigError(f"data.pack_slack={self.pack_slack} must be in [0, 1)")
+        if self.worker_timeout_s < 0:
+            raise ConfigError(f"data.worker_timeout_s={self.worker_timeout_s} must be >= 0 (0 waits forever)")
         if self.num_workers < 0 or self.prefetch_factor < 1 or self.open_retries < 0:
             raise ConfigError("data.num_workers and data.open_retries must be >= 0, data.prefetch_factor >= 1")

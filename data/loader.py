@@ -34,15 +34,11 @@ so the next batches are bit-identical to an uninterrupted run.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import math
 import random
-import sys
-import time
 import weakref
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,240 +48,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data.config import DataConfig
 from data.images import set_pixel_cap
 from data.pack import PACKERS
-from data.sources import BuildContext, SourceConfig, build_samples, source_kind
-from data.stream import (
-    BadSample,
-    ShardUnavailable,
-    check_openable,
-    expand_shards,
-    iter_samples,
-    open_shard,
-)
+from data.reader import SkipLog, SourceReader, SourceSpec, decode_pointers, fetch_raw, resolve_sources, stable_seed
+from data.sources import BuildContext, build_samples, source_kind
+from data.stream import BadSample, ReadingBoard
 from mm.batch import Batch, PackItem, SampleShapes, collate
 from mm.sequence import Vocab
 
 STATE_VERSION = 1
-
-
-def stable_seed(*parts: Any) -> int:
-    """A 64-bit seed from any printable parts; the same in every process and Python run."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """A configured source with its shard list resolved."""
-
-    source: SourceConfig
-    urls: tuple[str, ...]
-
-    @property
-    def name(self) -> str:
-        return self.source.name
-
-    @property
-    def kind(self) -> str:
-        return self.source.kind
-
-    @property
-    def weight(self) -> float:
-        return self.source.weight
-
-    @property
-    def resample(self) -> bool:
-        return self.source.resample
-
-
-def resolve_sources(cfg: DataConfig) -> list[SourceSpec]:
-    """Expand every source's shards (``shards: ""`` means ``data.train_shards``); fail naming what is wrong."""
-    specs = []
-    for src in cfg.sources:
-        pattern = src.shards or cfg.train_shards
-        try:
-            urls = expand_shards(pattern, cfg.allow_shell_urls)
-        except (FileNotFoundError, ValueError) as e:
-            raise type(e)(f"data.sources[{src.name}]: {e}") from None
-        specs.append(SourceSpec(src, tuple(urls)))
-    return specs
-
-
-class SkipLog:
-    """Counts skipped samples by "source/reason"; prints the first of each reason, then a summary at most every N s."""
-
-    def __init__(self, where: str, every_s: float, counts: dict[str, int] | None = None):
-        self.where, self.every_s = where, every_s
-        self.counts: Counter[str] = Counter(counts or {})
-        self.reported: set[str] = set(self.counts)
-        self.last_summary, self.unreported = time.monotonic(), 0
-
-    def __call__(self, key: str, message: str) -> None:
-        self.counts[key] += 1
-        if key not in self.reported:
-            self.reported.add(key)
-            print(f"data[{self.where}]: skipped ({key}) {message[:300]}", file=sys.stderr, flush=True)
-            return
-        self.unreported += 1
-        now = time.monotonic()
-        if now - self.last_summary >= self.every_s:
-            print(
-                f"data[{self.where}]: skipped {self.unreported} more; totals {dict(self.counts)}",
-                file=sys.stderr,
-                flush=True,
-            )
-            self.last_summary, self.unreported = now, 0
-
-
-class SourceReader:
-    """One source as one slice reads it: its units (shards or shard parts) in a seeded order, and a shuffle buffer."""
-
-    def __init__(
-        self, spec: SourceSpec, cfg: DataConfig, rank: int, world: int, worker: int, workers: int, salt: str,
-        skip: SkipLog,
-    ):  # fmt: skip
-        self.spec, self.cfg, self.skip = spec, cfg, skip
-        self.rank, self.world, self.worker, self.workers, self.salt = rank, world, worker, workers, salt
-        n_shards, n_slices = len(spec.urls), world * workers
-        self.parts = 1 if spec.resample or n_shards >= n_slices else math.ceil(n_slices / n_shards)
-        # position: epoch (exact) or shard draw number (resampled); unit index in the epoch; next ordinal
-        self.epoch, self.unit, self.ordinal = 0, 0, 0
-        self.picks = 0  # shuffle-buffer draws so far (seeds the next pick)
-        self.buffer: list[tuple[tuple[int, int, int], dict]] = []  # ((epoch, shard, ordinal), raw)
-        self.epoch_reads = 0  # raw samples read in the current epoch
-        self.reads_per_epoch = 0  # of the first completed epoch (0 = none completed yet)
-        self._samples: Iterator[tuple[int, dict]] | None = None
-        self._units_cache: tuple[int, list[tuple[int, int]]] | None = None
-
-    # ---- where to read ----------------------------------------------------------------
-    def _seed(self, *parts: Any) -> int:
-        s = self.spec
-        return stable_seed(self.cfg.seed, s.name, self.salt, self.world, self.workers, self.rank, self.worker, *parts)
-
-    def units(self) -> list[tuple[int, int]]:
-        """(shard, part) units of the current epoch for this slice: split by node, then by worker."""
-        if self.spec.resample:
-            return [(random.Random(self._seed("draw", self.epoch)).randrange(len(self.spec.urls)), 0)]
-        if self._units_cache is None or self._units_cache[0] != self.epoch:
-            every = [(shard, part) for shard in range(len(self.spec.urls)) for part in range(self.parts)]
-            # the same permutation on every rank and worker (no rank/worker in this seed)
-            random.Random(stable_seed(self.cfg.seed, self.spec.name, "epoch", self.epoch)).shuffle(every)
-            self._units_cache = (self.epoch, every[self.rank :: self.world][self.worker :: self.workers])
-        return self._units_cache[1]
-
-    def _problem(self, reason: str, message: str) -> None:
-        self.skip(f"{self.spec.name}/{reason}", message)
-
-    def _open(self) -> Iterator[tuple[int, dict]] | None:
-        shard, part = self.units()[self.unit]
-        url, parts, start = self.spec.urls[shard], self.parts, self.ordinal
-        try:
-            check_openable(url, self.cfg.open_retries, self.cfg.retry_delay_s)
-        except ShardUnavailable as e:
-            self._problem("shard_unavailable", f"{e}; skipping this shard for now")
-            return None
-
-        def samples() -> Iterator[tuple[int, dict]]:
-            with open_shard(url) as f:
-                yield from iter_samples(f, self._problem, lambda o: o >= start and o % parts == part)
-
-        return samples()
-
-    def _next_unit(self) -> None:
-        self._samples, self.ordinal = None, 0
-        self.unit += 1
-        if self.unit < len(self.units()):
-            return
-        self.epoch, self.unit = self.epoch + 1, 0  # next epoch (exact) or next shard draw (resampled)
-        n = len(self.spec.urls)
-        if self.spec.resample and self.epoch % n:
-            return  # resampled: the bookkeeping below runs every n draws ("an epoch")
-        if self.epoch_reads == 0 and (not self.spec.resample or self.reads_per_epoch == 0):
-            # every shard unavailable, empty or unreadable: stop instead of spinning forever
-            raise RuntimeError(
-                f"data source {self.spec.name!r} (rank {self.rank}, worker {self.worker}) read no sample from "
-                f"its {len(self.units()) if not self.spec.resample else n} shard(s) in "
-                f"{'epoch ' + str(self.epoch - 1) if not self.spec.resample else str(n) + ' shard draws'}; "
-                f"skipped so far: {dict(self.skip.counts)}"
-            )
-        self.reads_per_epoch = self.reads_per_epoch or self.epoch_reads
-        self.epoch_reads = 0
-
-    def _read(self) -> tuple[tuple[int, int, int], dict]:
-        while True:
-            if self._samples is None:
-                self._samples = self._open()
-                if self._samples is None:
-                    self._next_unit()
-                    continue
-            try:
-                ordinal, raw = next(self._samples)
-            except StopIteration:
-                self._next_unit()
-                continue
-            except OSError as e:  # the shard went away mid-read (or its command failed): skip the rest of it
-                self._problem("shard_unavailable", f"{self.spec.urls[self.units()[self.unit][0]]}: {e!r}")
-                self._next_unit()
-                continue
-            self.ordinal = ordinal + 1
-            self.epoch_reads += 1
-            return (self.epoch, self.units()[self.unit][0], ordinal), raw
-
-    def next_raw(self) -> tuple[tuple[int, int, int], dict]:
-        """The next raw sample of this source: a seeded pick from a full shuffle buffer."""
-        while len(self.buffer) < max(1, self.cfg.shuffle_buffer):
-            self.buffer.append(self._read())
-        i = random.Random(self._seed("pick", self.picks)).randrange(len(self.buffer))
-        self.picks += 1
-        return self.buffer.pop(i)  # the rest stays in read order: the state stores it as compact runs
-
-    # ---- state --------------------------------------------------------------------
-    def state(self) -> dict:
-        return {
-            "epoch": self.epoch, "unit": self.unit, "ordinal": self.ordinal, "picks": self.picks,
-            "epoch_reads": self.epoch_reads, "reads_per_epoch": self.reads_per_epoch,
-            "buffer": encode_pointers([ptr for ptr, _ in self.buffer]),
-        }  # fmt: skip
-
-    def restore(self, state: dict, raws: dict[tuple[int, int], dict]) -> None:
-        """Position from ``state``; the buffered raw samples from ``raws`` ((shard, ordinal) -> raw, re-read)."""
-        self.epoch, self.unit, self.ordinal, self.picks = (state[k] for k in ("epoch", "unit", "ordinal", "picks"))
-        self.epoch_reads, self.reads_per_epoch = state["epoch_reads"], state["reads_per_epoch"]
-        self.buffer = [(p, raws[(p[1], p[2])]) for p in decode_pointers(state["buffer"]) if (p[1], p[2]) in raws]
-        self._samples = None
-
-
-def encode_pointers(pointers: list[tuple[int, int, int]]) -> list[list]:
-    """Pointers (epoch, shard, ordinal) in read order -> runs [epoch, shard, first ordinal, hex bitmap].
-
-    A shuffle buffer holds a random subset of the samples read last, in read order: a
-    bitmap per shard keeps a 2000-sample buffer in a few hundred bytes of the checkpoint.
-    """
-    runs: list[list] = []
-    for epoch, shard, ordinal in pointers:
-        if runs and runs[-1][:2] == [epoch, shard] and ordinal > runs[-1][3]:
-            runs[-1][2] |= 1 << (ordinal - runs[-1][4])
-            runs[-1][3] = ordinal
-        else:
-            runs.append([epoch, shard, 1, ordinal, ordinal])  # epoch, shard, bitmap, last, first
-    return [[epoch, shard, first, format(bits, "x")] for epoch, shard, bits, _, first in runs]
-
-
-def decode_pointers(runs: list[list]) -> list[tuple[int, int, int]]:
-    out = []
-    for epoch, shard, first, bits in runs:
-        out += [(epoch, shard, first + j) for j, b in enumerate(reversed(bin(int(bits, 16))[2:])) if b == "1"]
-    return out
-
-
-def fetch_raw(spec: SourceSpec, shard: int, ordinals: set[int], skip: SkipLog) -> dict[int, dict]:
-    """Re-read the given samples of one shard (payloads of the others are not read)."""
-    try:
-        check_openable(spec.urls[shard], 2, 1.0)
-        with open_shard(spec.urls[shard]) as f:
-            return dict(iter_samples(f, lambda reason, message: None, lambda o: o in ordinals))
-    except OSError as e:
-        for _ in ordinals:
-            skip(f"{spec.name}/shard_unavailable", f"re-reading buffered samples on resume: {e!r}")
-        return {}
 
 
 class EncodeMemo(Vocab):
@@ -429,6 +198,7 @@ class _Slices(IterableDataset):
         self.specs, self.cfg, self.vocab, self.shapes = loader.specs, loader.cfg, loader.vocab, loader.shapes
         self.rank, self.world, self.workers, self.salt = loader.rank, loader.world, loader.workers, loader.salt
         self.states, self.first = dict(loader.worker_states), first
+        self.board: ReadingBoard | None = None  # where DataLoader workers say which shard they read
 
     def stream(self, worker: int) -> WorkerStream:
         if get_worker_info() is not None:  # PIL's cap is process-wide: set it in worker processes only
@@ -440,6 +210,8 @@ class _Slices(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[Batch, dict]]:
         info = get_worker_info()
+        if info is not None and self.board is not None:
+            self.board.attach(info.id)
         # The DataLoader starts its round robin at process 0; on resume, process 0 plays the logical worker
         # whose batch comes next, so the order continues where it stopped.
         worker = (self.first + (info.id if info else 0)) % self.workers
@@ -447,6 +219,28 @@ class _Slices(IterableDataset):
             if info is not None:
                 batch = batch.map_tensors(to_transport)
             yield batch, state
+
+
+def _watched(batches: DataLoader, board: ReadingBoard, rank: int, first: int, timeout: float) -> Iterator:
+    """The DataLoader's batches; when a worker produces none in ``timeout`` s (data.worker_timeout_s), one line
+    names the rank, the worker and the shard it was reading, instead of DataLoader's bare "timed out"."""
+    due = 0  # DataLoader process whose batch comes next (its round robin)
+    for_workers = batches.num_workers
+    it = iter(batches)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if not str(e).startswith("DataLoader timed out"):
+                raise
+            raise RuntimeError(
+                f"data: rank {rank} DataLoader worker {due} (logical worker {(first + due) % for_workers}) produced "
+                f"no batch in {timeout:g} s (data.worker_timeout_s); it was reading {board.read(due) or 'no shard yet'}"
+            ) from None
+        due = (due + 1) % for_workers
+        yield item
 
 
 SMALL_TENSOR_BYTES = 1 << 20
@@ -501,10 +295,12 @@ class TrainLoader:
         if self.cfg.num_workers == 0:
             source: Any = iter(dataset)
         else:
-            source = DataLoader(
+            dataset.board = ReadingBoard(self.workers)
+            source = _watched(DataLoader(
                 dataset, batch_size=None, num_workers=self.workers, collate_fn=_identity,
                 prefetch_factor=self.cfg.prefetch_factor, pin_memory=torch.cuda.is_available(),
-            )  # fmt: skip
+                timeout=self.cfg.worker_timeout_s,
+            ), dataset.board, self.rank, first, self.cfg.worker_timeout_s)  # fmt: skip
         expected = first
         for batch, state in source:
             batch = batch.map_tensors(lambda v: torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
@@ -569,7 +365,3 @@ class TrainLoader:
             "their buffered samples are dropped (drawn with replacement, nothing is owed)",
             flush=True,
         )
-
-
-def build_train_loader(cfg: DataConfig, vocab: Vocab, shapes: SampleShapes, rank: int, world: int) -> TrainLoader:
-    return TrainLoader(cfg, vocab, shapes, rank, world)

@@ -10,11 +10,16 @@ bundled-data builders use it too. Three input layouts, one per source kind:
 
 Each record is checked while it is converted (missing file, unreadable image,
 empty caption, image over the pixel cap, images not matching the ``<image>``
-markers, ...). A rejected record goes to the report file (JSONL: line, id,
-reason, detail); totals are printed at the end. Images are optionally resized
-(shorter side, never upscaled) and re-encoded. One process per core does the
-decoding; the parent writes the shards in input order, so the output is the
-same for any number of processes.
+markers, an empty id or one whose sample key another record already has, an image
+path that leaves ``--image-root``, ...). A rejected record goes to the report file
+(JSONL: line, id, reason, detail); totals are printed at the end. Images are
+optionally resized (shorter side, never upscaled) and re-encoded. One process per
+core does the decoding; the parent writes the shards in input order, so the output
+is the same for any number of processes.
+
+The output folder must be empty (or not exist): shards of an earlier run left there
+would be read as part of this one. ``replace=True`` (``--replace``) first removes an
+earlier run's shards, ``sizes.json`` and reports, and refuses a folder holding anything else.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -36,7 +42,12 @@ from data.sources import parse_conversation
 from data.stream import BadSample
 from mm.sequence import IMAGE_MARKER, ROLE_ASSISTANT
 
+# data.images, data.sources, data.stream and mm.sequence (torch: seconds) are imported where records are converted,
+# so that make_shards.py checks its arguments and output folder before any of that.
+
 SIZES_FILE = "sizes.json"
+LAYOUTS = ("generation", "conversation", "text")  # input layouts; generation:<head> kinds use generation's
+OUTPUT_FILE = re.compile(r".+\.tar(\.tmp)?|.+-report\.jsonl|" + re.escape(SIZES_FILE))  # what make_shards writes
 
 
 class ShardWriter:
@@ -44,7 +55,8 @@ class ShardWriter:
 
     Shards are written under a temporary name and renamed when complete, so a
     crash never leaves a half-written shard under a final name. ``close`` records
-    each shard's sample count in ``sizes.json`` beside them (merged with what is there).
+    each shard's sample count in ``sizes.json`` beside them (merged with the entries
+    there whose shard file still exists: several writers may share a folder).
     Members get mtime 0 and no owner, so the same input gives the same bytes.
     """
 
@@ -93,6 +105,7 @@ class ShardWriter:
         self._finish()
         sizes_path = self.out_dir / SIZES_FILE
         sizes = json.loads(sizes_path.read_text()) if sizes_path.exists() else {}
+        sizes = {name: n for name, n in sizes.items() if (self.out_dir / name).is_file()}  # no stale entries
         sizes.update(self.sizes)
         sizes_path.write_text(json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
         return self.paths
@@ -160,11 +173,15 @@ def encode_image(path: str, opts: ImageOptions) -> tuple[str, bytes]:
     return fmt, buf.getvalue()
 
 
+def sample_key(record_id: str) -> str:
+    """The sample key a record id becomes (letters, digits, ``-`` and ``_``; anything else is ``_``)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in record_id)
+
+
 def convert(record: Record, opts: ImageOptions) -> dict | Reject:
     """One input record -> the members of one shard sample, or the reason it is rejected."""
     try:
-        key = "".join(c if c.isalnum() or c in "-_" else "_" for c in record.id)
-        sample: dict[str, bytes | str] = {"__key__": key}
+        sample: dict[str, bytes | str] = {"__key__": sample_key(record.id)}
         if record.kind == "generation":
             if not record.text.strip():
                 raise Reject("empty_caption", "caption is empty")
@@ -213,8 +230,24 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str]]:
             yield i, None, line
 
 
+def _image_paths(value: object, root: Path, line: int) -> tuple[str, ...] | Reject:
+    """A record's image path(s) under ``root``; a path that is not a string or that leaves ``root`` is rejected."""
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p.strip() for p in paths):
+        return Reject("bad_image_field", f"line {line}: image paths must be non-empty strings, got {value!r:.80}")
+    base = os.path.normpath(root)
+    out = []
+    for rel in paths:
+        path = os.path.normpath(os.path.join(base, rel))  # lexical: '..' and absolute paths cannot leave root
+        if os.path.commonpath([base, path]) != base:
+            return Reject("image_outside_root", f"line {line}: {rel!r} is outside the image root {base}")
+        out.append(path)
+    return tuple(out)
+
+
 def read_records(kind: str, input_path: str | Path, image_root: str | Path | None = None) -> Iterator[Record | Reject]:
-    """Records of one input file (``Reject`` for lines that cannot even be parsed)."""
+    """Records of one input file (``Reject`` for lines that cannot be used: unparsable, an empty id, an id whose
+    sample key an earlier record has, image paths outside ``image_root``). ``kind``: a layout of ``LAYOUTS``."""
     input_path = Path(input_path)
     root = Path(image_root) if image_root else input_path.parent
     if kind == "text" and input_path.suffix not in (".jsonl", ".json"):
@@ -222,22 +255,38 @@ def read_records(kind: str, input_path: str | Path, image_root: str | Path | Non
         for i, doc in enumerate(docs, 1):
             yield Record(i, f"{input_path.stem}-{i:08d}", kind, text=doc)
         return
+    keys: dict[str, int] = {}  # sample key -> line that has it
     for line, obj, raw in _read_jsonl(input_path):
         if not isinstance(obj, dict):
             yield Reject("bad_json", f"line {line}: {raw[:80]!r}")
             continue
-        rid = str(obj.get("id", f"{input_path.stem}-{line:08d}"))
-        if kind == "generation":
-            if "image" not in obj:
-                yield Reject("missing_image_field", f"line {line}: no 'image'")
-                continue
-            yield Record(line, rid, kind, (str(root / obj["image"]),), text=str(obj.get("caption", "")))
-        elif kind == "conversation":
-            images = obj.get("image", obj.get("images", []))
-            images = [images] if isinstance(images, str) else list(images)
-            yield Record(line, rid, kind, tuple(str(root / p) for p in images), meta=json.dumps(obj))
-        else:
+        rid = obj.get("id", f"{input_path.stem}-{line:08d}")
+        if rid is None or not str(rid).strip():  # its members would be named '.jpg': no reader takes them
+            yield Reject("empty_id", f"line {line}: id {rid!r}")
+            continue
+        rid = str(rid)
+        if sample_key(rid) in keys:
+            yield Reject("duplicate_id", f"line {line}: id {rid!r} (sample key {sample_key(rid)!r}) as on line "
+                                         f"{keys[sample_key(rid)]}")  # fmt: skip
+            continue
+        keys[sample_key(rid)] = line
+        if kind == "text":
             yield Record(line, rid, kind, text=str(obj.get("text", "")))
+            continue
+        field = "image" if kind == "generation" or "image" in obj else "images"
+        if kind == "generation" and "image" not in obj:
+            yield Reject("missing_image_field", f"line {line}: no 'image'")
+            continue
+        images = _image_paths(obj.get(field, []), root, line)
+        if isinstance(images, Reject):
+            yield images
+        elif kind == "generation":
+            if len(images) != 1:
+                yield Reject("bad_image_field", f"line {line}: a generation record has one image, not {len(images)}")
+                continue
+            yield Record(line, rid, kind, images, text=str(obj.get("caption", "")))
+        else:
+            yield Record(line, rid, kind, images, meta=json.dumps(obj))
 
 
 def _convert_star(args: tuple[Record | Reject, ImageOptions]) -> tuple[Record | Reject, dict | Reject]:
@@ -245,19 +294,48 @@ def _convert_star(args: tuple[Record | Reject, ImageOptions]) -> tuple[Record | 
     return record, record if isinstance(record, Reject) else convert(record, opts)
 
 
+def prepare_out_dir(out_dir: str | Path, replace: bool = False, check_only: bool = False) -> None:
+    """Refuse a non-empty output folder (an earlier run's shards would be read with this run's); with ``replace``,
+    remove an earlier run's shards, sizes.json and reports first, and refuse a folder holding anything else.
+    ``check_only``: raise what would be refused, remove nothing."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file")
+    entries = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
+    if not entries:
+        return
+    if not replace:
+        raise FileExistsError(
+            f"--out {out_dir} is not empty ({len(entries)} entries, e.g. {entries[0].name}); choose an empty folder, "
+            "or pass --replace to replace the shards there"
+        )
+    foreign = [p.name for p in entries if not (p.is_file() and OUTPUT_FILE.fullmatch(p.name))]
+    if foreign:
+        raise FileExistsError(
+            f"--out {out_dir} holds more than shards, sizes.json and reports ({foreign[:3]}): not replaced"
+        )
+    for p in [] if check_only else entries:
+        p.unlink()
+
+
 def make_shards(
     kind: str, input_path: str | Path, out_dir: str | Path, prefix: str = "shard", image_root: str | Path | None = None,
     max_bytes: int = 256 << 20, max_count: int = 0, opts: ImageOptions = ImageOptions(), processes: int = 0,
-    report: str | Path | None = None, progress: bool = True,
+    report: str | Path | None = None, progress: bool = True, replace: bool = False,
 ) -> dict:  # fmt: skip
-    """Convert one input into shards; returns the totals (also printed by the script)."""
+    """Convert one input into shards in an empty ``out_dir`` (``replace``: see :func:`prepare_out_dir`); returns
+    the totals (also printed by the script). ``kind``: a source kind; ``generation:<head>`` reads as generation."""
+    layout = kind.partition(":")[0]
+    if layout not in LAYOUTS:
+        raise ValueError(f"kind {kind!r}: make_shards writes {LAYOUTS} (and generation:<head>)")
     out_dir = Path(out_dir)
+    prepare_out_dir(out_dir, replace)
     report_path = Path(report) if report else out_dir / f"{prefix}-report.jsonl"
     writer = ShardWriter(out_dir, prefix, max_bytes, max_count)
     rejected: Counter[str] = Counter()
     written = 0
     processes = processes or os.cpu_count() or 1
-    jobs = ((r, opts) for r in read_records(kind, input_path, image_root))
+    jobs = ((r, opts) for r in read_records(layout, input_path, image_root))
     # spawn, not fork: forking a process that already runs threads (torch, tokenizers) can deadlock the children
     pool = multiprocessing.get_context("spawn").Pool(processes) if processes > 1 else None
     with report_path.open("w") as rep:

@@ -1,17 +1,10 @@
-"""Reading shards: URL expansion and policy, opening with retries, and a strict tar reader.
+"""Reading shards: URL expansion and policy, opening with retries; the tar reader itself is ``data/tar.py``.
 
 A shard is a tar file of samples in the webdataset layout: members ``{key}.{ext}``
-grouped by key (``a/b.0.jpg`` -> key ``a/b``, ext ``0.jpg``). The reader here is
-our own (about a hundred lines) rather than ``tarfile`` because a training stream
-needs what ``tarfile``'s stream mode does not give:
-
-* a corrupt member header (bad checksum) is reported and skipped: the reader
-  scans forward to the next valid header and keeps the rest of the shard
-  (``tarfile`` silently ends the archive there, losing every later sample);
-* a shard cut short (no end-of-archive blocks) is reported, not taken as complete;
-* samples are numbered (their *ordinal* in the shard) and samples that are not
-  wanted are skipped without reading their payload, so a resumed loader can
-  re-read exactly the samples its buffers held.
+grouped by key (``a/b.0.jpg`` -> key ``a/b``, ext ``0.jpg``). ``data/tar.py`` says
+why the reader is our own (measured against ``tarfile`` and ``webdataset``): damage
+is skipped and counted, the rest of a shard is kept, a cut shard is reported, and
+samples are numbered so a resumed loader re-reads exactly its buffered samples.
 
 Shard URLs are local paths (brace patterns, several joined by ``::``) or, only
 when ``data.allow_shell_urls`` is set, ``pipe:COMMAND`` (the command's stdout
@@ -20,9 +13,8 @@ is the tar), which is how object stores are read (``pipe:aws s3 cp s3://b/x.tar 
 
 from __future__ import annotations
 
-import os
+import multiprocessing
 import shlex
-import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -32,12 +24,10 @@ from typing import BinaryIO
 
 import braceexpand
 
+from data.tar import ProblemHandler, iter_samples
 from mm.schema import resolve_path
 
-BLOCK = 512
 SHELL_PREFIX = "pipe:"
-ProblemHandler = Callable[[str, str], None]  # (reason, message)
-BROKEN = ""  # member name iter_members yields after a problem: drop the sample being built
 
 
 class BadSample(Exception):
@@ -128,178 +118,69 @@ def check_openable(url: str, retries: int, delay_s: float) -> None:
             time.sleep(delay_s * 2**attempt)
 
 
-# ---- the tar reader ---------------------------------------------------------------------
-def _checksum_ok(block: bytes) -> bool:
-    try:
-        stored = int(block[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
-    except ValueError:
-        return False
-    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
-    if stored == unsigned:
-        return True
-    signed = sum(struct.unpack("148b8x356b", block)) + 8 * 32  # some old tars sum signed bytes
-    return stored == signed
-
-
-def _size(field: bytes) -> int:
-    if field[0] & 0x80:  # GNU base-256 for members over 8 GiB
-        return int.from_bytes(field[1:], "big")
-    return int(field.replace(b"\0", b" ").strip() or b"0", 8)
-
-
-def _skip(f: BinaryIO, n: int) -> None:
-    """Move past ``n`` bytes without keeping them (seek on files, read and drop on pipes)."""
-    if f.seekable():
-        f.seek(n, os.SEEK_CUR)
-        return
-    while n > 0:
-        chunk = f.read(min(n, 1 << 20))
-        if not chunk:
-            return  # the short stream shows at the next header read
-        n -= len(chunk)
-
-
-def _pax_records(payload: bytes) -> dict[str, str]:
-    out, i = {}, 0
-    while i < len(payload) and payload[i : i + 1] != b"\0":
-        length = int(payload[i : payload.index(b" ", i)])
-        key, _, value = payload[payload.index(b" ", i) + 1 : i + length - 1].partition(b"=")
-        out[key.decode()] = value.decode("utf-8", "surrogateescape")
-        i += length
-    return out
-
-
-def iter_members(
-    f: BinaryIO, want: Callable[[str], bool], on_problem: ProblemHandler
-) -> Iterator[tuple[str, bytes | None]]:
-    """(name, payload) of every regular member; payload is None where ``want(name)`` is False (not read).
-
-    Problems go to ``on_problem(reason, message)``: ``corrupt_member`` (a header
-    with a bad checksum; the reader resyncs at the next valid header) and
-    ``truncated_shard`` (the bytes end before the end-of-archive blocks). After
-    either it yields ``(BROKEN, None)``: the sample being built lost members.
-    """
-    long_name: str | None = None
-    pax: dict[str, str] = {}
-    offset = 0  # of the block about to be read, for messages
-    while True:
-        block = f.read(BLOCK)
-        if len(block) < BLOCK:
-            on_problem("truncated_shard", f"the shard ends at byte {offset + len(block)} without end-of-archive blocks")
-            yield BROKEN, None
-            return
-        offset += BLOCK
-        if block == bytes(BLOCK):
-            return  # end of archive
-        if not _checksum_ok(block):
-            on_problem("corrupt_member", f"bad tar header checksum at byte {offset - BLOCK}; resyncing")
-            yield BROKEN, None
-            while True:  # resync: the next block that is a valid ustar header
-                block = f.read(BLOCK)
-                if len(block) < BLOCK:
-                    on_problem("truncated_shard", "the shard ends inside a corrupt region")
-                    yield BROKEN, None
-                    return
-                offset += BLOCK
-                if block == bytes(BLOCK):
-                    return
-                if block[257:262] == b"ustar" and _checksum_ok(block):
-                    break
-        size = _size(block[124:136])
-        kind = block[156:157]
-        name = block[:100].split(b"\0", 1)[0]
-        if block[257:262] == b"ustar" and block[345:500].strip(b"\0"):
-            name = block[345:500].split(b"\0", 1)[0] + b"/" + name
-        name_s = name.decode("utf-8", "surrogateescape")
-        if kind in (b"x", b"L"):  # metadata for the next member (pax record, GNU long name)
-            padded = -(-size // BLOCK) * BLOCK
-            payload = f.read(padded)
-            offset += padded
-            if len(payload) < padded:
-                on_problem("truncated_shard", f"the shard ends inside an extended header ({name_s!r})")
-                yield BROKEN, None
-                return
-            if kind == b"L":
-                long_name = payload[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
-                continue
-            try:
-                pax = _pax_records(payload[:size])
-            except (ValueError, UnicodeDecodeError) as e:
-                on_problem("corrupt_member", f"unreadable pax header {name_s!r}: {e!r}")
-                yield BROKEN, None
-            continue
-        size = int(pax.get("size", size))
-        name_s = pax.get("path") or long_name or name_s
-        long_name, pax = None, {}
-        padded = -(-size // BLOCK) * BLOCK
-        offset += padded
-        if kind not in (b"0", b"\0", b"7"):  # directories, links, global headers: nothing to yield
-            _skip(f, padded)
-            continue
-        if not want(name_s):
-            _skip(f, padded)
-            yield name_s, None
-            continue
-        payload = f.read(padded)
-        if len(payload) < size:
-            on_problem("truncated_shard", f"the shard ends inside member {name_s!r}")
-            yield BROKEN, None
-            return
-        yield name_s, payload[:size]
-
-
-def split_name(name: str) -> tuple[str, str] | None:
-    """``dir/stem.ext.more`` -> (``dir/stem``, ``ext.more``), grouped as webdataset does; None: no extension."""
-    head, _, base = name.rpartition("/")
-    if "." not in base or base.startswith("."):
-        return None
-    stem, ext = base.split(".", 1)
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
-def iter_samples(
-    f: BinaryIO, on_problem: ProblemHandler, wanted: Callable[[int], bool] = lambda ordinal: True
+def read_shard(
+    url: str, on_problem: ProblemHandler, wanted: Callable[[int], bool] = lambda o: True, whole: bool = True
 ) -> Iterator[tuple[int, dict]]:
-    """(ordinal, {"__key__": key, ext: bytes, ...}) for every wanted sample of one shard, in order.
+    """:func:`iter_samples` of the shard at ``url``; a ``whole`` shard read through that yields no sample
+    (an empty tar, or every member damaged) is a counted skip (``empty_shard``), like a damaged sample."""
+    n = 0
+    with open_shard(url) as f:
+        for item in iter_samples(f, on_problem, wanted):
+            n += 1
+            yield item
+    if whole and n == 0:
+        on_problem("empty_shard", f"{url}: no readable sample")
 
-    Each run of consecutive members with one key is a sample and takes the next
-    ordinal, whether it is wanted, complete or not, so ordinals do not depend on
-    ``wanted``. Payloads of unwanted samples are never read. The sample being
-    built when a header is corrupt or the shard ends early may have lost a member:
-    it is dropped and reported (``incomplete_sample``), as is a sample holding one
-    extension twice (``duplicate_member``).
+
+def shard_has_sample(url: str, retries: int = 0, delay_s: float = 1.0) -> bool:
+    """Whether the shard yields at least one sample (read up to the first); missing or unreadable: False."""
+    found = False
+    try:
+        check_openable(url, retries, delay_s)
+        with open_shard(url) as f:
+            found = next(iter_samples(f, lambda reason, message: None), None) is not None
+    except OSError:  # a pipe: command we stopped reading early exits with an error; what was found stands
+        pass
+    return found
+
+
+def any_shard_has_sample(urls: list[str] | tuple[str, ...], retries: int = 0, delay_s: float = 1.0) -> bool:
+    """Whether any shard yields a sample: each asked once without retries (stopping at the first that does); if
+    none does, the first again with ``retries`` (a storage hiccup hits every shard alike), so a source of many
+    missing shards is told in seconds, not after every shard's backoff."""
+    return any(shard_has_sample(url) for url in urls) or (bool(urls) and shard_has_sample(urls[0], retries, delay_s))
+
+
+# ---- what each DataLoader worker process is reading (the main process names it when one stalls) ----
+class ReadingBoard:
+    """One line of shared memory per DataLoader worker process, holding the shard it is reading now.
+
+    The main process cannot look into a worker: when one stops producing batches, this
+    is how the error can say which shard it was reading. Created before the workers
+    start (they inherit it); each worker ``attach``es its slot and ``note_reading`` writes it.
     """
-    key: str | None = None  # of the sample being built
-    ordinal = -1
-    sample: dict | None = None  # None: not wanted, or dropped
 
-    def want_member(name: str) -> bool:
-        parts = split_name(name)
-        return parts is not None and wanted(ordinal if parts[0] == key else ordinal + 1)
+    WIDTH = 1024
 
-    for name, payload in iter_members(f, want_member, on_problem):
-        if name == BROKEN:  # corrupt header or cut shard: the sample being built may have lost members
-            if sample is not None:
-                on_problem("incomplete_sample", f"sample {key!r} dropped: a member next to it is unreadable")
-            sample = None
-            continue
-        parts = split_name(name)
-        if parts is None:
-            continue
-        if parts[0] != key:
-            if sample is not None:
-                yield ordinal, sample
-            key, ordinal = parts[0], ordinal + 1
-            sample = {"__key__": key} if wanted(ordinal) else None
-        if sample is None:
-            continue
-        if parts[1] in sample:
-            on_problem("duplicate_member", f"sample {key!r} has two {parts[1]!r} members")
-            sample = None
-            continue
-        sample[parts[1]] = payload
-    if sample is not None:
-        yield ordinal, sample
+    def __init__(self, workers: int):
+        self.slots = [multiprocessing.RawArray("c", self.WIDTH) for _ in range(workers)]
+
+    def attach(self, worker: int) -> None:
+        """In worker process ``worker``: later ``note_reading`` calls of this process write its slot."""
+        global _READING_SLOT
+        _READING_SLOT = self.slots[worker]
+
+    def read(self, worker: int) -> str:
+        return self.slots[worker].value.decode("utf-8", "replace")
+
+
+_READING_SLOT = None  # this process's slot of a ReadingBoard (DataLoader workers only)
+
+
+def note_reading(label: bytes) -> None:
+    """Record what this worker reads now (a shard URL and its source); free outside DataLoader workers."""
+    if _READING_SLOT is not None:
+        _READING_SLOT.value = label[: ReadingBoard.WIDTH - 1]
 
 
 def read_samples(pattern: str, allow_shell: bool = False) -> Iterator[dict]:

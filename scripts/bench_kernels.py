@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from mm.kernels.fused import OPS  # noqa: E402
+from mm.kernels.interpreter import enable_cpu_interpreter  # noqa: E402
 
 GOAL_LINEAR_CE_PEAK_RATIO = 0.25
 IGNORE = -100
@@ -190,8 +191,6 @@ def main() -> None:
     ap.add_argument("--ops", default=",".join(OPS), help="comma-separated subset")
     args = ap.parse_args()
     if args.cpu_smoke:
-        from mm.kernels.interpreter import enable_cpu_interpreter
-
         enable_cpu_interpreter()
         args.device, args.dtype, args.repeats, args.warmup = "cpu", "float32", 2, 0
         sizes = dict(SMOKE)

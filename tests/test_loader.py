@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from data.config import DataConfig
-from data.loader import SourceReader, SourceSpec, TrainLoader, WorkerStream, resolve_sources
+from data.loader import TrainLoader, WorkerStream
+from data.reader import SourceReader, SourceSpec, resolve_sources
 from data.shards import ShardWriter
 from data.sources import SourceConfig
 from data.stream import read_samples
@@ -280,7 +281,7 @@ def test_shell_urls_only_when_allowed(shard_dir, small_cfg, vocab, shapes):
 
 
 def test_shuffle_buffer_pointers_are_stored_compactly_and_in_order():
-    from data.loader import decode_pointers, encode_pointers
+    from data.reader import decode_pointers, encode_pointers
 
     rng = torch.Generator().manual_seed(0)
     ordinals = sorted(set(torch.randint(0, 5000, (1500,), generator=rng).tolist()))
@@ -288,3 +289,41 @@ def test_shuffle_buffer_pointers_are_stored_compactly_and_in_order():
     runs = encode_pointers(pointers)
     assert decode_pointers(json.loads(json.dumps(runs))) == pointers
     assert len(json.dumps(runs)) < len(json.dumps(pointers)) / 10
+
+
+def test_an_empty_shard_is_a_counted_skip_not_the_end_of_its_source(shard_dir, tmp_path, vocab, shapes):
+    """Two digits shards and one empty tar, two workers: the worker whose epoch share is the empty tar goes on."""
+    import tarfile
+
+    for k in range(2):
+        (tmp_path / f"s-{k}.tar").write_bytes((shard_dir / "digits" / f"train-00000{k}.tar").read_bytes())
+    tarfile.open(tmp_path / "s-2.tar", "w").close()  # a valid tar with no member
+    source = SourceConfig(name="d", kind="generation", shards=f"{tmp_path}/s-{{0..2}}.tar")
+    cfg = DataConfig(sources=[source], seq_len=96, rows_per_batch=2, shuffle_buffer=4, pack_lookahead=8,
+                     num_workers=2)  # fmt: skip
+    spec = resolve_sources(cfg)[0]
+    # a seed whose first epoch gives worker 1 nothing but the empty shard (the case that used to stop the run)
+    cfg = next(c for c in (replace(cfg, seed=s) for s in range(50))
+               if SourceReader(spec, c, 0, 1, 1, 2, "", lambda k, m: None).units() == [(2, 0)])  # fmt: skip
+    loader = TrainLoader(cfg, vocab, shapes, 0, 1)
+    it = iter(loader)
+    for _ in range(6):
+        assert next(it).input_ids.shape == (2, 96)
+    loader.close()
+    assert loader.skip_counts().get("d/empty_shard", 0) >= 1
+    # a source none of whose shards yields a sample still stops, saying so
+    only_empty = replace(cfg, sources=[replace(source, shards=str(tmp_path / "s-2.tar"))], num_workers=0)
+    with pytest.raises(RuntimeError, match="none of its 1 shard"):
+        next(iter(TrainLoader(only_empty, vocab, shapes, 0, 1)))
+
+
+def test_a_stalled_worker_is_named_with_the_shard_it_was_reading(vocab, shapes):
+    """A pipe: shard whose command produces nothing: after data.worker_timeout_s, one line names where it hangs."""
+    cfg = DataConfig(sources=[SourceConfig(name="slow", kind="generation", shards="pipe:sleep 12")], seq_len=96,
+                     rows_per_batch=2, shuffle_buffer=2, num_workers=1, allow_shell_urls=True,
+                     worker_timeout_s=3)  # fmt: skip
+    with pytest.raises(RuntimeError) as e:
+        next(iter(TrainLoader(cfg, vocab, shapes, 0, 1)))
+    message = str(e.value)
+    assert "\n" not in message and "rank 0 DataLoader worker 0" in message and "no batch in 3 s" in message
+    assert "pipe:sleep 12 (source 'slow')" in message and "data.worker_timeout_s" in message

@@ -89,7 +89,7 @@ def _function_imports(path: Path) -> list[tuple[int, str]]:
 def test_no_project_import_inside_a_function_but_for_fast_cli_help():
     assert [(str(p.relative_to(ROOT)), x) for p in LIBRARY for x in _function_imports(p)] == []
     hidden = [(p, line) for p in ENTRY_POINTS for line, _ in _function_imports(p)]
-    assert len({p for p, _ in hidden}) <= 4  # train.py, eval.py, chat.py, generate.py: --help stays fast
+    assert len({p for p, _ in hidden}) <= 5  # train.py, eval.py, chat.py, generate.py, make_shards.py
     for path, line in hidden:  # each says why, right above its block of imports
         lines = path.read_text().splitlines()[:line]
         is_import = lambda s: not s.strip() or s.lstrip().startswith(("from ", "import "))  # noqa: E731

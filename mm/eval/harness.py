@@ -9,12 +9,23 @@ lmms-eval (``mm/eval/lmms.py``), so both give the same numbers.
 Aggregations may take a ``context`` argument (output folder, eval config, seed) and
 may return a mapping of several named numbers (generation tasks compute several
 metrics from one set of images).
+
+Results accumulate in one folder: ``results.json`` is merged per task (a rerun replaces
+that task's entry, the others stay), ``computed_from`` records for each task the
+model, checkpoint, step and eval settings its entry was computed from (use
+:func:`results_matching` to keep only those of one checkpoint), and every file is
+written atomically after each task, so a crash leaves the tasks finished so far and
+never a half-written file. A generation task's image folder is cleared before its
+images are regenerated.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import os
+import re
+import shutil
 import statistics
 import time
 import zlib
@@ -230,6 +241,7 @@ def run_task(task: TaskConfig, loaded, eval_cfg: EvalConfig, out_dir: Path) -> t
         images = generate_all(model, prompts, per_prompt, sampling, seed, eval_cfg.batch_size, desc=task.task)
         layout = out_dir / task.task
         meta = [json.loads(d["metadata"]) if "metadata" in d else {"prompt": p} for d, p in zip(docs, prompts)]
+        clear_image_folder(layout)  # a smaller rerun must not leave the previous run's extra prompts behind
         write_geneval_layout(layout, meta, images)
         with threadpool_limits(1):  # scoring (numpy/scipy/sklearn) gives the same floats whatever the thread settings
             per_doc = [task.process_results(doc, imgs) for doc, imgs in zip(docs, images)]
@@ -255,29 +267,117 @@ def run_task(task: TaskConfig, loaded, eval_cfg: EvalConfig, out_dir: Path) -> t
 
 
 def evaluate(loaded, task_names: list[str] | None, eval_cfg: EvalConfig, out_dir: Path) -> dict:
-    """Run tasks (default: the whole bundled benchmark); write results.json, samples_<task>.jsonl, report.md."""
+    """Run tasks (default: the whole bundled benchmark); merge them into results.json; write samples_<task>.jsonl
+    and report.md. Returns the merged results (earlier tasks of ``out_dir`` included)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     dirs = [DEFAULT_TASK_DIR] + [Path(d) for d in eval_cfg.task_dirs]
     tasks = load_tasks(task_names or eval_cfg.tasks or DEFAULT_TASKS, dirs)
     ensure_bench_datasets(tasks, eval_cfg.build_if_missing)
     t_start = time.time()
-    results: dict = {"model": loaded.source, "eval_config": asdict(eval_cfg), "tasks": [t.task for t in tasks]}
+    results = read_results(out_dir)
+    results.update({"model": loaded.source, "eval_config": asdict(eval_cfg)})
     results.update({k: v for k, v in loaded.source.items() if k in ("checkpoint", "step")})
     for task in tasks:
         t0 = time.time()
         metrics, samples = run_task(task, loaded, eval_cfg, out_dir)
         metrics["seconds"] = round(time.time() - t0, 1)
-        results[task.task] = metrics
-        with open(out_dir / f"samples_{task.task}.jsonl", "w") as f:
-            for s in samples:
-                f.write(json.dumps(s) + "\n")
+        write_atomic(_inside(out_dir, f"samples_{task.task}.jsonl"), "".join(json.dumps(s) + "\n" for s in samples))
+        merge_task(results, task.task, metrics, loaded.source, eval_cfg)
+        write_results(out_dir, results)  # after every task: a crash keeps what is done
         shown = {k: v for k, v in metrics.items() if k not in ("examples", "recipe")}
         print(f"{task.task}: {shown}", flush=True)
     results["eval_seconds"] = round(time.time() - t_start, 1)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "report.md").write_text(markdown_report(results))
+    write_results(out_dir, results)
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'report.md'} ({results['eval_seconds']} s)", flush=True)
     return results
+
+
+# ---------------------------------------------------------------------------------
+# Results on disk: merged per task, with where each entry came from, written atomically
+# ---------------------------------------------------------------------------------
+
+
+def _inside(out_dir: Path, name: str) -> Path:
+    """``out_dir/name``, refused if it leaves ``out_dir`` (task names are checked when read; this is the backstop)."""
+    path = out_dir / name
+    if path.resolve().parent != out_dir.resolve():
+        raise ValueError(f"output name {name!r} leaves the output folder {out_dir}")
+    return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a temporary file beside ``path`` and rename it over ``path``: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_results(out_dir: Path) -> dict:
+    """The results already in ``out_dir`` (to merge into); {} when there are none or they are unreadable."""
+    path = out_dir / "results.json"
+    if not path.is_file():
+        return {"tasks": []}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"note: {path} is unreadable ({e!r:.120}); it is replaced by this run's results", flush=True)
+        return {"tasks": []}
+    if not isinstance(old, dict) or not isinstance(old.get("tasks"), list):
+        print(f"note: {path} predates per-task results; it is replaced by this run's results", flush=True)
+        return {"tasks": []}
+    return old
+
+
+def merge_task(results: dict, task: str, metrics: dict, source: dict, eval_cfg: EvalConfig) -> None:
+    """Put one task's entry into ``results`` (replacing an earlier one) and record what it was computed from."""
+    if task not in results["tasks"]:
+        results["tasks"].append(task)
+    results[task] = metrics
+    results.setdefault("computed_from", {})[task] = {
+        **{k: source[k] for k in ("step", "checkpoint") if k in source},
+        "model": dict(source), "eval_config": asdict(eval_cfg), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }  # fmt: skip
+
+
+def write_results(out_dir: Path, results: dict) -> None:
+    write_atomic(out_dir / "results.json", json.dumps(results, indent=1))
+    write_atomic(out_dir / "report.md", markdown_report(results))
+
+
+def results_matching(results: dict, step: int | None = None, checkpoint: str | None = None) -> dict:
+    """``results`` with only the tasks computed from this step (and checkpoint, when given): what a model card
+    exported from that checkpoint may show. Tasks without a record (older files) are left out."""
+    keep = []
+    for task in results.get("tasks", []):
+        src = results.get("computed_from", {}).get(task)
+        if src is not None and (step is None or src.get("step") == step):
+            if checkpoint is None or src.get("checkpoint") == checkpoint:
+                keep.append(task)
+    out = {
+        k: v for k, v in results.items() if k not in results.get("tasks", []) and k not in ("tasks", "computed_from")
+    }
+    out["tasks"] = keep
+    out["computed_from"] = {t: results["computed_from"][t] for t in keep}
+    out.update({t: results[t] for t in keep})
+    return out
+
+
+def clear_image_folder(folder: Path) -> None:
+    """Remove a task's earlier images (GenEval layout: ``NNNNN/`` prompt folders) before they are regenerated.
+
+    Anything else in the folder is not ours to delete: that is an error naming it.
+    """
+    if not folder.exists():
+        return
+    foreign = [p.name for p in folder.iterdir() if not (p.is_dir() and re.fullmatch(r"\d{5}", p.name))]
+    if not folder.is_dir() or foreign:
+        raise FileExistsError(
+            f"{folder} holds more than generated images ({foreign[:3]}); move it away or choose another output folder"
+        )
+    shutil.rmtree(folder)
 
 
 def _fmt(v: Any) -> str:
@@ -297,8 +397,12 @@ def markdown_report(results: dict) -> str:
             if k not in ("recipe", "examples", "seconds") and not isinstance(v, dict | list):
                 lines.append(f"| {name} | {k} | {_fmt(v)} |")
     lines += ["", "## Prompts and recipes", ""]
+    origins = results.get("computed_from", {})
+    if len({(o.get("checkpoint"), o.get("step")) for o in origins.values()}) > 1:
+        lines[4:4] = ["**These tasks were computed from different checkpoints** (each task's step is below).", ""]
     for name in results["tasks"]:
         rec = results[name]["recipe"]
-        lines.append(f"- **{name}** ({rec['task_file']}, {results[name]['seconds']} s): {rec['scoring']}")
+        step = f", step {origins[name]['step']}" if "step" in origins.get(name, {}) else ""
+        lines.append(f"- **{name}** ({rec['task_file']}, {results[name]['seconds']} s{step}): {rec['scoring']}")
         lines.append(f"  - prompt: `{rec['prompt_example']!r}`; generation: `{json.dumps(rec['generation_kwargs'])}`")
     return "\n".join(lines) + "\n"

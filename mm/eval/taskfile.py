@@ -7,12 +7,22 @@ Keys (lmms-eval's names): ``task``, ``dataset_path``, ``dataset_kwargs``, ``test
 ``higher_is_better``), ``generation_kwargs``, ``lmms_eval_specific_kwargs``, ``metadata``.
 
 * ``include: other_yaml`` (or a list) loads those files first (relative to this file's
-  folder) and lets this file override their keys, as lmms-eval does.
+  folder) and lets this file override their keys, as lmms-eval does; an include loop is
+  a one-line error naming the chain.
 * ``!function utils.name`` names ``name`` in ``utils.py`` next to the YAML file that
-  holds the tag (else in an importable module, ``!function mm.eval.sources.X``); the
-  module is imported on first use.
-* A file with ``group`` and a ``task`` list is a group of tasks.
+  holds the tag, or in a subfolder (``!function sub.helpers.name``), never outside that
+  folder; else in an importable module (``!function mm.eval.sources.X``). The module is
+  imported, so its top-level code runs, on first use.
+* String templates (``doc_to_text: "Q: {{ question }}"``) render in jinja2's sandbox:
+  attribute tricks that reach Python internals fail instead of running.
+* A file with ``group`` and a ``task`` list is a group of tasks. Task and group names
+  become file and folder names under the output folder: letters, digits, ``_ - .``,
+  not starting with a dot.
 * Files without ``task``/``group`` (e.g. ``_default_template_yaml``) are only includes.
+
+**A task folder is code.** Its Python files run with the evaluator's rights, and
+``!function`` may name any importable module: trust a task folder as you would trust a
+Python package you install (``mm/eval/tasks/README.md``).
 
 Unknown keys fail with the file and key named; keys lmms-eval knows that our harness
 does not use are accepted and listed in ``IGNORED_KEYS``.
@@ -20,8 +30,10 @@ does not use are accepted and listed in ``IGNORED_KEYS``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +56,7 @@ TASK_KEYS = {
     "lmms_eval_specific_kwargs", "metadata",
 }  # fmt: skip
 DEFAULT_TASK_DIR = REPO_ROOT / "mm" / "eval" / "tasks"
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # used as file and folder names under --out
 
 
 class TaskFileError(ValueError):
@@ -61,9 +74,16 @@ class FunctionRef:
     spec: str
 
     def resolve(self) -> Callable:
-        """The named attribute: from ``<module>.py`` next to the YAML, else from an importable module."""
+        """The named attribute: from ``<module>.py`` inside the YAML's folder, else from an importable module."""
         module_name, _, name = self.spec.rpartition(".")
+        if not all(part.isidentifier() for part in (*module_name.split("."), name)):
+            raise TaskFileError(
+                f"!function {self.spec!r} (in {self.folder}): not module.name (dotted Python identifiers, no leading "
+                "dot, no path)"
+            )
         path = (self.folder / f"{module_name.replace('.', '/')}.py").resolve()
+        if path.is_file() and not path.is_relative_to(self.folder.resolve()):  # a symlink out of the folder
+            raise TaskFileError(f"!function {self.spec}: {path} is outside the task folder {self.folder}")
         if not path.is_file():
             try:  # lmms-eval's fallback: an absolute import (e.g. mm.eval.sources.VLMEVALKIT_TEXT)
                 return getattr(importlib.import_module(module_name), name)
@@ -95,11 +115,13 @@ def _loader_for(folder: Path) -> type[yaml.SafeLoader]:
     return Loader
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """One task/group/template file with its ``include`` chain merged (later files override earlier ones)."""
     path = Path(path).resolve()
+    if path in _chain:
+        raise TaskFileError(f"include loop: {' -> '.join(str(p) for p in (*_chain, path))}")
     if not path.is_file():
-        raise TaskFileError(f"task file not found: {path}")
+        raise TaskFileError(f"task file not found: {path}" + (f" (included by {_chain[-1]})" if _chain else ""))
     try:
         raw = yaml.load(path.read_text(), Loader=_loader_for(path.parent)) or {}
     except yaml.YAMLError as e:
@@ -110,7 +132,7 @@ def load_yaml(path: str | Path) -> dict:
     merged: dict = {}
     for inc in [includes] if isinstance(includes, str) else includes:
         inc_path = Path(inc) if Path(inc).is_absolute() else path.parent / inc
-        merged.update(load_yaml(inc_path))
+        merged.update(load_yaml(inc_path, (*_chain, path)))
     merged.update(raw)
     merged["__file__"] = str(path)
     return merged
@@ -148,10 +170,21 @@ class GroupConfig:
     yaml_path: Path
 
 
+def check_name(name: object, path: Path, what: str = "task") -> str:
+    """A task or group name that is safe as a file name under the output folder (``samples_<task>.jsonl``)."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        raise TaskFileError(
+            f"{path}: {what} name {name!r} is not allowed: letters, digits, '_', '-', '.', not starting with '.' "
+            "(it names files under the output folder)"
+        )
+    return name
+
+
 def parse_task(cfg: dict) -> TaskConfig | GroupConfig:
     path = Path(cfg.pop("__file__"))
     if "group" in cfg and isinstance(cfg.get("task"), list):
-        return GroupConfig(cfg["group"], [str(t) for t in cfg["task"]], path)
+        return GroupConfig(check_name(cfg["group"], path, "group"), [str(t) for t in cfg["task"]], path)
+    check_name(cfg.get("task"), path)
     unknown = set(cfg) - TASK_KEYS - IGNORED_KEYS - {"group"}
     if unknown:
         raise TaskFileError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(TASK_KEYS)}")
@@ -177,7 +210,8 @@ def discover(dirs: list[str | Path] | None = None) -> dict[str, Path]:
             name = head.get("group") if isinstance(head.get("task"), list) else head.get("task")
             if name is None and "include" in head:
                 name = load_yaml(p).get("task")
-            if isinstance(name, str):
+            if name is not None:
+                check_name(name, p, "group" if isinstance(head.get("task"), list) else "task")
                 if name in found and found[name] != p:
                     raise TaskFileError(f"task {name!r} defined twice: {found[name]} and {p}")
                 found[name] = p
@@ -206,12 +240,30 @@ def call_doc_fn(fn: Callable | str | None, doc: dict, prompt_kwargs: dict | None
     if isinstance(fn, str):
         if fn in doc:
             return doc[fn]
-        import jinja2
-
-        return jinja2.Template(fn).render(**doc)
+        return render_template(fn, doc)
     if isinstance(fn, list):
         return fn
     target = fn.resolve() if isinstance(fn, FunctionRef) else fn
     if len(inspect.signature(target).parameters) >= 2 and prompt_kwargs is not None:
         return target(doc, prompt_kwargs)
     return target(doc)
+
+
+@functools.lru_cache(maxsize=256)
+def _template(source: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment().from_string(source)
+
+
+def render_template(source: str, doc: dict) -> str:
+    """A ``doc_to_*`` string template, rendered in jinja2's sandbox (a task file's text must not run code)."""
+    from jinja2 import TemplateError
+    from jinja2.exceptions import SecurityError
+
+    try:
+        return _template(source).render(**doc)
+    except SecurityError as e:
+        raise TaskFileError(f"template {source[:120]!r} refused by the sandbox: {e}") from None
+    except TemplateError as e:
+        raise TaskFileError(f"template {source[:120]!r}: {type(e).__name__}: {e}") from None

@@ -15,10 +15,11 @@ without them (or without a GPU) never pays for or depends on them.
 from __future__ import annotations
 
 import importlib
-import os
 from types import ModuleType
 
 import torch
+
+from mm.kernels.interpreter import enable_cpu_interpreter, interpreting
 
 KERNEL_IMPLS = ("torch", "fused")
 
@@ -26,14 +27,6 @@ KERNEL_IMPLS = ("torch", "fused")
 def check_impl(impl: str) -> None:
     if impl not in KERNEL_IMPLS:
         raise ValueError(f"kernel impl {impl!r}; known: {list(KERNEL_IMPLS)}")
-
-
-def interpreting() -> bool:
-    """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read as triton reads it).
-
-    It only works when set before triton is imported: see ``mm/kernels/interpreter.py``.
-    """
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
 
 
 def use_kernels(impl: str, *tensors: torch.Tensor) -> bool:
@@ -49,7 +42,5 @@ def use_kernels(impl: str, *tensors: torch.Tensor) -> bool:
 def kernel_module(name: str, device: torch.device) -> ModuleType:
     """Import a kernel module on first use; on CPU, first check the interpreter and apply its shims."""
     if device.type == "cpu":
-        from mm.kernels.interpreter import enable_cpu_interpreter
-
         enable_cpu_interpreter()
     return importlib.import_module(name)

@@ -33,9 +33,15 @@ import importlib
 import os
 import sys
 
-from mm.kernels.dispatch import interpreting
-
 _SHIMMED = False
+
+
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read as triton reads it).
+
+    It only works when set before triton is imported: see ``mm/kernels/interpreter.py``.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
 
 
 def triton_is_interpreted() -> bool:
