@@ -113,29 +113,32 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
             p.copy_(1.0 + noise if is_scale else noise)
 
 
-def run(out: Path, seed: int) -> None:
+def run(out: Path, seed: int, config_path: Path | None = None, latent: int = 8) -> None:
+    """``config_path``: a released config.json instead of the reduced one (the full model: ~9 GB of fp32)."""
     from safetensors.torch import save_file
 
+    config = json.loads(config_path.read_text()) if config_path else PARITY_CONFIG
     torch.manual_seed(seed)
-    model = build(PARITY_CONFIG).float().eval()
+    model = build(config).float().eval()
     randomize(model, seed)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(PARITY_CONFIG, indent=1))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     g = torch.Generator().manual_seed(seed + 1)
-    n_img = (PARITY_CONFIG["vision_und_enc_config"]["params"]["image_size"] // 16) ** 2
+    size = config["vision_und_enc_config"]["params"]["image_size"]
+    n_img = (size // 16) ** 2
     text = lambda n: torch.randint(*TEXT_IDS, (n,), generator=g).tolist()  # noqa: E731
     with torch.no_grad():
         # understanding: <bos> text <boi> <image>*n <eoi> text; <boi> takes beg_of_und_embed, the placeholders the tower
         ids = torch.tensor([[BOS, *text(3), BOI, *([IMAGE] * n_img), EOI, *text(4)]])
-        pixels = torch.rand(1, 1, 3, 64, 64, generator=g) * 2 - 1
+        pixels = torch.rand(1, 1, 3, size, size, generator=g) * 2 - 1
         seq_mask = (ids == IMAGE) | (ids == BOI)
         emb_mask = torch.ones(1, 1, n_img + 1, dtype=torch.bool)
         embeds = model.prepare_inputs_embeds(ids.clone(), pixels, seq_mask, emb_mask)
         logits = model.language_model(inputs_embeds=embeds).logits
         # generation: <bos> prompt <boi>, whose slot takes the time embedding, then the latent tokens
         gen_ids = torch.tensor([[BOS, *text(5), BOI], [BOS, *text(5), BOI]])
-        z = torch.randn(2, 4, 8, 8, generator=g)
+        z = torch.randn(2, 4, latent, latent, generator=g)
         t = torch.tensor([0.25, 0.8])
         z_emb, t_emb, hs = model.vision_gen_enc_model(z, t * 1000.0)  # the reference feeds t*1000
         z_emb = model.vision_gen_enc_aligner(z_emb.flatten(2).permute(0, 2, 1))
@@ -159,11 +162,13 @@ def main() -> None:
     r = sub.add_parser("run", help="a reduced model with random weights, its inputs and outputs")
     r.add_argument("out", type=Path)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--config", type=Path, help="a released config.json (default: the reduced parity model)")
+    r.add_argument("--latent", type=int, default=8, help="latent side of the velocity inputs (the release: 48)")
     args = ap.parse_args()
     if args.cmd == "keys":
         keys(args.config, args.out)
     else:
-        run(args.out, args.seed)
+        run(args.out, args.seed, args.config, args.latent)
 
 
 if __name__ == "__main__":

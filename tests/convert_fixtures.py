@@ -80,14 +80,14 @@ def llava_tokenizer():
     return word_tokenizer(LLAVA_SPECIALS, ["<image>"], image_token="<image>")
 
 
-def tiny_llava(folder: Path, seed: int = 0) -> Path:
+def tiny_llava(folder: Path, seed: int = 0, vocab_size: int = 80) -> Path:
     """A random ``LlavaForConditionalGeneration``: a CLIP ViT (32 px, patch 8: 16 patch tokens + CLS), features
     from the second-to-last layer with CLS dropped, a 2-layer GELU projector, a LLaMA."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
 
     tok = llava_tokenizer()
     torch.manual_seed(seed)
-    text = dict(model_type="llama", vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                 rms_norm_eps=1e-5)  # fmt: skip
     vision = dict(model_type="clip_vision_model", hidden_size=24, intermediate_size=48, num_hidden_layers=3,

@@ -180,9 +180,10 @@ def test_export_to_transformers_janus_gives_the_original_logits(janus, tmp_path)
 def test_converted_janus_trains_then_exports_both_ways(janus, shard_dir, tmp_path):
     """Our trainer fine-tunes the converted folder (understanding and image codes from the bundled digits), then
     --format hf_janus loads in transformers with the trained model's logits."""
-    from transformers import JanusForConditionalGeneration
+    from transformers import AutoModel, JanusForConditionalGeneration
 
     from mm.config import load_config
+    from mm.hf import wrap
     from mm.load import load_run
     from mm.train.launch import launch
 
@@ -213,12 +214,12 @@ train: {{max_steps: 3, init_from: {out}, log_every: 1, ckpt_every: 3, warmup_ste
     back = JanusForConditionalGeneration.from_pretrained(str(tmp_path / "hf_janus"), local_files_only=True).eval()
     ids = torch.tensor([[trained.vocab.bos, trained.vocab.boi, *[trained.vocab.image] * 16, trained.vocab.eoi, 7, 8]])
     pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    from mm.hf import wrap
-
+    ours = AutoModel.from_pretrained(str(tmp_path / "unified_mm"), local_files_only=True).eval()
     with torch.no_grad():
         a = wrap(trained, trained.cfg)(input_ids=ids, pixel_values=pixels).logits
         b = back(input_ids=ids, pixel_values=(pixels - 0.5) / 0.5).logits
-    assert (a - b).abs().max() <= TOL
+        c = ours(input_ids=ids, pixel_values=pixels).logits
+    assert (a - b).abs().max() <= TOL and (a - c).abs().max() <= TOL
 
 
 def test_other_models_are_refused_with_the_reason(tiny_run_model):

@@ -143,6 +143,27 @@ train: {{max_steps: 3, init_from: {out}, log_every: 1, ckpt_every: 3, warmup_ste
     assert (a - b).abs().max() <= TOL
 
 
+def test_an_embedding_table_without_room_for_our_tokens_grows_by_mean_rows(tmp_path):
+    """No spare rows (real LLaVA-1.5 and Janus have some): our template's special tokens get the mean row."""
+    from mm.convert.llava import import_hf_llava
+    from tests.convert_fixtures import llava_tokenizer
+
+    rows = len(llava_tokenizer())
+    src = tiny_llava(tmp_path / "hf", vocab_size=rows)
+    import_hf_llava(src, tmp_path / "ours")
+    ref, ours, tok = _load(src, tmp_path / "ours")
+    table = ours.unified.llm.get_input_embeddings().weight
+    assert table.shape[0] == len(ours.unified.vocab) > rows
+    assert torch.equal(
+        table[rows:], ref.get_input_embeddings().weight.mean(0, keepdim=True).expand(len(table) - rows, -1)
+    )
+    ids, pixels, normalised = _inputs(tok, ours)
+    with torch.no_grad():
+        a = ref(input_ids=ids, pixel_values=normalised).logits
+        b = ours(input_ids=ids, pixel_values=pixels).logits
+    assert (a - b[..., :rows]).abs().max() <= TOL  # the original tokens' logits are unchanged
+
+
 # ---- the transformers-shaped identity of our own models ------------------------------------------------------
 @pytest.mark.parametrize("mod", [False, True])
 def test_forward_and_generate_equal_answer(vocab, mod):

@@ -94,7 +94,8 @@ def import_hf_janus(src: Path, out: Path, dtype: str = "float32", final: Path | 
     c = hf.config
     check_tokenizer(tok, c.image_token_id)
     text_config = copy.deepcopy(c.text_config)
-    text_config.tie_word_embeddings = bool(c.tie_word_embeddings)  # Janus ties at its top level
+    # tied or not as the loaded model is (Janus's config says it at the top level, its LLM's at its own)
+    text_config.tie_word_embeddings = hf.lm_head.weight is hf.get_input_embeddings().weight
     state = rename(hf.state_dict(), rules(c.vision_config.depth))
     cfg = model_config(c, tok, *image_norm(src))
     source = {"path": str(src), "format": "hf_janus", "class": type(hf).__name__}
