@@ -213,7 +213,8 @@ class JanusHead(ImageHead):
         (position j predicts code j+1; the last predicts the code after ``codes``)."""
         k = codes.shape[1]
         ids, pos, sid = rows.input_ids, rows.position_ids, rows.sample_ids
-        embeds = torch.cat([host.embed_tokens(ids), self.code_inputs(codes).to(host.embed_tokens(ids).dtype)], 1)
+        prefix = host.embed_tokens(ids)
+        embeds = torch.cat([prefix, self.code_inputs(codes).to(prefix.dtype)], 1)
         pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, k + 1, device=pos.device)], 1)
         sid = torch.cat([sid, sid[:, -1:].clamp(min=0).expand(-1, k)], 1)
         kinds = torch.cat([rows.token_kinds, torch.full_like(sid[:, :k], TOKEN_GEN_IMAGE, dtype=torch.int8)], 1)
