@@ -134,7 +134,29 @@ def load_model_weights(checkpoint_dir: str | Path, ema: bool = False) -> dict[st
     return weights
 
 
-def load_init(model: torch.nn.Module, path: str | Path) -> None:
-    """``train.init_from``: start from the weights of a checkpoint (or a run's newest one)."""
-    model.load_state_dict(load_model_weights(resolve_path(path)))
+def is_release(path: Path) -> bool:
+    """A release folder (``scripts/export_release.py``, ``scripts/convert.py``): config.json + safetensors."""
+    return (path / "config.json").is_file() and any(
+        (path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")
+    )
 
+
+def release_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a release folder (one file, or shards named by the index)."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return load_tensors(path / "model.safetensors")
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        out.update(load_tensors(path / shard))
+    return out
+
+
+def load_init(model: torch.nn.Module, path: str | Path) -> None:
+    """``train.init_from``: start from the weights of a checkpoint (or a run's newest one), or of a release
+    folder (a converted published model: its ``model.yaml`` is the model section that fits)."""
+    path = resolve_path(path)
+    if not (path / META).is_file() and is_release(path):
+        model.load_state_dict(release_weights(path))
+        return
+    model.load_state_dict(load_model_weights(path))

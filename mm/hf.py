@@ -15,7 +15,11 @@
   transformers vision tower), so ``from_pretrained`` needs no original weights directory. Releases
   written before image heads owned their parts (format 1) load through ``mm.model.legacy``.
 * ``UnifiedMMModel`` holds a ``UnifiedModel`` built from that config; the UnifiedModel's
-  parts are its own children, so the state-dict keys are the UnifiedModel's, unchanged.
+  parts are its own children, so the state-dict keys are the UnifiedModel's, unchanged. Its
+  ``forward(input_ids=, pixel_values=, attention_mask=, labels=)`` is transformers-shaped (a
+  ``CausalLMOutputWithPast`` with the LLM's logits) and text generation runs through transformers'
+  ``generate``; ``forward(batch)`` (a packed ``mm.batch.Batch``) gives the training losses, and
+  ``answer``/``generate_images`` are conveniences.
 * ``UnifiedMMProcessor`` = tokenizer + image preprocessing of each tower (size,
   channels) and the understanding tower's normalisation constants.
 
@@ -30,9 +34,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, ProcessorMixin
+import torch.nn.functional as F
+from transformers import AutoConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel, ProcessorMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mm.images import fit_image
+from mm.batch import Batch
+from mm.images import fit_image, match_images
+from mm.kernels.attention import AttentionSpec
 from mm.model.autoencoder import DiffusersKL
 from mm.model.config import ModelConfig, model_config_from_dict
 from mm.model.freq_tokenizer import FreqTokenizer
@@ -40,7 +48,7 @@ from mm.model.legacy import FORMAT, LEGACY_KEY_MAPPING, legacy_key
 from mm.model.towers import HFSiglipTower
 from mm.model.unified import UnifiedModel
 from mm.schema import ConfigError, to_plain
-from mm.sequence import Vocab
+from mm.sequence import TOKEN_TEXT, TOKEN_UND_IMAGE, Vocab, scatter_placeholders
 
 MODEL_TYPE = "unified_mm"
 
@@ -55,10 +63,14 @@ class UnifiedMMConfig(PreTrainedConfig):
         text_config: dict | PreTrainedConfig | None = None,
         part_configs: dict | None = None,
         mm_format: int = 1,
+        image_token_id: int | None = None,
         **kwargs,
     ):
         # One attribute per ModelConfig field (``mm_parts`` lists them); the rest of kwargs is transformers'.
         self.mm_format = mm_format  # 1: written before image heads owned their parts (mm.model.legacy)
+        # The token whose positions take understanding-image features in the transformers-shaped forward
+        # (transformers' VLM convention); None = our <image_placeholder>. A converted LLaVA keeps its <image>.
+        self.image_token_id = image_token_id
         self.mm_parts = list(mm_parts or [])
         for name in self.mm_parts:
             if name not in kwargs:
@@ -73,11 +85,13 @@ class UnifiedMMConfig(PreTrainedConfig):
 
     @classmethod
     def from_model_config(
-        cls, model_cfg: ModelConfig, text_config: PreTrainedConfig, part_configs: dict | None = None
+        cls, model_cfg: ModelConfig, text_config: PreTrainedConfig, part_configs: dict | None = None, **kwargs
     ) -> UnifiedMMConfig:
         parts = to_plain(model_cfg)
+        # tie_word_embeddings is the LLM's own business (its text_config); ours must never tie anything
+        kwargs.setdefault("tie_word_embeddings", False)
         return cls(mm_parts=[f.name for f in fields(ModelConfig)], text_config=text_config.to_dict(),
-                   part_configs=part_configs, mm_format=FORMAT, **parts)  # fmt: skip
+                   part_configs=part_configs, mm_format=FORMAT, **parts, **kwargs)  # fmt: skip
 
     def to_model_config(self) -> ModelConfig:
         try:
@@ -142,6 +156,8 @@ def release_model_config(model: UnifiedModel, model_cfg: ModelConfig) -> ModelCo
     says ``sdpa``.
     """
     cfg = copy.deepcopy(model_cfg)
+    if hasattr(model.und.tower, "release_config"):  # a tower that records its loaded architecture itself
+        cfg.und.tower = model.und.tower.release_config()
     tower = cfg.und.tower
     if isinstance(model.und.tower, HFSiglipTower) and tower.weights:
         t = model.und.tower.model.config
@@ -200,8 +216,9 @@ def build_unified(config: UnifiedMMConfig, tokenizer):
     return unified
 
 
-class UnifiedMMModel(PreTrainedModel):
-    """A ``UnifiedModel`` with a transformers identity (``from_pretrained``/``save_pretrained``)."""
+class UnifiedMMModel(PreTrainedModel, GenerationMixin):
+    """A ``UnifiedModel`` with a transformers identity: ``from_pretrained``/``save_pretrained``, a
+    transformers-shaped ``forward`` and ``generate`` for text."""
 
     config_class = UnifiedMMConfig
     base_model_prefix = ""
@@ -249,9 +266,100 @@ class UnifiedMMModel(PreTrainedModel):
         self._unified.training = mode
         return self
 
-    def forward(self, batch) -> dict[str, torch.Tensor]:
-        """Training losses of a packed ``mm.batch.Batch``, as ``UnifiedModel.forward``."""
-        return self._unified(batch)
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self._unified.llm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self._unified.llm.get_output_embeddings()
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id if self.config.image_token_id is not None else self._unified.vocab.image
+
+    @property
+    def own_loop_only(self) -> bool:
+        """p-MoD routing and V2PE positions exist only in our decoder loop: transformers' LLM forward and its
+        caches (which hold every token of every layer at integer positions) cannot run such a model."""
+        cfg = self._unified.cfg
+        return cfg.mod.enabled or self._unified.position_policy.enabled
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | Batch | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | dict[str, torch.Tensor]:
+        """transformers-shaped: token ids (understanding images at ``config.image_token_id``), ``pixel_values``
+        from our processor ([0,1]; the tower's mean/std apply inside), a 0/1 ``attention_mask`` (left
+        padding) -> ``CausalLMOutputWithPast`` with the LLM's logits (and the shifted next-token loss with
+        ``labels``, -100 ignored). Positions restart after left padding, as in :meth:`answer`.
+
+        ``forward(batch)`` with a packed ``mm.batch.Batch``: the training losses (``UnifiedModel.forward``).
+        """
+        if isinstance(input_ids, Batch):
+            return self._unified(input_ids)
+        if inputs_embeds is not None and pixel_values is not None:
+            raise ValueError("forward: pass pixel_values with input_ids, not with inputs_embeds")
+        embeds = self._embed(input_ids, pixel_values) if inputs_embeds is None else inputs_embeds
+        if position_ids is None and attention_mask is not None:  # counted over the whole (cached + new) mask
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1] :]
+        if self.own_loop_only:
+            if cache is not None and use_cache is not False:
+                raise ValueError("this model routes tokens (p-MoD) or uses V2PE positions: transformers' caches "
+                                 "cannot hold it; call generate(use_cache=False) or answer()")  # fmt: skip
+            if attention_mask is None:
+                attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            return self._own_loop(input_ids, embeds, attention_mask, labels, logits_to_keep)
+        return self._unified.llm(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            use_cache=use_cache, labels=labels, logits_to_keep=logits_to_keep, **kwargs,
+        )  # fmt: skip
+
+    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        u, image = self._unified, self.image_token_id
+        embeds = u.embed_tokens(input_ids)
+        mask = input_ids == image
+        if pixel_values is None:
+            if bool(mask.any()):
+                raise ValueError(f"forward: {int(mask.sum())} image tokens (id {image}) but no pixel_values")
+            return embeds
+        features = u.und(match_images(pixel_values.to(embeds.device), u.und.image_size, u.und.channels))
+        embeds = u.und.place_begin(embeds, input_ids, u.vocab.boi, image)
+        return scatter_placeholders(embeds, mask, features.flatten(0, 1), "understanding images")
+
+    def _own_loop(self, input_ids, embeds, attention_mask, labels, logits_to_keep) -> CausalLMOutputWithPast:
+        """Our decoder loop over whole sequences (p-MoD, V2PE): positions from the position policy per row."""
+        u = self._unified
+        keep = attention_mask.bool()
+        sid = torch.where(keep, 0, -1)
+        kinds = torch.full_like(sid, TOKEN_TEXT, dtype=torch.int8)
+        if input_ids is not None:
+            kinds = kinds.masked_fill(input_ids == self.image_token_id, TOKEN_UND_IMAGE)
+        pos = torch.zeros(sid.shape, dtype=torch.float32, device=embeds.device)
+        for b in range(len(sid)):  # inference only: a host read per row is fine
+            row_kinds = kinds[b][keep[b]].tolist()
+            pos[b, keep[b]] = u.position_policy.positions(row_kinds).to(pos.device)
+        h = u.decode(embeds, pos, AttentionSpec.packed(sid), kinds).last_hidden_state
+        h = h[:, -logits_to_keep:] if logits_to_keep else h
+        logits = u.llm.get_output_embeddings()(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def generate(self, *args, **kwargs):
+        """transformers' text generation (greedy by default: ``generation_config.json``); a p-MoD or V2PE
+        model recomputes the sequence per token (``use_cache=False``): see :attr:`own_loop_only`."""
+        if self.own_loop_only:
+            kwargs["use_cache"] = False
+        return super().generate(*args, **kwargs)
 
     def answer(self, images: torch.Tensor, questions: list[str], max_new_tokens: int = 8, on_token=None) -> list[str]:
         return self._unified.answer(images, questions, max_new_tokens=max_new_tokens, on_token=on_token)
@@ -282,6 +390,17 @@ def wrap(unified: UnifiedModel, model_cfg: ModelConfig) -> UnifiedMMModel:
     return UnifiedMMModel(cfg, unified=unified)
 
 
+def processor_of(model: UnifiedModel) -> UnifiedMMProcessor:
+    """The processor of a built model; one with no image head (understanding only) records the tower's image
+    size for both paths (``UnifiedMMProcessor.from_model`` reads the default head's template)."""
+    if model.heads:
+        return UnifiedMMProcessor.from_model(model)
+    u = model.und
+    return UnifiedMMProcessor(model.vocab.tokenizer, und_image_size=u.image_size, und_channels=u.channels,
+                              und_mean=list(u.tower.mean), und_std=list(u.tower.std), gen_image_size=u.image_size,
+                              gen_channels=u.channels)  # fmt: skip
+
+
 # Recipe keys that are sampler arguments of ``UnifiedModel.generate`` (the rest describe the recipe).
 SAMPLER_KEYS = ("steps", "cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p")
 
@@ -299,7 +418,7 @@ def generation_config(model_cfg: ModelConfig, vocab, max_new_tokens: int = 16):
     from transformers import GenerationConfig
 
     recipes = model_cfg.head_recipes()
-    head = next(iter(recipes))
+    head = next(iter(recipes), None)  # None: understanding only
     return GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, bos_token_id=vocab.bos, eos_token_id=vocab.eos,
         pad_token_id=vocab.pad, image_head=head, image_heads=recipes,

@@ -1,6 +1,7 @@
 """Turn a training run into a release folder that loads with transformers' Auto classes.
 
     python scripts/export_release.py RUN_DIR OUT [--checkpoint latest|PATH] [--no-ema] [--eval]
+                                     [--format unified_mm|hf_janus|hf_llava]
 
 OUT holds: ``config.json`` (our ModelConfig per part + the LLM's transformers config),
 ``model.safetensors`` (every weight, frozen towers and VAE included: self-contained),
@@ -11,6 +12,11 @@ results, the exact prompt and sampling recipe behind each number, and the traini
 config. Weights come from the EMA copy when the run has one. ``--eval`` runs the
 bundled benchmark on the exported folder and puts those numbers in the card; without
 it the card uses ``RUN_DIR/eval/results.json`` when present. No file is a pickle.
+
+``--format hf_janus`` / ``hf_llava``: a model of Janus or LLaVA architecture (converted with
+``scripts/convert.py`` and fine-tuned, say) becomes a folder that ``JanusForConditionalGeneration`` /
+``LlavaForConditionalGeneration.from_pretrained`` load with no code of ours; any other model (flow or
+next-frequency heads, MoD, V2PE, other towers) is refused with the reason and keeps ``unified_mm``.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mm.convert import EXPORTERS, ConversionError  # noqa: E402
 from mm.eval.harness import evaluate  # noqa: E402
-from mm.hf import UnifiedMMProcessor, generation_config, wrap  # noqa: E402
+from mm.hf import generation_config, processor_of, wrap  # noqa: E402
 from mm.load import load_release, load_run, read_weights  # noqa: E402
 
 USAGE = """```python
@@ -94,7 +101,7 @@ def export_release(run_dir: Path, out: Path, checkpoint: str = "latest", use_ema
     shutil.rmtree(tmp, ignore_errors=True)
     hf = wrap(model, cfg.model)
     hf.save_pretrained(str(tmp))
-    UnifiedMMProcessor.from_model(model).save_pretrained(str(tmp))
+    processor_of(model).save_pretrained(str(tmp))
     gen = generation_config(cfg.model, model.vocab)
     gen.save_pretrained(str(tmp))
     source = {"run": str(run_dir), "checkpoint": str(ckpt), "step": step, "weights": which}
@@ -121,6 +128,33 @@ def export_release(run_dir: Path, out: Path, checkpoint: str = "latest", use_ema
     return out
 
 
+FORMATS = ("unified_mm", *EXPORTERS)
+
+
+def export_transformers_format(run_dir: Path, out: Path, fmt: str, checkpoint: str = "latest", use_ema: bool = True,
+                               overwrite: bool = False) -> Path:  # fmt: skip
+    """A run of Janus or LLaVA architecture -> a folder of transformers' own format (``--format``)."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists: pass --overwrite to replace it")
+    cfg, model, ckpt, step = load_run(run_dir, checkpoint, use_ema=use_ema)
+    _, which = read_weights(ckpt, use_ema)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        EXPORTERS[fmt](model, tmp)
+    except ConversionError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"export_release: {e}") from None
+    source = {"run": str(run_dir), "checkpoint": str(ckpt), "step": step, "weights": which, "format": fmt}
+    (tmp / "release.json").write_text(json.dumps({"source": source}, indent=1))
+    (tmp / "train_config.yaml").write_text((run_dir / "config.yaml").read_text())
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"wrote {fmt} folder {out}: {sorted(p.name for p in out.iterdir())}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
@@ -129,7 +163,13 @@ def main() -> None:
     ap.add_argument("--no-ema", action="store_true", help="export the raw weights even when an EMA copy exists")
     ap.add_argument("--eval", action="store_true", help="evaluate the exported folder on the bundled benchmark")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--format", choices=FORMATS, default="unified_mm",
+                    help="unified_mm (ours, any model) or transformers' own Janus / LLaVA format")  # fmt: skip
     args = ap.parse_args()
+    if args.format != "unified_mm":
+        export_transformers_format(args.run_dir, args.out, args.format, args.checkpoint, not args.no_ema,
+                                   args.overwrite)  # fmt: skip
+        return
     export_release(args.run_dir, args.out, args.checkpoint, not args.no_ema, args.eval, args.overwrite)
 
 

@@ -129,7 +129,8 @@ def test_a_frozen_module_without_weights_is_an_error_at_start():
     from mm.train.stage import apply_stage
 
     cfg, model = _meta_model("configs/janusflow_1.3b.yaml")
-    with pytest.raises(ConfigError, match=r"und\.tower \(30\d\.\dM; model\.und\.tower\.weights") as e:
+    # SigLIP-L/16 as timm builds it for JanusFlow: 303M blocks + its (unused, kept) attention-pool head
+    with pytest.raises(ConfigError, match=r"und\.tower \(316\.\dM; model\.und\.tower\.weights") as e:
         apply_stage(model, cfg.train)
     assert "heads.flow.autoencoder" in str(e.value)  # the random frozen VAE too
     cfg.model.und.tower.weights = "/models/siglip"
@@ -138,7 +139,9 @@ def test_a_frozen_module_without_weights_is_an_error_at_start():
     assert stage.referenced == ["heads.flow.autoencoder", "und.tower"]  # checkpoints reference them, never copy
 
 
-FLOW_TRAINS = {f"heads.flow.{p}" for p in ("time_embed", "gen_encoder", "gen_decoder", "repa_proj")}
+# JanusFlow's released layout (codec uvit) and REPA's projector; the begin-of-image embedding trains with them
+FLOW_PARTS = ("gen_encoder", "gen_encoder_aligner", "gen_decoder_aligner_norm", "gen_decoder_aligner", "gen_decoder")
+FLOW_TRAINS = {"und.begin_embed", *(f"heads.flow.{p}" for p in (*FLOW_PARTS, "repa_proj"))}
 
 
 @pytest.mark.parametrize(

@@ -134,6 +134,8 @@ def answer_all(
 def sampling_recipe(model, gen_kwargs: dict) -> dict:
     """The image head's sampling settings a generation task runs with (task values over model defaults)."""
     recipes = model.cfg.head_recipes()
+    if not recipes:
+        raise ValueError("this model has no image head (model.understanding_only): run understanding tasks only")
     head = gen_kwargs.get("head") or next(iter(recipes))
     if head not in recipes:
         raise KeyError(f"image head {head!r} not in this model; it has {sorted(recipes)}")

@@ -1,9 +1,10 @@
 """The model's config: its parts' configs, each parsed and validated by the part's own class.
 
 ``heads`` maps image-head names (keys of ``mm.model.heads.IMAGE_HEADS``) to their configs; the first is
-the default head. A YAML layer that derives from another may drop an inherited head with
-``name: null``. ``und.tower`` and each head's section are plug-in sections: their schema is their
-part's ``Config`` class (see ``mm.schema.parse_part``).
+the default head; an empty ``heads`` means the default flow head. A YAML layer that derives from another may
+drop an inherited head with ``name: null``. A model with no image head at all (LLaVA: understanding
+only) says so with ``understanding_only: true`` and no heads. ``und.tower`` and each head's section are
+plug-in sections: their schema is their part's ``Config`` class (see ``mm.schema.parse_part``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class ModelConfig:
     mod: MoDConfig = field(default_factory=MoDConfig)
     v2pe: V2PEConfig = field(default_factory=V2PEConfig)
     heads: dict[str, Any] = field(default_factory=dict)  # image head -> its config; first = default; {} = flow
+    understanding_only: bool = False  # no image head (heads must be empty): text out only, e.g. LLaVA
     text_loss_weight: float = 1.0
 
     # plug-in sections (dotted, from the model) -> the kind that selects their schema (mm.schema.merge_layers)
@@ -38,7 +40,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         heads = {name: c for name, c in dict(self.heads).items() if c is not None}
-        if not heads:
+        if self.understanding_only and heads:
+            raise ConfigError(f"model.understanding_only=true but model.heads names {sorted(heads)}; drop them "
+                              f"(model.heads.<name>: null) or set model.understanding_only=false")  # fmt: skip
+        if not heads and not self.understanding_only:
             heads = {DEFAULT_HEAD: {}}
         self.heads = {
             name: parse_part(head_class(name).Config, c, f"model.heads.{name}") for name, c in heads.items()
@@ -48,6 +53,8 @@ class ModelConfig:
 
     @property
     def default_head(self) -> str:
+        if not self.heads:
+            raise ConfigError("this model has no image head (model.understanding_only=true)")
         return next(iter(self.heads))
 
     def head_recipes(self) -> dict[str, dict]:

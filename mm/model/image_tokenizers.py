@@ -10,19 +10,76 @@ line. A code head's config names the kind and where its frozen weights live::
 
 ``path: ""`` builds the tokenizer from its shapes (``config``): a release, whose weights are in the
 release's own safetensors, or a test.
+
+Kinds: ``freq`` (NFIG's frequency-band tokenizer, ours) and ``janus_vq`` (Janus's VQ-16 image tokenizer:
+transformers' ``JanusVQVAE``, 16384 codes of 8 dims on a 16x downsampled grid).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from mm.model.freq_tokenizer import FreqTokenizer
 from mm.schema import ConfigError, parse_part, resolve_path
 
-IMAGE_TOKENIZERS: dict[str, type[nn.Module]] = {"freq": FreqTokenizer}
+
+@dataclass
+class JanusVQConfig:
+    """transformers' ``JanusVQVAEConfig`` as a dict (``to_dict()``); {} = transformers' defaults (Janus-Pro's)."""
+
+    hf_config: dict = field(default_factory=dict)
+
+
+class JanusVQ(nn.Module):
+    """Janus's VQ tokenizer (transformers' ``JanusVQVAE``, frozen): [0,1] images <-> codes [N, grid*grid].
+
+    Pixels enter as [-1, 1] (Janus's 0.5/0.5 normalisation) and leave as [0, 1]; codes are raster order.
+    """
+
+    Config = JanusVQConfig
+
+    def __init__(self, cfg: JanusVQConfig | None = None, vq: nn.Module | None = None):
+        super().__init__()
+        from transformers import JanusVQVAE, JanusVQVAEConfig
+
+        self.cfg = cfg or JanusVQConfig()
+        if vq is None:
+            hf = dict(self.cfg.hf_config)
+            hf.pop("model_type", None)
+            vq = JanusVQVAE(JanusVQVAEConfig(**hf))
+        self.vq = vq
+        c = vq.config
+        self.grid = int(c.num_patches)  # code grid side (the vision config's image_size / patch_size in Janus)
+        self.image_size = self.grid * 2 ** (len(c.channel_multiplier) - 1)
+        self.image_channels = int(c.in_channels)
+        self.codebook_size, self.embed_dim = int(c.num_embeddings), int(c.embed_dim)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> JanusVQ:
+        """A ``JanusVQVAE.save_pretrained`` directory."""
+        from transformers import JanusVQVAE
+
+        vq = JanusVQVAE.from_pretrained(str(path), local_files_only=True)
+        return cls(JanusVQConfig(hf_config=vq.config.to_dict()), vq=vq)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[0,1] images [N, C, S, S] -> codes [N, grid*grid]."""
+        tokens = self.vq.encode((images * 2 - 1).to(self.vq.dtype)).image_tokens
+        return tokens.view(images.shape[0], -1)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [N, grid*grid] -> [0,1] images."""
+        return ((self.vq.decode(codes).float() + 1) / 2).clamp(0, 1)
+
+
+IMAGE_TOKENIZERS: dict[str, type[nn.Module]] = {"freq": FreqTokenizer, "janus_vq": JanusVQ}
 
 
 @dataclass

@@ -13,7 +13,7 @@ the data pipeline and the processor read from it (``UnderstandingEncoder``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -174,7 +174,171 @@ class HFSiglipTower(Tower):
         return ("model.und.tower.weights", self.cfg.weights) if self.cfg.weights else None
 
 
-UND_TOWERS: dict[str, type[Tower]] = {"open_clip": OpenClipTower, "hf_siglip": HFSiglipTower}
+@dataclass
+class TimmViTTowerConfig:
+    """timm's VisionTransformer as Janus and JanusFlow build SigLIP-L/16 (``siglip_large_patch16_384``):
+    no class token, attention-pool head (kept, unused: their checkpoints hold it), final LayerNorm."""
+
+    weights: str = ""  # a file of the ViT's state dict (safetensors or torch); "" = random init
+    image_size: int = 384
+    patch_size: int = 16
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    global_pool: str = "map"  # "map": the attention-pool head exists (unused by the features); "" = none
+    mean: tuple[float, ...] = (0.5,)  # Janus/JanusFlow normalise to [-1, 1]
+    std: tuple[float, ...] = (0.5,)
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"model.und.tower: image_size={self.image_size} is not a multiple of "
+                              f"patch_size={self.patch_size}")  # fmt: skip
+        if self.global_pool not in ("map", ""):
+            raise ConfigError(f"model.und.tower.global_pool={self.global_pool!r}; known: 'map', ''")
+        self.mean = _per_channel(self.mean, 3, "model.und.tower.mean")
+        self.std = _per_channel(self.std, 3, "model.und.tower.std")
+
+
+class TimmViTTower(Tower):
+    """Patch tokens after the final norm (``forward_features``); keys ``vision_tower.*`` as Janus's releases."""
+
+    Config = TimmViTTowerConfig
+
+    def __init__(self, cfg: TimmViTTowerConfig):
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer  # heavy third-party import, this kind only
+
+        self.cfg = cfg
+        self.vision_tower = VisionTransformer(
+            img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.layers,
+            num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, class_token=False, global_pool=cfg.global_pool,
+            num_classes=0, weight_init="skip",
+        )  # fmt: skip
+        if cfg.weights:
+            self.vision_tower.load_state_dict(_read_state_dict(cfg.weights, "model.und.tower.weights"))
+        if self.vision_tower.attn_pool is not None:  # never on the feature path: frozen, so it gets no gradient
+            self.vision_tower.attn_pool.requires_grad_(False)
+        self.width, self.image_size, self.patch_size = cfg.width, cfg.image_size, cfg.patch_size
+        self.channels, self.mean, self.std = 3, cfg.mean, cfg.std
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vision_tower.forward_features(pixels)
+
+    def pretrained_source(self) -> tuple[str, str] | None:
+        return ("model.und.tower.weights", self.cfg.weights) if self.cfg.weights else None
+
+
+def _read_state_dict(path: str, key: str) -> dict[str, torch.Tensor]:
+    file = resolve_path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{key}: no such file {file}")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file))
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class HFVisionTowerConfig:
+    """A transformers vision model: a local directory (``weights``), or its transformers config (``config``)."""
+
+    weights: str = ""  # local transformers directory
+    config: dict = field(default_factory=dict)  # the model's transformers config (to_dict()), when no weights
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+    def __post_init__(self) -> None:
+        if not self.weights and not self.config:
+            raise ConfigError("model.und.tower: set weights (a local transformers directory) or config "
+                              "(the vision model's transformers config)")  # fmt: skip
+        self.mean = _per_channel(self.mean, 3, "model.und.tower.mean")
+        self.std = _per_channel(self.std, 3, "model.und.tower.std")
+
+
+class HFVisionTower(Tower):
+    """A transformers vision model as a tower (``model``: its state-dict prefix); subclasses say which."""
+
+    model_class: ClassVar[str]  # the transformers class name
+    Config = HFVisionTowerConfig
+
+    def __init__(self, cfg: HFVisionTowerConfig):
+        super().__init__()
+        import transformers  # the class is named by the kind
+
+        cls = getattr(transformers, self.model_class)
+        self.cfg = cfg
+        if cfg.weights:
+            path = resolve_path(cfg.weights)
+            if not path.is_dir():
+                raise FileNotFoundError(f"model.und.tower.weights: no such directory {path}")
+            self.model = cls.from_pretrained(str(path), local_files_only=True)
+        else:
+            config = dict(cfg.config)
+            config.pop("model_type", None)
+            self.model = cls(cls.config_class(**config))
+        c = self.model.config
+        size = c.image_size if isinstance(c.image_size, int) else c.image_size[0]
+        patch = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
+        self.width, self.image_size, self.patch_size, self.channels = c.hidden_size, size, patch, c.num_channels
+        self.mean, self.std = cfg.mean, cfg.std
+
+    def pretrained_source(self) -> tuple[str, str] | None:
+        return ("model.und.tower.weights", self.cfg.weights) if self.cfg.weights else None
+
+    def release_config(self) -> HFVisionTowerConfig:
+        """This tower's config in a release: the loaded model's own config, no path (its weights travel)."""
+        return replace(self.cfg, weights="", config=self.model.config.to_dict())
+
+
+class HFJanusVisionTower(HFVisionTower):
+    """transformers' ``JanusVisionModel`` (Janus, Janus-Pro): every patch token after the post-layernorm."""
+
+    model_class = "JanusVisionModel"
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixels).last_hidden_state
+
+
+@dataclass
+class HFClipTowerConfig(HFVisionTowerConfig):
+    """transformers' ``CLIPVisionModel`` as LLaVA reads it: a hidden layer's patch tokens, CLS dropped."""
+
+    mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)  # CLIP's constants
+    std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+    feature_layer: int = -2  # index into hidden_states (0 = embeddings); LLaVA-1.5: the second to last layer
+    drop_cls: bool = True  # LLaVA's "default" strategy; False = "full" (CLS kept)
+
+
+class HFClipTower(HFVisionTower):
+    model_class = "CLIPVisionModel"
+    Config = HFClipTowerConfig
+
+    def __init__(self, cfg: HFClipTowerConfig):
+        super().__init__(cfg)
+        n = self.model.config.num_hidden_layers
+        layer = cfg.feature_layer % (n + 1)
+        # Layers after the read one and the post-layernorm never reach the features: frozen, so no gradient is awaited
+        vision = getattr(self.model, "vision_model", self.model)  # transformers < 5 nests the transformer
+        for i, block in enumerate(vision.encoder.layers):
+            if i >= layer:
+                block.requires_grad_(False)
+        vision.post_layernorm.requires_grad_(False)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + (0 if self.cfg.drop_cls else 1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        h = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[self.cfg.feature_layer]
+        return h[:, 1:] if self.cfg.drop_cls else h
+
+
+UND_TOWERS: dict[str, type[Tower]] = {
+    "open_clip": OpenClipTower, "hf_siglip": HFSiglipTower, "timm_vit": TimmViTTower,
+    "hf_janus_vision": HFJanusVisionTower, "hf_clip": HFClipTower,
+}  # fmt: skip
 
 
 @dataclass
@@ -183,8 +347,10 @@ class UndConfig:
 
     kind: str = "open_clip"  # key of UND_TOWERS
     tower: Any = field(default_factory=dict)  # the kind's own config (UND_TOWERS[kind].Config)
-    aligner_layers: int = 2  # 1 = Linear (JanusFlow), 2 = Linear-GELU-Linear (Janus)
+    aligner_layers: int = 2  # 1 = Linear (JanusFlow), 2 = Linear-GELU-Linear (Janus, LLaVA)
     freeze: bool = False
+    # JanusFlow's ``beg_of_und_embed``: a learned vector in place of the <begin_of_image> token before an image
+    begin_embed: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in UND_TOWERS:
@@ -210,6 +376,7 @@ class UnderstandingEncoder(nn.Module):
         self.cfg = cfg
         self.tower: Tower = UND_TOWERS[cfg.kind](cfg.tower)
         self.aligner = mlp([self.tower.width] + [llm_width] * cfg.aligner_layers)
+        self.begin_embed = nn.Parameter(torch.zeros(1, llm_width)) if cfg.begin_embed else None
         if cfg.freeze:
             self.tower.requires_grad_(False)
 
@@ -239,3 +406,14 @@ class UnderstandingEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[0,1] images -> LLM-width tokens [N, T, D]."""
         return self.aligner(self.features(images))
+
+    def place_begin(self, embeds: torch.Tensor, ids: torch.Tensor, begin_id: int, image_id: int) -> torch.Tensor:
+        """With ``begin_embed``: the learned vector at every ``begin_id`` token directly followed by an image
+        placeholder (an understanding image's opening token; a generated image's is followed by other slots)."""
+        if self.begin_embed is None:
+            return embeds
+        opens = torch.zeros_like(ids, dtype=torch.bool)
+        opens[:, :-1] = (ids[:, :-1] == begin_id) & (ids[:, 1:] == image_id)
+        vec = self.begin_embed[0].to(embeds.dtype)
+        # + 0 * vec.sum(): the parameter joins the graph on every step (ZeRO-3, DDP) even with no image
+        return torch.where(opens.unsqueeze(-1), vec, embeds) + 0.0 * vec.sum()

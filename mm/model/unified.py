@@ -66,6 +66,8 @@ class UnifiedModel(nn.Module):
     # ---- what the rest of the system reads ------------------------------------------------------
     def head(self, name: str | None = None) -> ImageHead:
         """An image head by name; None = the default (first configured) head."""
+        if not self.heads:
+            raise KeyError("this model has no image head (model.understanding_only=true): it only answers in text")
         name = name or next(iter(self.heads))
         if name not in self.heads:
             raise KeyError(f"image head {name!r} not in this model; it has {list(self.heads)} (model.heads)")
@@ -210,6 +212,7 @@ class UnifiedModel(nn.Module):
                                  batch.sample_ids.new_zeros(0), placeholder=True)  # fmt: skip
         else:
             return embeds
+        embeds = self.und.place_begin(embeds, batch.input_ids, self.vocab.boi, self.vocab.image)
         return place(embeds, mask, self.und(inputs.images).flatten(0, 1), inputs, "understanding images")
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:

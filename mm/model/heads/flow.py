@@ -4,6 +4,9 @@ Training: gen images -> frozen autoencoder -> z_t = t*x1 + (1-t)*x0 -> gen encod
 scattered at <gen_placeholder>; time embedding at <begin_of_generation>; after the LLM the gen decoder
 (long skip) predicts the velocity (MSE) and REPA aligns an early layer with the understanding tower.
 Sampling: Euler steps with classifier-free guidance; the prompt prefix runs once into a KV cache.
+
+The encoder/decoder is a codec kind (``mm.model.gen_codec.GEN_CODECS``: ``convnext``, ours; ``uvit``,
+JanusFlow-1.3B's released layout); its parts are this head's children under the names the kind gives them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from mm.kernels.attention import AttentionSpec
 from mm.model.autoencoder import AutoencoderConfig, build_autoencoder
 from mm.model.decoder import DecoderOutput, KVCache
 from mm.model.flow import cfg_combine, euler_sample, interpolate, sample_t, target_velocity
-from mm.model.gen_codec import GenCodecConfig, GenDecoder, GenEncoder, TimeEmbedding
+from mm.model.gen_codec import GEN_CODECS, GenCodec, GenCodecConfig
 from mm.model.heads.base import (
     HeadContext,
     HeadHost,
@@ -79,6 +82,7 @@ class FlowState:
 @register_head("flow")
 class FlowHead(ImageHead):
     Config = FlowHeadConfig
+    codec: GenCodec  # the encoder/decoder kind; its parts are this head's children
 
     def __init__(self, name: str, cfg: FlowHeadConfig, ctx: HeadContext):
         super().__init__(name, cfg, ctx)
@@ -94,10 +98,12 @@ class FlowHead(ImageHead):
         if not 0 < cfg.repa_layer <= ctx.num_layers:
             raise ConfigError(f"model.heads.{name}.repa_layer={cfg.repa_layer} outside 1..{ctx.num_layers}")
         self.autoencoder = build_autoencoder(ae, f"model.heads.{name}.autoencoder")
-        self.time_embed = TimeEmbedding(cfg.codec.time_freq_dim, d)
-        self.gen_encoder = GenEncoder(cfg.codec, ae.latent_channels, d)
-        self.gen_decoder = GenDecoder(cfg.codec, ae.latent_channels, d)
-        self.repa_proj = mlp([d, cfg.repa_hidden, cfg.repa_hidden, ctx.und_width])
+        codec = GEN_CODECS[cfg.codec.kind](cfg.codec, ae.latent_channels, d)
+        for part in codec.PART_NAMES:  # the codec's parts are ours: heads.<name>.<part> in the state dict
+            self.add_module(part, getattr(codec, part))
+        object.__setattr__(self, "codec", codec)  # not a child: its modules are registered above
+        # REPA's projector exists only when REPA trains (a released JanusFlow holds none)
+        self.repa_proj = mlp([d, cfg.repa_hidden, cfg.repa_hidden, ctx.und_width]) if cfg.repa_weight > 0 else None
         self.template = ImageTemplate(name, ae.image_size, ae.image_channels, (self.grid**2,), begin="bog")
 
     @property
@@ -143,8 +149,7 @@ class FlowHead(ImageHead):
         time_mask: torch.Tensor,
         inputs: ImageInputs,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        temb = self.time_embed(t)
-        tokens, skip = self.gen_encoder(z_t, temb)
+        tokens, temb, skip = self.codec.embed(z_t, t)
         embeds = place(embeds, mask, tokens.flatten(0, 1), inputs, "generation images")
         if not inputs.placeholder:
             embeds = scatter_time(embeds, time_mask, temb)
@@ -167,7 +172,7 @@ class FlowHead(ImageHead):
     def losses(self, host: HeadHost, hidden: torch.Tensor, decoder_out: DecoderOutput, state: FlowState) -> dict:
         inputs, m, d = state.inputs, self.grid**2, hidden.shape[-1]
         weight, n = loss_weight(inputs), len(inputs)
-        v = self.gen_decoder(take_slots(hidden, state.mask, (m, d), inputs), state.skip, state.temb)
+        v = self.codec.velocity(take_slots(hidden, state.mask, (m, d), inputs), state.skip, state.temb)
         per_image = (v.float() - target_velocity(state.x1, state.x0)).pow(2).flatten(1).mean(1)
         zero = hidden.new_zeros((), dtype=torch.float32)
         out = {"flow_sum": weight * per_image.sum(), "flow_count": zero + n, "flow_per_image": per_image.detach()}
@@ -186,28 +191,20 @@ class FlowHead(ImageHead):
         return 1 if self.repa else 0
 
     def costs(self, llm_out_needs_grad: bool) -> dict[str, PartCost]:
-        ae, d, g = self.cfg.autoencoder, self.time_embed.mlp[-1].out_features, self.grid
-        c = self.cfg.codec.channels
-        te, enc, dec = trains(self.time_embed), trains(self.gen_encoder), trains(self.gen_decoder)
+        ae, d, g = self.cfg.autoencoder, self.codec.llm_width, self.grid
         fwd = {
-            "autoencoder": forward_flops(self.autoencoder.encode, (1, ae.image_channels, ae.image_size, ae.image_size)),
-            "time_embed": forward_flops(self.time_embed, (1,)),
-            "gen_encoder": forward_flops(self.gen_encoder, (1, *self.latent_shape), (1, d)),
-            "gen_decoder": forward_flops(self.gen_decoder, (1, g * g, d), (1, c, g, g), (1, d)),
+            "autoencoder": forward_flops(self.autoencoder.encode, (1, ae.image_channels, ae.image_size, ae.image_size))
         }
-        bwd = {
-            "autoencoder": 0.0,  # frozen, under no_grad
-            "time_embed": 2.0 if te else 0.0,
-            "gen_encoder": float(enc) + float(enc or te),
-            "gen_decoder": float(dec) + float(llm_out_needs_grad or enc or te),
-        }
+        bwd = {"autoencoder": 0.0}  # frozen, under no_grad
+        for part, (f, b) in self.codec.costs(self.latent_shape, g, llm_out_needs_grad).items():
+            fwd[part], bwd[part] = f, b
         if self.repa:
             fwd["repa_proj"] = forward_flops(self.repa_proj, (1, g * g, d))
             bwd["repa_proj"] = float(trains(self.repa_proj)) + float(llm_out_needs_grad)
         return {k: PartCost(fwd[k], bwd[k]) for k in fwd}
 
     def trains_before_llm(self) -> bool:
-        return trains(self.time_embed) or trains(self.gen_encoder)
+        return self.codec.trains_before_llm()
 
     # ---- sampling -----------------------------------------------------------------
     @torch.no_grad()
@@ -257,7 +254,7 @@ class FlowHead(ImageHead):
                                 write_cache=False).last_hidden_state  # fmt: skip
             else:
                 h = host.decode(embeds, pos, spec, kinds).last_hidden_state[:, prefix:]
-            v = self.gen_decoder(h[:, 1:], skip, temb)  # h[:, 0] is the time token
+            v = self.codec.velocity(h[:, 1:], skip, temb)  # h[:, 0] is the time token
             return cfg_combine(v[:n], v[n:], cfg_scale)
 
         if noise is None:
