@@ -40,7 +40,7 @@ def main() -> None:
 
         try:
             launch(cfg, args.resume, args.overwrite)
-        except CheckpointError as e:  # a checkpoint to resume that is missing, damaged or does not fit this run
+        except (CheckpointError, FileNotFoundError) as e:  # a checkpoint (or a model path) missing, damaged, unfit
             sys.exit(f"train: {e}")
     except ConfigError as e:  # a config mistake (or a run dir, shard pattern) is one line naming the key
         sys.exit(f"train: {e}")

@@ -349,8 +349,8 @@ def load_deepspeed_file(path: Path) -> dict:
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        found = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+)", str(e))
-        why = found.group(1) if found else str(e).splitlines()[0][:200]
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(e))
+        why = f"it holds {found.group(1)}, not an allowed type" if found else str(e).strip().splitlines()[0][:200]
         raise CheckpointError(
             f"{path}: refused ({why}): DeepSpeed files are read only with weights_only=True and the types "
             "mm.checkpoint.deepspeed_safe_types() allows; use a checkpoint our trainer wrote (model.safetensors)"
