@@ -77,7 +77,7 @@ def model_card(out: Path, source: dict, results: dict | None, gen_cfg: dict, tra
         "A unified multimodal model: one autoregressive LLM that answers questions about images and "
         "draws images from text (rectified flow inside the LLM, as JanusFlow).", "",
         f"Exported from run `{source.get('run')}`, checkpoint `{source.get('checkpoint')}` (step {source.get('step')}, "
-        f"{source.get('weights')} weights).", "", "## Use", "", USAGE.format(name=out), "",
+        f"{source.get('weights')} weights).", "", "## Use", "", USAGE.format(name=out.name), "",
         "## Decoding and sampling", "",
         f"- Text: greedy, up to {gen_cfg['max_new_tokens']} new tokens, stops at `<|eos|>`.",
     ]  # fmt: skip

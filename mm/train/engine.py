@@ -412,6 +412,9 @@ class DeepSpeedEngine(Engine):
 
     def save(self, ckpt_dir: Path) -> None:
         self.ds.save_checkpoint(str(ckpt_dir), tag=self.TAG, save_latest=False, exclude_frozen_parameters=True)
+        if self.env.rank == 0:  # DeepSpeed copies in its consolidation scripts, which unpickle anything: not ours
+            for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+                (ckpt_dir / script).unlink(missing_ok=True)
 
     def load(self, ckpt_dir: Path) -> None:
         # Frozen weights are not in the checkpoint (they come from their pretrained paths): load non-strictly.
