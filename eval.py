@@ -31,7 +31,8 @@ class UsageError(Exception):
 
 def check_task_data(tasks: list, eval_cfg) -> None:
     """Every task's dataset is on disk (bundled ones are built when missing and allowed)."""
-    from mm.eval.harness import ensure_bench_datasets  # here, not at the top: --help stays fast
+    # here, not at the top: --help stays fast
+    from mm.eval.harness import ensure_bench_datasets
     from mm.eval.sources import PACKAGED_BUILDERS, resolve_data_path
 
     ensure_bench_datasets(tasks, eval_cfg.build_if_missing)
@@ -67,7 +68,8 @@ def check_out_dir(out: Path) -> None:
 
 def prepare(args) -> tuple:
     """(how to load the model, task configs, output folder), every input checked; no model is loaded."""
-    from mm.eval.harness import DEFAULT_TASKS  # here, not at the top: --help stays fast
+    # here, not at the top: --help stays fast
+    from mm.eval.harness import DEFAULT_TASKS
     from mm.eval.taskfile import DEFAULT_TASK_DIR, load_tasks
     from mm.load import check_release, latest_run, run_config, select_checkpoint
     from mm.schema import resolve_path
@@ -127,7 +129,8 @@ def main() -> None:
 
 
 def run(source: tuple, tasks: list[str], out: Path) -> None:
-    from mm.eval.harness import evaluate  # here, not at the top: --help and argument errors stay fast
+    # here, not at the top: --help and argument errors stay fast
+    from mm.eval.harness import evaluate
     from mm.load import load_release, load_run_model
     from mm.train.metrics import plot_loss_curve
 

@@ -35,7 +35,8 @@ def main() -> None:
         if args.resume is not None and not args.resume.strip():
             raise ConfigError("--resume is empty: give auto, latest or a checkpoint directory")
         cfg = load_config(args.config, args.overrides)
-        from mm.checkpoint import CheckpointError  # here, not at the top: --help stays fast
+        # here, not at the top: --help stays fast
+        from mm.checkpoint import CheckpointError
         from mm.train.launch import main as launch
 
         try:

@@ -385,6 +385,10 @@ def load_deepspeed_weights(path: Path) -> tuple[dict[str, torch.Tensor], int]:
     optim_files = sorted(tag.glob("*_optim_states.pt"), key=_natural)
     if not optim_files:
         raise CheckpointError(f"{tag}: no *_optim_states.pt: the fp32 weights of a ZeRO checkpoint are in them")
+    other = [p.name for p in tag.glob("*.pt") if "expert" in p.name or re.search(r"mp_rank_(?!00_)\d+", p.name)]
+    if other:
+        raise CheckpointError(f"{tag}: {other[0]}: tensor/pipeline-parallel and expert layouts are not consolidated "
+                              "here; only ZeRO-1/2/3 data parallelism is")  # fmt: skip
     model_state = load_deepspeed_file(model_files[0])
     parts = [load_deepspeed_file(f)["optimizer_state_dict"] for f in optim_files]
     stage = int(parts[0]["zero_stage"])
