@@ -42,9 +42,9 @@ def main() -> None:
         try:
             launch(cfg, args.resume, args.overwrite)
         except (CheckpointError, FileNotFoundError) as e:  # a checkpoint (or a model path) missing, damaged, unfit
-            sys.exit(f"train: {e}")
+            sys.exit(str(e))
     except ConfigError as e:  # a config mistake (or a run dir, shard pattern) is one line naming the key
-        sys.exit(f"train: {e}")
+        sys.exit(str(e))
 
 
 if __name__ == "__main__":

@@ -318,8 +318,8 @@ def find_checkpoint(
         say(f"checkpoint: skipped {ckpt.name}: {problem}" + ("; trying the previous one" if ckpt != order[-1] else ""))
     if order:
         raise CheckpointError(
-            f"no checkpoint of {run_dir} verifies ({len(order)} skipped, reasons above); start over with --overwrite "
-            "or name a checkpoint directory"
+            f"no checkpoint of {run_dir} verifies ({len(order)} skipped, reasons above): name an intact step "
+            "directory, or start the run over (train.py --overwrite)"
         )
     if which == "auto":
         return None

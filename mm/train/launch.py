@@ -26,7 +26,7 @@ import torch.distributed as dist
 from data.bundled.prepare import ensure_bundled_shards
 from data.loader import TrainLoader
 from data.reader import resolve_sources
-from mm.checkpoint import CheckpointError, find_checkpoint, load_model_weights, read_meta
+from mm.checkpoint import WEIGHT_FILES, CheckpointError, find_checkpoint, load_model_weights, read_meta
 from mm.config import Config
 from mm.model.unified import build_model
 from mm.schema import ConfigError, resolve_path
@@ -35,7 +35,7 @@ from mm.train.metrics import check_sinks
 from mm.train.precision import get_precision
 from mm.train.schedule import get_schedule
 from mm.train.tokenizer import ensure_image_tokenizers
-from mm.train.trainer import Trainer, check_fresh_start, check_resume, select_resume
+from mm.train.trainer import Trainer, check_fresh_start, check_resume, rank0_say, select_resume, shared_verify
 
 
 def launch(
@@ -103,9 +103,9 @@ def preflight_checkpoints(cfg: Config, env: DistEnv, resume: str | None, overwri
     init = None
     if cfg.train.init_from:
         path = resolve_path(cfg.train.init_from)
-        say = (lambda msg: print(f"train.init_from: {msg}", flush=True)) if env.rank == 0 else (lambda msg: None)
+        verify = shared_verify(env, WEIGHT_FILES)  # the files load_model_weights reads
         try:
-            init = find_checkpoint(path, str(path), say=say)
+            init = find_checkpoint(path, str(path), verify=verify, say=rank0_say(env, "train.init_from: "))
         except CheckpointError as e:
             raise CheckpointError(f"train.init_from: {e}") from None
     return ckpt, init

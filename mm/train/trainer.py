@@ -369,17 +369,26 @@ class Trainer:
         return self.run_dir
 
 
+def shared_verify(env: DistEnv, files: tuple[str, ...] | None = None):
+    """A checkpoint check for :func:`mm.checkpoint.find_checkpoint` that the ranks share: each hashes every
+    world-th file, and all learn the first problem any rank found (a collective: every rank calls it)."""
+
+    def verify(ckpt: Path) -> str | None:
+        problems = [p for p in env.all_gather_object(verify_checkpoint(ckpt, files, env.rank, env.world)) if p]
+        return problems[0] if problems else None
+
+    return verify
+
+
+def rank0_say(env: DistEnv, prefix: str = ""):
+    return (lambda msg: print(prefix + msg, flush=True)) if env.rank == 0 else (lambda msg: None)
+
+
 def select_resume(run_dir: Path, resume: str, env: DistEnv) -> Path | None:
     """``--resume auto|latest|DIR``: the checkpoint to continue from. ``latest`` names it; one that does not verify
     (every file's size and sha256 against ``trainer.json``, the ranks hashing a share each) is skipped with one
     line saying why, and the previous one is tried."""
-
-    def verify(ckpt: Path) -> str | None:
-        problems = [p for p in env.all_gather_object(verify_checkpoint(ckpt, None, env.rank, env.world)) if p]
-        return problems[0] if problems else None
-
-    say = (lambda msg: print(msg, flush=True)) if env.rank == 0 else (lambda msg: None)
-    return find_checkpoint(run_dir, resume, verify=verify, say=say)
+    return find_checkpoint(run_dir, resume, verify=shared_verify(env), say=rank0_say(env))
 
 
 def check_fresh_start(run_dir: Path, overwrite: bool) -> None:
