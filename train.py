@@ -30,13 +30,20 @@ def main() -> None:
     # the deepspeed launcher passes --local_rank; the rank comes from the environment
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.max_steps=100 run.dir=/tmp/run")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # overrides may come after options: --resume auto train.max_steps=5
     try:
+        if args.resume is not None and not args.resume.strip():
+            raise ConfigError("--resume is empty: give auto, latest or a checkpoint directory")
         cfg = load_config(args.config, args.overrides)
-        from mm.train.launch import main as launch  # here, not at the top: --help stays fast
+        # here, not at the top: --help stays fast
+        from mm.checkpoint import CheckpointError
+        from mm.train.launch import main as launch
 
-        launch(cfg, args.resume, args.overwrite)
-    except ConfigError as e:  # a config mistake is one line naming the key, not a traceback
+        try:
+            launch(cfg, args.resume, args.overwrite)
+        except (CheckpointError, FileNotFoundError) as e:  # a checkpoint (or a model path) missing, damaged, unfit
+            sys.exit(str(e))
+    except ConfigError as e:  # a config mistake (or a run dir, shard pattern) is one line naming the key
         sys.exit(str(e))
 
 

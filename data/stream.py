@@ -76,7 +76,13 @@ def expand_shards(pattern: str, allow_shell: bool = False) -> list[str]:
         if not Path(path).is_file():
             missing.append(path)
     if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) of {pattern!r} not found, e.g. {missing[0]}")
+        globbed = [m for m in missing if any(c in m for c in "*?[")]
+        hint = (
+            f"; glob patterns are not supported ({globbed[0]!r} was read as a file name): list the shards with a "
+            "brace pattern such as dir/shard-{000000..000099}.tar, or join several with '::'"
+            if globbed else ""
+        )  # fmt: skip
+        raise FileNotFoundError(f"{len(missing)} shard(s) of {pattern!r} not found, e.g. {missing[0]}{hint}")
     return out
 
 

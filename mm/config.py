@@ -110,6 +110,12 @@ class EvalConfig:
     clip_arch: str = "ViT-B-32"  # open_clip architecture of clip_weights
     clip_weights: str = ""  # local open_clip checkpoint (CLIP score); "" or missing = skipped
 
+    def __post_init__(self) -> None:
+        for key, low in (("limit", 0), ("images_per_prompt", 0), ("batch_size", 1), ("seed", 0), ("threads", 0),
+                         ("grid_columns", 1)):  # fmt: skip
+            if getattr(self, key) < low:
+                raise ConfigError(f"eval.{key}={getattr(self, key)} must be >= {low}")
+
 
 @dataclass
 class RunConfig:

@@ -43,13 +43,16 @@ class UnifiedMMLmms(lmms):
 
     def __init__(
         self, pretrained: str | None = None, run: str | None = None, batch_size: int | str = 64, device: str = "cpu",
-        loaded=None, **kwargs,
+        loaded=None, checkpoint: str = "latest", **kwargs,
     ):  # fmt: skip
+        """``run``: a run directory, read through :func:`mm.load.load_run_model` like ``eval.py --run`` (the
+        checkpoint ``latest`` names, verified, EMA weights when kept; ``checkpoint=`` names another, or a folder
+        of DeepSpeed files, read without pickle)."""
         super().__init__()
         if loaded is None:
             if bool(pretrained) == bool(run):
                 raise ValueError("UnifiedMMLmms: give exactly one of pretrained=<release folder> or run=<run dir>")
-            loaded = load_release(Path(pretrained)) if pretrained else load_run_model(Path(run))
+            loaded = load_release(Path(pretrained)) if pretrained else load_run_model(Path(run), checkpoint=checkpoint)
         self.loaded = loaded
         self.loaded.model.to(device)
         self.batch_size_per_gpu = int(batch_size)

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mm.checkpoint import load_tensors
+from mm.checkpoint import deepspeed_safe_types, fsync_file, load_tensors
 from mm.config import EngineConfig, TrainConfig
 from mm.schema import ConfigError, resolve_path
 from mm.train.precision import Precision
@@ -265,6 +265,7 @@ class DDPEngine(Engine):
     def save(self, ckpt_dir: Path) -> None:
         if self.env.rank == 0:  # replicated: one copy
             torch.save(self._optimizer.state_dict(), ckpt_dir / "optimizer.pt")
+            fsync_file(ckpt_dir / "optimizer.pt")
 
     def load(self, ckpt_dir: Path) -> None:
         weights = load_tensors(ckpt_dir / "model.safetensors")
@@ -316,21 +317,13 @@ def deepspeed_config(
     return ds
 
 
-def deepspeed_safe_types() -> list[type]:
-    """The DeepSpeed types its checkpoint files hold besides tensors and plain containers."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
 def _weights_only_checkpoint_engine(config_params):
-    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``.
+    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True`` and syncing what it saves.
 
     DeepSpeed unpickles its checkpoint files with ``weights_only=False`` (any object). Its files hold
-    tensors, plain containers and a few DeepSpeed types (:func:`deepspeed_safe_types`); allowing
-    exactly those keeps arbitrary pickle out. DeepSpeed takes custom checkpoint engines through its
+    tensors, plain containers and a few DeepSpeed types (:func:`mm.checkpoint.deepspeed_safe_types`);
+    allowing exactly those keeps arbitrary pickle out. Each file is fsynced by the rank that wrote it
+    before the checkpoint is committed. DeepSpeed takes custom checkpoint engines through its
     ``checkpoint_engine`` attribute.
     """
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -338,6 +331,10 @@ def _weights_only_checkpoint_engine(config_params):
     safe = deepspeed_safe_types()
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict, path: str) -> None:
+            super().save(state_dict, path)
+            fsync_file(Path(path))
+
         def load(self, path: str, map_location=None):
             with torch.serialization.safe_globals(safe):
                 return torch.load(path, map_location=map_location, weights_only=True)
@@ -415,6 +412,9 @@ class DeepSpeedEngine(Engine):
 
     def save(self, ckpt_dir: Path) -> None:
         self.ds.save_checkpoint(str(ckpt_dir), tag=self.TAG, save_latest=False, exclude_frozen_parameters=True)
+        if self.env.rank == 0:  # DeepSpeed copies in its consolidation scripts, which unpickle anything: not ours
+            for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+                (ckpt_dir / script).unlink(missing_ok=True)
 
     def load(self, ckpt_dir: Path) -> None:
         # Frozen weights are not in the checkpoint (they come from their pretrained paths): load non-strictly.

@@ -2,7 +2,12 @@
 
     checks      the config's registry keys (engine, schedule, precision, metric sinks) before any work
     processes   join the launcher's process group (the engine says whether it needs one alone)
-    data        the bundled shards, built on rank 0 when the config reads them and they are missing
+    run dir     writable, or one line saying so
+    data        the bundled shards, built on rank 0 when the config reads them and they are missing; every
+                source's shards resolved (a pattern that names no file is one line)
+    checkpoint  the one to resume (``latest``, verified; a damaged one skipped with a message), checked against
+                this run (engine, process count, data workers); or a fresh start that may begin here; and
+                ``train.init_from`` found and verified - all before any model is built
     tokenizers  a code head's image tokenizer, trained first when its directory is missing
     model       built from ``model.*`` on every rank with the same seed, then ``train.init_from``
     loader      this rank's share of the packed batches
@@ -13,21 +18,33 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from data.bundled.prepare import ensure_bundled_shards
 from data.loader import TrainLoader
-from mm.checkpoint import load_init
+from data.reader import resolve_sources
+from mm.checkpoint import (
+    META,
+    WEIGHT_FILES,
+    CheckpointError,
+    find_checkpoint,
+    is_release,
+    load_init,
+    load_model_weights,
+    read_meta,
+)
 from mm.config import Config
 from mm.model.unified import build_model
-from mm.train.engine import engine_class, init_distributed
+from mm.schema import ConfigError, resolve_path
+from mm.train.engine import DistEnv, engine_class, init_distributed
 from mm.train.metrics import check_sinks
 from mm.train.precision import get_precision
 from mm.train.schedule import get_schedule
 from mm.train.tokenizer import ensure_image_tokenizers
-from mm.train.trainer import Trainer
+from mm.train.trainer import Trainer, check_fresh_start, check_resume, rank0_say, select_resume, shared_verify
 
 
 def launch(
@@ -45,15 +62,66 @@ def launch(
     if threads:
         torch.set_num_threads(threads)
     if env.rank == 0:
+        check_run_dir(cfg.run_dir())
         ensure_bundled_shards(cfg.data)
+    env.barrier()
+    if loader is None:
+        check_shards(cfg)
+    ckpt, init = preflight_checkpoints(cfg, env, resume, overwrite)
+    if env.rank == 0:
         ensure_image_tokenizers(cfg.model)
     env.barrier()
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model)
-    if cfg.train.init_from:
-        load_init(model, cfg.train.init_from)
+    if init is not None and not (init / META).is_file():
+        load_init(model, init)  # a release folder (a converted published model)
+    elif init is not None:
+        model.load_state_dict(load_model_weights(init, verify=False))  # verified above
     loader = loader or TrainLoader(cfg.data, model.vocab, model.sample_shapes(), env.rank, env.world)
-    return Trainer(cfg, model, loader, env, resume, overwrite, allow_random_frozen)
+    return Trainer(cfg, model, loader, env, ckpt, overwrite, allow_random_frozen)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory exists (made here) and takes a new file; else one line, before anything is built."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"run.dir={run_dir}: cannot write there ({type(e).__name__}: {e.strerror or e}); set run.dir (or "
+            "run.name) to a folder this user can write"
+        ) from None
+
+
+def check_shards(cfg: Config) -> None:
+    """Every source's shard pattern names files that exist (brace patterns; globs are not expanded)."""
+    try:
+        resolve_sources(cfg.data)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def preflight_checkpoints(cfg: Config, env: DistEnv, resume: str | None, overwrite: bool) -> tuple:
+    """(checkpoint to resume or None, ``train.init_from`` checkpoint or None), chosen, verified and checked."""
+    run_dir = cfg.run_dir()
+    ckpt = select_resume(run_dir, resume, env) if resume else None
+    if ckpt is not None:
+        check_resume(read_meta(ckpt), ckpt, cfg, env.world)
+    else:
+        check_fresh_start(run_dir, overwrite)
+    init = None
+    if cfg.train.init_from:
+        path = resolve_path(cfg.train.init_from)
+        if not (path / META).is_file() and is_release(path):
+            return ckpt, path  # a release folder carries no checksums: its safetensors headers are checked on read
+        verify = shared_verify(env, WEIGHT_FILES)  # the files load_model_weights reads
+        try:
+            init = find_checkpoint(path, str(path), verify=verify, say=rank0_say(env, "train.init_from: "))
+        except CheckpointError as e:
+            raise CheckpointError(f"train.init_from: {e}") from None
+    return ckpt, init
 
 
 def main(cfg: Config, resume: str | None, overwrite: bool) -> None:

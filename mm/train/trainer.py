@@ -20,6 +20,7 @@ the model, the loader), the engine runs backward and step (the trainer does not 
 
 from __future__ import annotations
 
+import copy
 import resource
 import shutil
 import time
@@ -32,13 +33,18 @@ import torch.distributed as dist
 
 from mm.batch import Batch
 from mm.checkpoint import (
+    CheckpointError,
+    RunExistsError,
     checkpoint_root,
     commit_checkpoint,
+    digest_files,
     find_checkpoint,
+    fsync_file,
     load_tensors,
     read_meta,
     save_tensors,
     staging_dir,
+    verify_checkpoint,
 )
 from mm.config import Config
 from mm.model.legacy import FORMAT
@@ -87,8 +93,10 @@ class Trainer:
         overwrite: bool = False,
         allow_random_frozen: bool = False,
     ):
-        """``resume``: ``auto`` (newest checkpoint, else a fresh start), ``latest`` or a checkpoint directory.
-        ``--overwrite`` deletes an existing run's checkpoints only after everything else was built."""
+        """``resume``: ``auto`` (the checkpoint ``latest`` names, else a fresh start), ``latest`` or a checkpoint
+        directory (a string: chosen and verified here, see :func:`select_resume`), or a ``Path`` that
+        :func:`mm.train.launch.launch` already chose, verified and checked. ``--overwrite`` deletes an existing
+        run's checkpoints only after everything else was built."""
         self.cfg, self.env, self.loader = cfg, env, loader
         t = cfg.train
         self.schedule = get_schedule(t.schedule)
@@ -96,7 +104,8 @@ class Trainer:
         check_sinks(t.metrics)
         self.rank, self.world, self.device = env.rank, env.world, env.device
         self.run_dir = cfg.run_dir()
-        ckpt = find_checkpoint(self.run_dir, resume) if resume else None
+        ckpt = resume if isinstance(resume, Path) else select_resume(self.run_dir, resume, env) if resume else None
+        self.resume_notes = check_resume(read_meta(ckpt), ckpt, cfg, self.world) if ckpt is not None else []
         self.stage = apply_stage(model, t, allow_random_frozen)
         self.state_keys = list(model.state_dict().keys())
         self.aliases = _aliases(model)
@@ -130,11 +139,7 @@ class Trainer:
         config, model, engine and data have all been built without error."""
         root = checkpoint_root(self.run_dir)
         if root.exists() and any(root.glob("step_*")):
-            if not overwrite:
-                raise FileExistsError(
-                    f"{self.run_dir} already has checkpoints: pass --resume auto (or latest) to continue, "
-                    "--overwrite to start over, or run.name=<new> for a new run"
-                )
+            check_fresh_start(self.run_dir, overwrite)
             if self.rank == 0:  # asked for explicitly; said out loud
                 print(f"--overwrite: deleting {root}, metrics.jsonl and tensorboard/", flush=True)
                 shutil.rmtree(root)
@@ -142,7 +147,8 @@ class Trainer:
             self.env.barrier()
 
     def save(self) -> Path | None:
-        """Every rank writes its part into a staging directory; rank 0 commits it (see mm/train/checkpoint.py)."""
+        """Every rank writes (and fsyncs) its part into a staging directory and hashes its share of the files;
+        rank 0 records the checksums in ``trainer.json`` and commits (see mm/checkpoint.py)."""
         if self.stage.random_frozen:
             raise RuntimeError(f"random frozen modules {self.stage.random_frozen} (benchmark mode) cannot be saved")
         env, tmp = self.env, staging_dir(self.run_dir, self.step)
@@ -158,13 +164,18 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
+        fsync_file(tmp / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
             buffers = dict(self.model.named_buffers())
             save_tensors(weights | {n: buffers[n] for n in self.persistent_buffers}, tmp / "model.safetensors")
             if ema is not None:
                 save_tensors(ema, tmp / "ema.safetensors")
             (tmp / "config.yaml").write_text(to_yaml(self.cfg))
-        env.barrier()  # every rank's files are on disk before the directory becomes visible
+            fsync_file(tmp / "config.yaml")
+        env.barrier()  # every rank's files are on disk before they are hashed
+        files: dict[str, dict] = {}
+        for share in env.all_gather_object(digest_files(tmp, self.rank, self.world)):
+            files.update(share)
         if self.rank != 0:
             return None
         meta = {
@@ -178,6 +189,7 @@ class Trainer:
             "aliases": self.aliases,
             "state_keys": self.state_keys,
             "format": FORMAT,
+            "files": files,
         }
         path = commit_checkpoint(self.run_dir, self.step, meta, self.cfg.train.keep_checkpoints)
         print(f"saved {path}", flush=True)
@@ -187,31 +199,24 @@ class Trainer:
         return path
 
     def _load(self, ckpt: Path) -> None:
+        """Continue from ``ckpt`` (chosen, verified and checked by :func:`select_resume` and :func:`check_resume`)."""
         meta = read_meta(ckpt)
-        for key, now in (("world_size", self.world), ("grad_accum_steps", self.cfg.train.grad_accum_steps)):
-            if meta[key] != now:
-                raise ValueError(
-                    f"{ckpt} was saved with {key}={meta[key]}, resuming with {now}: the data position "
-                    f"would not carry over; resume with the same {key}"
-                )
-        if meta["engine"] != self.cfg.engine.kind:
-            raise ValueError(
-                f"{ckpt} was written by engine {meta['engine']!r}, not {self.cfg.engine.kind!r}: start a new run "
-                f"with train.init_from={ckpt} to switch engines"
-            )
         self.engine.load(ckpt)
         if self.ema is not None:
             if (ckpt / "ema.safetensors").is_file():
-                self.ema.load(load_tensors(ckpt / "ema.safetensors"))
+                self.ema.load(load_tensors(ckpt / "ema.safetensors"))  # full tensors: sliced for this layout
             else:  # EMA switched on at this resume: it starts at the current weights
                 self.ema = ShardedEMA(self.engine, self.cfg.train.ema_decay)
-        rng = torch.load(ckpt / f"rng_rank{self.rank}.pt", weights_only=True)
+        old_world = len(meta["loaders"])
+        rng = torch.load(ckpt / f"rng_rank{self.rank % old_world}.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.loader.load_state_dict(meta["loaders"][self.rank])
+        self.loader.load_state_dict(loader_state_for(meta["loaders"], self.rank, self.world))
         self.step, self.nonfinite_total = meta["step"], meta["nonfinite_steps"]
         if self.rank == 0:
+            for note in self.resume_notes:
+                print(note, flush=True)
             print(f"resumed from {ckpt} at step {self.step}", flush=True)
 
     # ---- training -----------------------------------------------------------------------
@@ -362,6 +367,109 @@ class Trainer:
             self.metrics.plot()
             self.metrics.close()
         return self.run_dir
+
+
+def shared_verify(env: DistEnv, files: tuple[str, ...] | None = None):
+    """A checkpoint check for :func:`mm.checkpoint.find_checkpoint` that the ranks share: each hashes every
+    world-th file, and all learn the first problem any rank found (a collective: every rank calls it)."""
+
+    def verify(ckpt: Path) -> str | None:
+        problems = [p for p in env.all_gather_object(verify_checkpoint(ckpt, files, env.rank, env.world)) if p]
+        return problems[0] if problems else None
+
+    return verify
+
+
+def rank0_say(env: DistEnv, prefix: str = ""):
+    return (lambda msg: print(prefix + msg, flush=True)) if env.rank == 0 else (lambda msg: None)
+
+
+def select_resume(run_dir: Path, resume: str, env: DistEnv) -> Path | None:
+    """``--resume auto|latest|DIR``: the checkpoint to continue from. ``latest`` names it; one that does not verify
+    (every file's size and sha256 against ``trainer.json``, the ranks hashing a share each) is skipped with one
+    line saying why, and the previous one is tried."""
+    return find_checkpoint(run_dir, resume, verify=shared_verify(env), say=rank0_say(env))
+
+
+def check_fresh_start(run_dir: Path, overwrite: bool) -> None:
+    root = checkpoint_root(run_dir)
+    if root.exists() and any(root.glob("step_*")) and not overwrite:
+        raise RunExistsError(
+            f"{run_dir} already has checkpoints: pass --resume auto (or latest) to continue, "
+            "--overwrite to start over, or run.name=<new> for a new run"
+        )
+
+
+def check_resume(meta: dict, ckpt: Path, cfg: Config, world: int) -> list[str]:
+    """Refuse in one line what cannot continue from ``ckpt``; return notes on what changes (rank 0 prints them).
+
+    * another engine: refused (``train.init_from`` starts a new run from the weights);
+    * another number of processes or data workers: resampled sources re-split (new seeds per rank and worker,
+      nothing owed), the optimizer state and EMA carry over (DDP's optimizer state is whole on every rank, the
+      EMA is saved whole); exact-epoch sources are refused (their positions cannot be re-split without
+      replaying or dropping samples), and so is another process count under DeepSpeed ZeRO (below);
+    * another ``train.grad_accum_steps``: allowed; the loader counts micro-batches, so the data position carries
+      over exactly; the global batch changes and the schedule continues by optimizer step.
+    """
+    if meta["engine"] != cfg.engine.kind:
+        raise CheckpointError(
+            f"{ckpt} was written by engine {meta['engine']!r}, not {cfg.engine.kind!r}: start a new run "
+            f"with train.init_from={ckpt} to switch engines"
+        )
+    notes = []
+    old_world, new_workers = meta["world_size"], max(1, cfg.data.num_workers)
+    old_workers = meta["loaders"][0].get("workers", new_workers)
+    if (old_world, old_workers) != (world, new_workers):
+        was = f"{old_world} process(es) x {old_workers} data worker(s)"
+        exact = [s.name for s in cfg.data.sources if not s.resample]
+        if exact:
+            raise CheckpointError(
+                f"{ckpt} was saved with {was}, resuming with {world} x {new_workers}: sources {exact} read exact "
+                f"epochs, whose positions cannot be re-split without replaying or dropping samples; resume with "
+                f"{old_world} process(es) and data.num_workers={old_workers}, or set resample: true on those sources"
+            )
+        if old_world != world and cfg.engine.kind == "deepspeed":
+            # DeepSpeed re-partitions ZeRO state only through its universal checkpoint, whose converter and loader
+            # unpickle with weights_only=False: not a path this code runs.
+            raise CheckpointError(
+                f"{ckpt} holds DeepSpeed ZeRO state partitioned over {old_world} process(es), resuming with {world}: "
+                "re-partitioning goes through DeepSpeed's universal checkpoint, which unpickles arbitrary objects "
+                f"and is not run here; resume with {old_world} process(es), or start a new run from these weights "
+                f"with train.init_from={ckpt} (optimizer moments and data position restart)"
+            )
+        notes.append(
+            f"resume: saved with {was}, now {world} x {new_workers}: resampled sources re-split with new seeds; the "
+            "optimizer state and EMA carry over"
+        )
+    if meta["grad_accum_steps"] != cfg.train.grad_accum_steps:
+        a, b = meta["grad_accum_steps"], cfg.train.grad_accum_steps
+        notes.append(
+            f"resume: train.grad_accum_steps {a} -> {b}: {b * world} micro-batches per step in all (were "
+            f"{a * old_world}); the data position carries over (it counts micro-batches), the schedule continues "
+            "by optimizer step"
+        )
+    return notes
+
+
+def loader_state_for(states: list[dict], rank: int, world: int) -> dict:
+    """This rank's loader state. After a change of process count the loader re-splits the saved position
+    (``TrainLoader.load_state_dict``); every skip count is kept once: a rank beyond the old world starts from a
+    copy without counts, rank 0 carries the counts of ranks that are gone."""
+    if len(states) == world:
+        return states[rank]
+    state = copy.deepcopy(states[rank % len(states)])
+    if rank >= len(states):
+        state["skipped"] = {}
+        for w in state["worker_states"].values():
+            w["skipped"] = {}
+    if rank == 0:
+        carried = Counter(state["skipped"])
+        for gone in states[world:]:
+            carried.update(gone["skipped"])
+            for w in gone["worker_states"].values():
+                carried.update(w["skipped"])
+        state["skipped"] = dict(carried)
+    return state
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, str]:
