@@ -299,14 +299,16 @@ def main() -> None:
     results = {
         c.name: bench(c, args.repeats, args.warmup, device) for c in cases(sizes, device, dtype) if c.name in wanted
     }
+    ran_ops = "ops" in sections
     report = {
         "device": device.type,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
-        "dtype": args.dtype,
+        "sections": sorted(sections),
+        "dtype": args.dtype if ran_ops else None,  # of the ops section
         "smoke": args.cpu_smoke,
-        "repeats": args.repeats,
-        "sizes": sizes,
+        "repeats": args.repeats if ran_ops else None,
+        "sizes": sizes if ran_ops else None,
         "ops": results,
     }
     ce = report["ops"].get("linear_cross_entropy", {})
@@ -314,7 +316,7 @@ def main() -> None:
     report["goal_linear_ce_peak_ratio"] = GOAL_LINEAR_CE_PEAK_RATIO
     if "attention" in sections:  # fp32 on a CPU (its bf16 attention is emulated), the chosen dtype on CUDA
         attn_dtype = dtype if device.type == "cuda" else torch.float32
-        report["attention"] = bench_attention(**attn, device=device, dtype=attn_dtype) | {"dtype": str(attn_dtype)}
+        report["attention"] = bench_attention(**attn, device=device, dtype=attn_dtype) | {"dtype": str(attn_dtype)[6:]}
     print(json.dumps(report))
 
 

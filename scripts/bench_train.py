@@ -234,12 +234,17 @@ def row_lengths(trainer: Trainer, cfg, args) -> dict:
             times[L].append((time.perf_counter() - t0) / args.block)
         log(f"block {i + 1}/{args.steps // args.block}: " + ", ".join(f"{L}: {times[L][-1]:.3f} s" for L in lengths))
     tps = {L: tokens[L] / statistics.median(times[L]) for L in lengths}
+    # per block pair (both lengths back to back): the longest's real tokens/s over the shortest's
+    longest, shortest = lengths[-1], lengths[0]
+    pairs = sorted((tokens[longest] / a) / (tokens[shortest] / b) for a, b in zip(times[longest], times[shortest]))
     return {
         "step_tokens": args.step_tokens, "lengths": lengths,
         "rows": {str(L): {"rows_per_step": args.step_tokens // L, "fill": round(fill[L], 4),
                           "real_tokens_per_step": tokens[L], "step_s": round(statistics.median(times[L]), 4),
                           "real_tokens_per_s": round(tps[L], 1)} for L in lengths},
-        "longest_over_shortest": round(tps[lengths[-1]] / tps[lengths[0]], 4),  # goal >= 1
+        "longest_over_shortest": round(tps[lengths[-1]] / tps[lengths[0]], 4),  # of the medians; goal >= 1
+        "longest_over_shortest_pairs_median": round(statistics.median(pairs), 4),
+        "longest_over_shortest_pairs_iqr": [round(pairs[len(pairs) // 4], 4), round(pairs[3 * len(pairs) // 4], 4)],
     }  # fmt: skip
 
 

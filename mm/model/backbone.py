@@ -41,6 +41,7 @@ class LLMConfig:
         if self.kernels not in KERNEL_IMPLS:
             raise ConfigError(f"model.llm.kernels={self.kernels!r}; known: {list(KERNEL_IMPLS)}")
 
+
 # Our decoder loop computes attention itself (mm/kernels/attention.py, chosen by llm.attn_implementation);
 # the HF model is built with SDPA so that loading never needs flash-attn installed.
 HF_ATTENTION = "sdpa"

@@ -53,6 +53,7 @@ class MoDConfig:
         if not 0 < self.min_ratio <= 1 or not 0 <= self.ratio <= 1:
             raise ConfigError("model.mod.min_ratio must be in (0, 1] and model.mod.ratio in [0, 1]")
 
+
 # floor(n * ratio) is computed with this slack so that ratios that are exact in decimal (0.29 * 100)
 # keep the count a person expects despite binary rounding (28.999999999999996 -> 29); it is far below
 # 1 / n for any sequence length, so it never adds a token otherwise. The FLOPs accounting uses the
