@@ -56,8 +56,16 @@ def train_head(head: str, steps: int, out: Path) -> None:
     launch(cfg, overwrite=True).train()
 
 
-def measure(head: str, run: Path, per_prompt: int, batch: int, seed: int) -> tuple[dict, object, dict]:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: time what they did, not what was queued
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    head: str, run: Path, per_prompt: int, batch: int, seed: int, device: torch.device
+) -> tuple[dict, object, dict]:
     _, model, _, step = load_run(run)
+    model = model.to(device)
     recipe = {"head": head, **model.cfg.head_recipes()[head]}
     calls = []
     hook = model.llm.get_decoder().norm.register_forward_hook(  # one LLM pass = one final norm
@@ -72,6 +80,7 @@ def measure(head: str, run: Path, per_prompt: int, batch: int, seed: int) -> tup
         for i in range(0, len(prompts), batch):
             images.append(model.generate(prompts[i : i + batch], generator=gen, **sampler_kwargs(recipe)).float())
             batches += 1
+    sync(device)
     wall = time.perf_counter() - t0
     hook.remove()
     gray = to_gray8(torch.cat(images).cpu().numpy())
@@ -92,7 +101,7 @@ def measure(head: str, run: Path, per_prompt: int, batch: int, seed: int) -> tup
     )
 
 
-def time_heads(models: dict, batch: int, rounds: int, seed: int) -> dict[str, float]:
+def time_heads(models: dict, batch: int, rounds: int, seed: int, device: torch.device) -> dict[str, float]:
     """Median seconds per image of one ``batch`` of prompts, heads interleaved round by round (the
     order alternates), so machine noise hits every head alike."""
     prompts = [f"draw the digit {i % 10}" for i in range(batch)]
@@ -105,6 +114,7 @@ def time_heads(models: dict, batch: int, rounds: int, seed: int) -> dict[str, fl
             t0 = time.perf_counter()
             with torch.no_grad():
                 model.generate(prompts, generator=gen, **kwargs)
+            sync(device)
             times[head].append((time.perf_counter() - t0) / batch)
     return {h: statistics.median(v) for h, v in times.items()}
 
@@ -119,20 +129,23 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-rounds", type=int, default=7, help="interleaved timing rounds (median)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where heads sample")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    device = torch.device(args.device)
     heads = args.heads.split(",")
     out = resolve_path(args.out)
-    result: dict = {"steps": args.steps, "heads": {}}
+    result: dict = {"steps": args.steps, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                    else "cpu", "heads": {}}  # fmt: skip
     models = {}
     for head in heads:
         run = out / head
         with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON object only
             if not args.reuse:
                 train_head(head, args.steps, run)
-            result["heads"][head], model, kwargs = measure(head, run, args.per_prompt, args.batch, args.seed)
+            result["heads"][head], model, kwargs = measure(head, run, args.per_prompt, args.batch, args.seed, device)
             models[head] = (model, kwargs)
-    for head, sec in time_heads(models, args.batch, args.time_rounds, args.seed).items():
+    for head, sec in time_heads(models, args.batch, args.time_rounds, args.seed, device).items():
         result["heads"][head]["wall_s_per_image"] = sec
     h = result["heads"]
     if "nextfreq" in h and "raster" in h:

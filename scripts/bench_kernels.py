@@ -1,4 +1,4 @@
-"""Reference vs fused, per op of ``mm/kernels/fused.py``: forward + backward time and peak memory (JSON).
+"""Reference vs fused per op of ``mm/kernels/fused.py``, and packed attention's backward per token (JSON).
 
 Each op runs its pure-PyTorch reference and its fused path (liger-kernel or our Triton kernels) on the
 same inputs, interleaved repeat by repeat so both see the same machine noise; the report gives medians,
@@ -7,10 +7,19 @@ allocator statistics) and the largest forward difference between the two. For th
 issue's goal is a fused peak at most 1/4 of the unfused one at a 102,400 vocabulary
 (``linear_ce_peak_ratio`` beside ``goal_linear_ce_peak_ratio``).
 
+Section ``attention`` (``--sections``): the backward time per token of packed attention (``sdpa``'s
+per-sample path) at rows of 1024 to 8192 tokens of 128-token samples, interleaved: the split/concatenate
+path of ``mm/kernels/attention.py`` (``sdpa_segmented``) beside the slice-and-assign path it replaced
+(:func:`slice_assign`, kept here only to show the before), whose every slice's backward allocated and
+copied a whole-row gradient. Goal: per-token time flat within 20% over the lengths (``flatness`` <= 1.2).
+
     python scripts/bench_kernels.py [--dtype bfloat16 --tokens 16384 --hidden 4096 --vocab 102400 --repeats 10]
+    python scripts/bench_kernels.py --sections attention --device cpu     # the attention rows on a CPU
     python scripts/bench_kernels.py --cpu-smoke      # tiny sizes, fp32, fused kernels in Triton's interpreter
 
-``--cpu-smoke`` exercises the script (the test suite runs it): CPU timings of the interpreter mean nothing.
+The ops section needs CUDA (or ``--cpu-smoke``): on a CPU without the interpreter "fused" runs the
+references. ``--cpu-smoke`` exercises the script (the test suite runs it): CPU timings of the interpreter
+mean nothing.
 """
 
 from __future__ import annotations
@@ -31,11 +40,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
+from mm.kernels.attention import AttentionSpec, Varlen, sdpa_segmented  # noqa: E402
 from mm.kernels.fused import OPS  # noqa: E402
 from mm.kernels.interpreter import enable_cpu_interpreter  # noqa: E402
 
 GOAL_LINEAR_CE_PEAK_RATIO = 0.25
+GOAL_ATTENTION_FLATNESS = 1.2
 IGNORE = -100
 
 
@@ -170,13 +182,81 @@ def bench(case: Case, repeats: int, warmup: int, device: torch.device) -> dict:
     }
 
 
+# ---- packed attention: backward time per token against row length ------------------------------
+def slice_assign(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs, scale: float) -> torch.Tensor:
+    """The per-sample path before the split/concatenate one (the "before" only; not used by the model):
+    slice each sample out of the row, attend, assign into a zero output. The backward of every slice and
+    every assignment materialises a gradient of the whole row, so its cost per token grows with the row."""
+    out = torch.zeros_like(q)
+    for a, b in runs:
+        sl = (slice(None), slice(None), slice(a, b))
+        out[sl] = F.scaled_dot_product_attention(q[sl], k[sl], v[sl], is_causal=True, scale=scale)
+    return out
+
+
+def _attention_row(length: int, sample: int, heads: int, head_dim: int, device, dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, length, head_dim, generator=g).to(device, dtype) for _ in range(3))
+    cot = torch.randn(1, heads, length, head_dim, generator=g).to(device, dtype)
+    runs = tuple((a, a + sample) for a in range(0, length, sample))
+    spec = AttentionSpec.packed(
+        torch.arange(length, device=device)[None] // sample, varlen=Varlen.from_runs((runs,), length)
+    )
+    return q, k, v, cot, runs, spec
+
+
+ATTENTION_PATHS = {
+    "slice_assign": lambda q, k, v, runs, spec, scale: slice_assign(q, k, v, runs, scale),
+    "split_concat": lambda q, k, v, runs, spec, scale: sdpa_segmented(q, k, v, spec, scale),
+}
+
+
+def bench_attention(lengths: list[int], sample: int, heads: int, head_dim: int, repeats: int, device, dtype) -> dict:
+    """Backward seconds per token of each path at each row length; lengths and paths interleaved per repeat
+    (orders alternate), fresh inputs per repeat, the same inputs for both paths; medians."""
+    times = {(L, p): [] for L in lengths for p in ATTENTION_PATHS}
+    diff = dict.fromkeys(lengths, 0.0)
+    for r in range(repeats + 1):  # repeat 0 warms up
+        for L in lengths if r % 2 == 0 else lengths[::-1]:
+            q, k, v, cot, runs, spec = _attention_row(L, sample, heads, head_dim, device, dtype, seed=r)
+            grads = {}
+            for path in list(ATTENTION_PATHS) if (r + L // sample) % 2 == 0 else list(ATTENTION_PATHS)[::-1]:
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                out = ATTENTION_PATHS[path](*leaves, runs, spec, head_dim**-0.5)
+                _sync(device)
+                t = time.perf_counter()
+                out.backward(cot)
+                _sync(device)
+                if r:
+                    times[(L, path)].append((time.perf_counter() - t) / L)
+                grads[path] = [x.grad for x in leaves]
+            diff[L] = max([diff[L]] + [float((a - b).abs().max()) for a, b in zip(*grads.values())])
+    per_token = {key: 1e6 * statistics.median(v) for key, v in times.items()}
+    rows = {
+        str(L): {f"{p}_us_per_token": round(per_token[(L, p)], 3) for p in ATTENTION_PATHS} | {"max_grad_diff": diff[L]}
+        for L in lengths
+    }
+    flat = {
+        p: max(per_token[(L, p)] for L in lengths) / min(per_token[(L, p)] for L in lengths) for p in ATTENTION_PATHS
+    }
+    return {
+        "sample_tokens": sample, "heads": heads, "head_dim": head_dim, "repeats": repeats, "rows": rows,
+        "flatness": {p: round(f, 3) for p, f in flat.items()},  # slowest / fastest per-token time over the lengths
+        "goal_flatness": GOAL_ATTENTION_FLATNESS,
+        "split_concat_speedup_at_longest": round(per_token[(lengths[-1], "slice_assign")]
+                                                 / per_token[(lengths[-1], "split_concat")], 2),
+    }  # fmt: skip
+
+
 SMOKE = {"tokens": 16, "hidden": 32, "mlp": 48, "vocab": 96, "heads": 2, "kv_heads": 1, "head_dim": 16, "rows": 2}
+SMOKE_ATTENTION = {"lengths": [256, 512], "sample": 64, "heads": 2, "head_dim": 16, "repeats": 1}
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 sizes on CPU, Triton interpreted")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sections", default="", help="ops,attention (default: both on CUDA, attention on a CPU)")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per step (rows * row length)")
     ap.add_argument("--rows", type=int, default=4)
@@ -189,31 +269,54 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--ops", default=",".join(OPS), help="comma-separated subset")
-    args = ap.parse_args()
+    ap.add_argument("--attn-lengths", default="1024,2048,4096,8192", help="attention: row lengths")
+    ap.add_argument("--attn-sample", type=int, default=128, help="attention: tokens per packed sample")
+    ap.add_argument("--attn-heads", type=int, default=8)
+    ap.add_argument("--attn-head-dim", type=int, default=64)
+    ap.add_argument("--attn-repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (0 = leave): one thread keeps "
+                    "timings stable on a shared machine")  # fmt: skip
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = _args()
+    if args.threads and (args.cpu_smoke or args.device == "cpu"):
+        torch.set_num_threads(args.threads)
     if args.cpu_smoke:
         enable_cpu_interpreter()
         args.device, args.dtype, args.repeats, args.warmup = "cpu", "float32", 2, 0
-        sizes = dict(SMOKE)
+        sizes, attn = dict(SMOKE), dict(SMOKE_ATTENTION)
+        sections = {"ops", "attention"}
     else:
         keys = ("tokens", "hidden", "mlp", "vocab", "heads", "kv_heads", "head_dim", "rows")
         sizes = {k: getattr(args, k) for k in keys}
+        attn = {"lengths": [int(x) for x in args.attn_lengths.split(",")], "sample": args.attn_sample,
+                "heads": args.attn_heads, "head_dim": args.attn_head_dim, "repeats": args.attn_repeats}  # fmt: skip
+        sections = set((args.sections or ("ops,attention" if args.device == "cuda" else "attention")).split(","))
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    wanted = set(args.ops.split(","))
+    wanted = set(args.ops.split(",")) if "ops" in sections else set()
     results = {
         c.name: bench(c, args.repeats, args.warmup, device) for c in cases(sizes, device, dtype) if c.name in wanted
     }
+    ran_ops = "ops" in sections
     report = {
         "device": device.type,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "sections": sorted(sections),
+        "dtype": args.dtype if ran_ops else None,  # of the ops section
         "smoke": args.cpu_smoke,
-        "repeats": args.repeats,
-        "sizes": sizes,
+        "repeats": args.repeats if ran_ops else None,
+        "sizes": sizes if ran_ops else None,
         "ops": results,
     }
     ce = report["ops"].get("linear_cross_entropy", {})
     report["linear_ce_peak_ratio"] = ce.get("peak_ratio")
     report["goal_linear_ce_peak_ratio"] = GOAL_LINEAR_CE_PEAK_RATIO
+    if "attention" in sections:  # fp32 on a CPU (its bf16 attention is emulated), the chosen dtype on CUDA
+        attn_dtype = dtype if device.type == "cuda" else torch.float32
+        report["attention"] = bench_attention(**attn, device=device, dtype=attn_dtype) | {"dtype": str(attn_dtype)[6:]}
     print(json.dumps(report))
 
 

@@ -89,6 +89,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--text-before", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--backend", default="sdpa")
+    ap.add_argument("--kernels", default="torch", choices=["torch", "fused"], help="the decoder loop's ops")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = leave)")
@@ -133,7 +134,9 @@ def main() -> None:
     def train(mod: bool):
         def step():
             inp = x.detach().requires_grad_()
-            out = run_layers(decoder, inp, pos, spec, args.backend, routing=routing if mod else None)
+            out = run_layers(
+                decoder, inp, pos, spec, args.backend, routing=routing if mod else None, kernels=args.kernels
+            )
             out.last_hidden_state.float().pow(2).mean().backward()
             sync()
 
@@ -142,7 +145,8 @@ def main() -> None:
     def prefill(mod: bool):
         def step():
             with torch.no_grad():
-                run_layers(decoder, x, pos, spec, args.backend, cache=KVCache(), routing=routing if mod else None)
+                run_layers(decoder, x, pos, spec, args.backend, cache=KVCache(), routing=routing if mod else None,
+                           kernels=args.kernels)  # fmt: skip
             sync()
 
         return step
@@ -161,7 +165,8 @@ def main() -> None:
     dense_f = sum(prefill_flops(shape, layer_counts(lengths, routed, [1.0] * args.layers), 0).values())
     mod_f = sum(prefill_flops(shape, layer_counts(lengths, routed, routers.ratios), 0).values())
     out = {
-        "device": str(dev), "dtype": args.dtype, "backend": args.backend, "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": args.dtype,
+        "backend": args.backend, "kernels": args.kernels, "threads": torch.get_num_threads(),
         "rows": B, "row_tokens": L, "samples_per_row": args.samples_per_row, "image_tokens": args.image_tokens,
         "text_tokens": args.text_tokens, "layers": args.layers, "hidden": args.hidden,
         "layer_ratios": [round(r, 4) for r in routers.ratios],

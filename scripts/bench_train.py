@@ -15,11 +15,25 @@ backward, clip, optimizer step (DeepSpeed: its own forward/backward/step). The t
 loss counts (a host all-reduce), FLOPs accounting, the non-finite skip, the EMA if configured, and
 metric logging every ``train.log_every`` steps. Checkpoints are off. MFU counts model FLOPs (no
 activation recomputation) against the device's peak.
+
+``--backends sdpa,flex,flash_attention_2`` and ``--kernels torch,fused`` measure each setting on the same
+model in turn (one result each; a backend that cannot run here is reported as skipped, an error as its
+message, and the rest still run).
+
+``--row-lengths 2048,4096`` instead trains the same model on packed rows of each length at the same
+tokens per step (``--step-tokens``; rows per step = step tokens / length), the lengths interleaved block
+by block, and reports real tokens per second and fill per length (goal: the longest row at least as fast
+per real token as the shortest). The packer must see enough samples to fill the longest row (the JSON
+reports each length's fill; the tiny digits samples are ~30 tokens, 64 of them fill only ~2k tokens):
+
+    python scripts/bench_train.py --config configs/tiny.yaml --row-lengths 2048,4096 --step-tokens 8192 \
+        train.threads=1 data.pack_lookahead=512
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -27,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from data.loader import TrainLoader  # noqa: E402
 from mm.batch import Batch  # noqa: E402
 from mm.config import load_config  # noqa: E402
 from mm.train.flops import batch_shape  # noqa: E402
@@ -143,7 +159,96 @@ def measure(trainer: Trainer, steps: int, block: int, warmup: int) -> dict:
     }
 
 
-def main() -> None:
+def backend_skip(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot train here, or None."""
+    if backend == "flash_attention_2" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
+        return "flash-attn needs CUDA and the flash_attn package (pip install flash-attn)"
+    if backend == "flex" and device.type != "cuda":
+        return "FlexAttention has no backward on CPU"
+    return None
+
+
+def set_model(trainer: Trainer, backend: str, kernels: str) -> None:
+    """Switch the attention backend and kernels of the built model (both are read per forward)."""
+    model = trainer.model
+    model.cfg = replace(model.cfg, llm=replace(model.cfg.llm, attn_implementation=backend, kernels=kernels))
+
+
+def one_setting(trainer: Trainer, args, flops: float, tokens: float, backend: str, kernels: str, ac: str) -> dict:
+    """Trainer and bare loop of one (backend, kernels, activation checkpointing) setting."""
+    res = {"backend": backend, "kernels": kernels, "activation_checkpointing": ac == "on"}
+    skip = backend_skip(backend, trainer.device)
+    if skip:
+        return res | {"skipped": skip}
+    set_model(trainer, backend, kernels)
+    trainer.model.set_activation_checkpointing(ac == "on")
+    log(f"{backend}, kernels {kernels}, activation checkpointing {ac}: {args.warmup} warm-up + {args.steps} steps")
+    try:
+        sec = measure(trainer, args.steps, args.block, args.warmup)
+    except Exception as e:  # one setting failing (OOM, a backend's error) must not lose the others
+        log(f"{backend}/{kernels}: {type(e).__name__}: {e}")
+        return res | {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    res |= {
+        "trainer_step_s": round(sec["trainer"], 5),
+        "bare_step_s": round(sec["bare"], 5),
+        "trainer_overhead": round(sec["overhead"], 4),  # median over interleaved block pairs
+        "trainer_overhead_iqr": [round(x, 4) for x in sec["overhead_iqr"]],
+        "tokens_per_s": round(tokens / sec["trainer"], 1),
+        "tflops": round(flops / sec["trainer"] / 1e12, 4),
+        "peak_mem_gb": sec["peak_mem_gb"] and round(sec["peak_mem_gb"], 2),
+    }
+    if trainer.peak_tflops:
+        res["mfu"] = round(flops / sec["trainer"] / 1e12 / trainer.peak_tflops, 4)
+        res["bare_mfu"] = round(flops / sec["bare"] / 1e12 / trainer.peak_tflops, 4)
+    return res
+
+
+def row_lengths(trainer: Trainer, cfg, args) -> dict:
+    """Real tokens/s of trainer steps on packed rows of each length at the same tokens per step, interleaved."""
+    lengths = [int(x) for x in args.row_lengths.split(",")]
+    model, dev = trainer.model, trainer.device
+    cached, fill = {}, {}
+    for L in lengths:
+        if args.step_tokens % L:
+            raise SystemExit(f"--step-tokens {args.step_tokens} is not a multiple of the row length {L}")
+        data = replace(cfg.data, seq_len=L, rows_per_batch=args.step_tokens // L)
+        loader = TrainLoader(data, model.vocab, model.sample_shapes(), 0, 1)
+        it = iter(loader)
+        cached[L] = [next(it) for _ in range(args.batches)]
+        loader.close()
+        fill[L] = sum(b.n_tokens for b in cached[L]) / sum(b.sample_ids.numel() for b in cached[L])
+    iters = {L: itertools.cycle(b) for L, b in cached.items()}
+    window = Window(dev, len(trainer.losses))
+    times: dict[int, list[float]] = {L: [] for L in lengths}
+    tokens = {L: sum(b.n_tokens for b in cached[L]) / len(cached[L]) for L in lengths}
+    for L in lengths:  # warm-up
+        for _ in range(args.warmup):
+            trainer.train_step(iters[L], window)
+    for i in range(args.steps // args.block):
+        for L in lengths if i % 2 == 0 else lengths[::-1]:
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(args.block):
+                trainer.train_step(iters[L], window)
+            sync(dev)
+            times[L].append((time.perf_counter() - t0) / args.block)
+        log(f"block {i + 1}/{args.steps // args.block}: " + ", ".join(f"{L}: {times[L][-1]:.3f} s" for L in lengths))
+    tps = {L: tokens[L] / statistics.median(times[L]) for L in lengths}
+    # per block pair (both lengths back to back): the longest's real tokens/s over the shortest's
+    longest, shortest = lengths[-1], lengths[0]
+    pairs = sorted((tokens[longest] / a) / (tokens[shortest] / b) for a, b in zip(times[longest], times[shortest]))
+    return {
+        "step_tokens": args.step_tokens, "lengths": lengths,
+        "rows": {str(L): {"rows_per_step": args.step_tokens // L, "fill": round(fill[L], 4),
+                          "real_tokens_per_step": tokens[L], "step_s": round(statistics.median(times[L]), 4),
+                          "real_tokens_per_s": round(tps[L], 1)} for L in lengths},
+        "longest_over_shortest": round(tps[lengths[-1]] / tps[lengths[0]], 4),  # of the medians; goal >= 1
+        "longest_over_shortest_pairs_median": round(statistics.median(pairs), 4),
+        "longest_over_shortest_pairs_iqr": [round(pairs[len(pairs) // 4], 4), round(pairs[3 * len(pairs) // 4], 4)],
+    }  # fmt: skip
+
+
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--steps", type=int, default=120, help="timed steps per loop and setting")
@@ -153,9 +258,18 @@ def main() -> None:
     ap.add_argument("--digits", action="store_true", help="train on the bundled digits (built if missing)")
     ap.add_argument("--allow-random-frozen", action="store_true", help="frozen modules may keep random weights")
     ap.add_argument("--activation-checkpointing", nargs="+", default=None, choices=["off", "on"])
+    ap.add_argument("--backends", default="", help="attention backends, comma-separated (default: the config's)")
+    ap.add_argument("--kernels", default="", help="torch,fused or one of them (default: the config's)")
+    ap.add_argument("--row-lengths", default="", help="compare packed row lengths instead, e.g. 2048,4096")
+    ap.add_argument("--step-tokens", type=int, default=8192, help="--row-lengths: row slots per step")
+    ap.add_argument("--json-out", default="", help="also write the report here after every setting (a run cut "
+                    "short by a time limit keeps the settings it finished: scripts/gpu_check.sh)")  # fmt: skip
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> None:
+    args = _args()
     run_dir = tempfile.mkdtemp(prefix="bench_train_")
     overrides = (DIGITS if args.digits else []) + args.overrides
     # stdout carries the JSON only: the metric records go to metrics.jsonl/TensorBoard (logging still costs)
@@ -165,6 +279,16 @@ def main() -> None:
     log(f"building {args.config} ({cfg.engine.kind}, {cfg.engine.precision})")
     t0 = time.time()
     trainer = launch(cfg, allow_random_frozen=args.allow_random_frozen)
+    dev = trainer.device
+    head = {
+        "config": args.config, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "peak_tflops": trainer.peak_tflops, "engine": cfg.engine.kind,
+        "deepspeed_config": cfg.engine.deepspeed_config if cfg.engine.kind == "deepspeed" else None,
+        "precision": cfg.engine.precision, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }  # fmt: skip
+    if args.row_lengths:
+        print(json.dumps(head | {"row_lengths": row_lengths(trainer, cfg, args)}, indent=1))
+        return
     log(f"built in {time.time() - t0:.0f} s; caching {args.batches} batches")
     it = iter(trainer.loader)
     trainer.loader = CachedBatches([next(it) for _ in range(args.batches)])
@@ -172,46 +296,18 @@ def main() -> None:
     tokens = sum(s.tokens for s in shapes) / len(shapes)
     flops = sum(trainer.flops.train_flops(s) for s in shapes) / len(shapes)
     slots = trainer.loader.batches[0].sample_ids.numel()
-
-    results = []
-    for ac in args.activation_checkpointing or ["on" if cfg.engine.activation_checkpointing else "off"]:
-        trainer.model.set_activation_checkpointing(ac == "on")
-        log(f"activation checkpointing {ac}: {args.warmup} warm-up + {args.steps} timed steps per loop")
-        sec = measure(trainer, args.steps, args.block, args.warmup)
-        res = {
-            "activation_checkpointing": ac == "on",
-            "trainer_step_s": round(sec["trainer"], 5),
-            "bare_step_s": round(sec["bare"], 5),
-            "trainer_overhead": round(sec["overhead"], 4),  # median over interleaved block pairs
-            "trainer_overhead_iqr": [round(x, 4) for x in sec["overhead_iqr"]],
-            "tokens_per_s": round(tokens / sec["trainer"], 1),
-            "tflops": round(flops / sec["trainer"] / 1e12, 4),
-            "peak_mem_gb": sec["peak_mem_gb"] and round(sec["peak_mem_gb"], 2),
-        }
-        if trainer.peak_tflops:
-            res["mfu"] = round(flops / sec["trainer"] / 1e12 / trainer.peak_tflops, 4)
-            res["bare_mfu"] = round(flops / sec["bare"] / 1e12 / trainer.peak_tflops, 4)
-        results.append(res)
-    dev = trainer.device
-    print(
-        json.dumps(
-            {
-                "config": args.config,
-                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                "peak_tflops": trainer.peak_tflops,
-                "engine": cfg.engine.kind,
-                "deepspeed_config": cfg.engine.deepspeed_config if cfg.engine.kind == "deepspeed" else None,
-                "precision": cfg.engine.precision,
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "tokens_per_step": tokens,
-                "pack_efficiency": round(tokens / slots, 4),
-                "train_flops_per_step": flops,
-                "results": results,
-            },
-            indent=1,
-        )
-    )
+    backends = args.backends.split(",") if args.backends else [cfg.model.llm.attn_implementation]
+    kernels = args.kernels.split(",") if args.kernels else [cfg.model.llm.kernels]
+    acs = args.activation_checkpointing or ["on" if cfg.engine.activation_checkpointing else "off"]
+    report = head | {
+        "tokens_per_step": tokens, "pack_efficiency": round(tokens / slots, 4), "train_flops_per_step": flops,
+        "results": [],
+    }  # fmt: skip
+    for k, b, ac in itertools.product(kernels, backends, acs):  # the first kernels value for every backend first
+        report["results"].append(one_setting(trainer, args, flops, tokens, b, k, ac))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(report))
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

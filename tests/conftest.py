@@ -54,3 +54,14 @@ def small_cfg(shard_dir, tmp_path) -> Config:
             f"run.dir={tmp_path}/run",
         ],
     )
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``gpu``-marked tests need CUDA: where there is none (``pytest -m gpu`` on a CPU machine) they are
+    collected and skipped with the reason, instead of failing at their first ``.cuda()``."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False here")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

@@ -408,3 +408,8 @@ def test_bench_cpu_smoke_prints_one_json(tmp_path):
         assert {"reference_ms", "fused_ms", "speedup", "reference_peak_mb", "fused_peak_mb", "max_abs_diff"} <= set(op)
         assert op["reference_ms"] > 0 and op["fused_ms"] > 0, name
         assert op["max_abs_diff"] < 1e-3, name  # fp32 smoke: the fused path computed the same thing
+    attention = report["attention"]  # the packed-attention section: both per-sample paths, every row length
+    assert set(attention["rows"]) == {"256", "512"} and set(attention["flatness"]) == {"slice_assign", "split_concat"}
+    for row in attention["rows"].values():
+        assert row["slice_assign_us_per_token"] > 0 and row["split_concat_us_per_token"] > 0
+        assert row["max_grad_diff"] == 0.0  # split/concatenate gives the old path's gradients exactly

@@ -1,6 +1,7 @@
 """The one switch that picks reference or fused ops, and when a fused op may actually run.
 
-``impl`` (a future config value, e.g. ``model.llm.kernels``) is one of :data:`KERNEL_IMPLS`:
+``impl`` (the config's ``model.llm.kernels``, read by ``mm/model/decoder.py`` and the text loss) is one of
+:data:`KERNEL_IMPLS`:
 
 * ``"torch"`` - the pure-PyTorch reference everywhere (what every fused op is tested against);
 * ``"fused"`` - liger-kernel (RMSNorm, SwiGLU, linear cross-entropy) and our own Triton kernels

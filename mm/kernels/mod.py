@@ -3,7 +3,7 @@
 A routed layer (``_routed_layer`` in ``mm/model/decoder.py``) builds, without host synchronisation::
 
     keep  = select_tokens(...)                                   # [B, L] bool
-    K     = int(keep.sum(1).max())                               # the one number the host needs
+    K     = plan.width  (else int(keep.sum(1).max()))          # from the host plan: no sync
     order = argsort((~keep).to(int8), dim=1, stable=True)[:, :K] # [B, K] kept tokens first, in order
     valid = arange(K)[None] < keep.sum(1)[:, None]               # [B, K] False = filler slot
 
@@ -14,7 +14,7 @@ TanhNorm weight of a routable token, 1 for the others).
 * :func:`gather_kept` - x [B, L, D] -> [B, K, D] (``x.gather`` by ``order``); gradient back to x.
 * :func:`string_scatter` - (x [B, L, D], kept_out [B, K, D], order, valid, w [B, L]) -> [B, L, D]:
   ``w * x`` everywhere, ``kept_out[b, j]`` at token ``order[b, j]`` for valid j; gradients to x,
-  kept_out (0 at filler slots) and w. Today's ``string_combine(x, out[valid], keep, w)`` needs
+  kept_out (0 at filler slots) and w. ``routing.string_combine(x, out[valid], keep, w)`` needs
   ``out[valid]`` and ``index_put`` with a bool mask, both host syncs; this takes the [B, K, D]
   output as it comes out of the layer.
 
@@ -30,7 +30,7 @@ from mm.kernels.dispatch import kernel_module, use_kernels
 
 
 def gather_kept_reference(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """x [B, L, D], order [B, K] int64 -> x[b, order[b, j]] [B, K, D] (what the decoder does today)."""
+    """x [B, L, D], order [B, K] int64 -> x[b, order[b, j]] [B, K, D] (the decoder's reference path)."""
     return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
@@ -81,8 +81,8 @@ def string_scatter(
     decoder builds them; ``weights`` [B, L] float (fp32 from the router: TanhNorm w for routable tokens,
     1 elsewhere; read only where a token is not kept). Gradients: x, kept_out, weights.
 
-    Decoder drop-in: ``string_scatter(x, out, order, valid, w, impl)`` in place of
-    ``string_combine(x, out[valid], keep, w)``.
+    The decoder's routed layer calls ``string_scatter(x, out, order, valid, w, impl)`` (its reference is
+    ``string_combine(x, out[valid], keep, w)`` without the host syncs).
     """
     _check_order(x, order)
     B, L, D = x.shape

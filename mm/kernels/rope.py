@@ -1,6 +1,6 @@
 """Rotary position embedding from float32 (V2PE, fractional) positions, applied to q and k in one pass.
 
-Today the decoder loop (``mm/model/decoder.py``) does, per forward (and per routed layer)::
+The decoder loop's reference path (``mm/model/decoder.py``, ``Rotary``) does, per forward (and per routed layer)::
 
     cos, sin = decoder.rotary_emb(embeds, positions.float())     # [B, L, D] each, in embeds' dtype
     q, k = apply_rotary_pos_emb(q, k, cos, sin)                   # the model file's own function
@@ -77,9 +77,9 @@ def rotary_qk(
     in the same dtype and memory layout. Gradients flow to q and k (not to positions or inv_freq).
     ``impl``: see ``mm/kernels/dispatch.py``.
 
-    Decoder drop-in: ``q, k = rotary_qk(q.transpose(1, 2), k.transpose(1, 2), positions,
-    decoder.rotary_emb.inv_freq, decoder.rotary_emb.attention_scaling, impl)`` in place of
-    ``rotary_emb`` + ``apply_rotary_pos_emb`` (a routed layer passes its gathered ``sub_pos``).
+    In the decoder (``mm/model/decoder.py: Rotary``) under ``kernels="fused"``: ``rotary_qk(q, k, positions,
+    decoder.rotary_emb.inv_freq, decoder.rotary_emb.attention_scaling, impl)`` in place of ``rotary_emb`` +
+    ``apply_rotary_pos_emb`` (a routed layer passes its gathered positions).
     """
     _check(q, k, positions, inv_freq)
     if not use_kernels(impl, q, k, positions, inv_freq):

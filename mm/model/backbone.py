@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from mm.kernels.attention import ATTENTION_BACKENDS
+from mm.kernels.dispatch import KERNEL_IMPLS
 from mm.schema import ConfigError, resolve_path
 
 
@@ -25,6 +26,9 @@ class LLMConfig:
     rope_theta: float = 10000.0
     vocab_size: int = 0  # embedding rows; 0 = the tokenizer's size (must be >= it otherwise)
     attn_implementation: str = "sdpa"  # key of mm.kernels.attention.ATTENTION_BACKENDS
+    # "fused": liger/Triton RMSNorm, SwiGLU, rotary, p-MoD gather/scatter and LM head + loss on CUDA
+    # (mm/kernels/); "torch": the HF modules. "fused" on a CPU runs the references (same numbers).
+    kernels: str = "torch"
     tokenizer: str = "configs/tokenizers/digits"  # local directory (tokenizer.json)
 
     def __post_init__(self) -> None:
@@ -34,6 +38,9 @@ class LLMConfig:
             raise ConfigError(
                 f"model.llm.attn_implementation={self.attn_implementation!r}; known: {sorted(ATTENTION_BACKENDS)}"
             )
+        if self.kernels not in KERNEL_IMPLS:
+            raise ConfigError(f"model.llm.kernels={self.kernels!r}; known: {list(KERNEL_IMPLS)}")
+
 
 # Our decoder loop computes attention itself (mm/kernels/attention.py, chosen by llm.attn_implementation);
 # the HF model is built with SDPA so that loading never needs flash-attn installed.

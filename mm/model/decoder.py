@@ -9,7 +9,10 @@ projection, post-attention norm, MLP - and the final norm. Owning the loop is wh
   ``x + Attn + w*MLP``, skipped ``w*x``), per sample inside packed rows;
 * a KV cache hold different tokens per layer (skipped tokens write no KV), with the attention
   metadata of every cached token, so cached decoding masks exactly as the full sequence does;
-* any layer's hidden state be read (REPA) and activations be recomputed in backward.
+* any layer's hidden state be read (REPA) and activations be recomputed in backward;
+* the hot ops run fused (``kernels="fused"``, ``model.llm.kernels``): RMSNorm and SwiGLU (liger-kernel),
+  rotary from the float positions applied to q and k in one pass, the p-MoD gather and STRing scatter
+  (``mm/kernels/``). ``"torch"`` calls the HF modules themselves: the reference and the CPU path.
 
 Supported: LLaMA-style layers (``self_attn.{q,k,v,o}_proj``, ``input_layernorm``,
 ``post_attention_layernorm``, ``mlp``, the model's ``rotary_emb``): LLaMA, Qwen2, Mistral, and
@@ -28,7 +31,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mm.kernels.attention import AttentionSpec, attention
-from mm.model.routing import LayerPlan, Routing, select_tokens, string_scatter, tanh_norm
+from mm.kernels.dispatch import check_impl, use_kernels
+from mm.kernels.fused import rms_norm, swiglu
+from mm.kernels.mod import gather_kept, string_scatter
+from mm.kernels.rope import rotary_qk
+from mm.model.routing import LayerPlan, Routing, select_tokens, tanh_norm
 
 
 @dataclass
@@ -111,26 +118,93 @@ def _rotary_fn(attn: nn.Module):
     return fn
 
 
+# ---- the fused ops' drop-in points ------------------------------------------------------------------
+# Modules whose forward is exactly the fused op's reference (mm/kernels/fused.py pins LlamaRMSNorm and
+# LLaMA's MLP); any other module runs itself.
+FUSED_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+FUSED_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
+# rope types that are default RoPE with another inv_freq / attention_scaling; "dynamic" and "longrope"
+# change inv_freq inside rotary_emb.forward by sequence length, so they keep the module (mm/kernels/rope.py)
+FUSED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _direct(p: torch.Tensor) -> bool:
+    """Whether a weight may be read outside its module's forward: not partitioned by DeepSpeed ZeRO-3
+    (whose hooks gather a module's weights only around its own forward/backward) or persistent there."""
+    return not hasattr(p, "ds_id") or bool(getattr(p, "ds_persist", False))
+
+
+def norm(module: nn.Module, x: torch.Tensor, impl: str) -> torch.Tensor:
+    """An RMSNorm module on x: fused (liger) for LLaMA-style norms, else the module itself."""
+    if impl == "torch" or type(module).__name__ not in FUSED_NORMS or not _direct(module.weight):
+        return module(x)
+    return rms_norm(x, module.weight, module.variance_epsilon, impl)
+
+
+def mlp(module: nn.Module, x: torch.Tensor, impl: str) -> torch.Tensor:
+    """LLaMA's MLP ``down(silu(gate(x)) * up(x))`` with the fused SwiGLU; other MLPs run themselves.
+
+    The projections stay module calls (ZeRO-3 gathers their weights); liger's backward writes into the
+    storage of the fresh gate/up outputs, which nothing else saves.
+    """
+    silu = getattr(getattr(module, "config", None), "hidden_act", None) in ("silu", "swish")
+    if impl == "torch" or type(module).__name__ not in FUSED_MLPS or not silu:
+        return module(x)
+    return module.down_proj(swiglu(module.gate_proj(x), module.up_proj(x), impl))
+
+
+@dataclass
+class Rotary:
+    """One pass's rotary embedding: the HF module's cos/sin (reference) or, fused, the float positions
+    that :func:`mm.kernels.rope.rotary_qk` turns into angles inside its kernel (cos/sin never exist)."""
+
+    module: nn.Module  # the decoder's rotary_emb
+    positions: torch.Tensor  # [B, L] float32 (V2PE: fractional)
+    impl: str  # the kernel switch the pass asked for
+    cos: torch.Tensor | None = None  # [B, L, D]: the reference path (None: the fused kernel applies it)
+    sin: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, module: nn.Module, x: torch.Tensor, positions: torch.Tensor, impl: str) -> Rotary:
+        positions = positions.float()
+        fused = getattr(module, "rope_type", "default") in FUSED_ROPE_TYPES and use_kernels(impl, x, positions)
+        if fused:
+            return cls(module, positions, impl)
+        cos, sin = module(x, positions)
+        return cls(module, positions, impl, cos, sin)
+
+    def gather(self, x: torch.Tensor, order: torch.Tensor) -> Rotary:
+        """The kept tokens of a routed layer (``x`` gathered by ``order``) keep their positions."""
+        return Rotary.of(self.module, x, self.positions.gather(1, order), self.impl)
+
+    def apply(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, H, L, D], k [B, Hkv, L, D] -> rotated, in one kernel when fused."""
+        if self.cos is not None:
+            return _rotary_fn(attn)(q, k, self.cos, self.sin)
+        m = self.module
+        return rotary_qk(q, k, self.positions, m.inv_freq, m.attention_scaling, self.impl)
+
+
 def attention_block(
     layer: nn.Module,
     x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    rope: Rotary,
     spec: AttentionSpec,
     backend: str,
     cache: KVCache | None,
     layer_idx: int,
     write_cache: bool,
+    impl: str = "torch",
 ) -> torch.Tensor:
     """x + Attn(norm(x)) for one layer; reads and (optionally) extends the layer's cache."""
     attn = layer.self_attn
-    h = layer.input_layernorm(x)
+    h = norm(layer.input_layernorm, x, impl)
     heads = lambda t: rearrange(t, "b l (h d) -> b l h d", d=attn.head_dim)  # noqa: E731
     q, k = heads(attn.q_proj(h)), heads(attn.k_proj(h))
     v = rearrange(attn.v_proj(h), "b l (h d) -> b h l d", d=attn.head_dim)
     if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before rotary
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = _rotary_fn(attn)(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q, k = norm(attn.q_norm, q, impl), norm(attn.k_norm, k, impl)
+    q, k = rope.apply(attn, q.transpose(1, 2), k.transpose(1, 2))
     spec_l, k_all, v_all = spec, k, v
     cached = cache.layers.get(layer_idx) if cache is not None else None
     if cached is not None:
@@ -145,18 +219,21 @@ def attention_block(
 def layer_forward(
     layer: nn.Module,
     x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    rope: Rotary,
     spec: AttentionSpec,
     backend: str,
     cache: KVCache | None,
     layer_idx: int,
     write_cache: bool,
     mlp_weight: torch.Tensor | None = None,
+    impl: str = "torch",
 ) -> torch.Tensor:
-    """One decoder layer: x + Attn, then + MLP (times ``mlp_weight`` per token: STRing's w)."""
-    h = attention_block(layer, x, cos, sin, spec, backend, cache, layer_idx, write_cache)
-    m = layer.mlp(layer.post_attention_layernorm(h))
+    """One decoder layer: x + Attn, then + MLP (times ``mlp_weight`` per token: STRing's w).
+
+    ``impl``: the kernel switch (``mm/kernels/dispatch.py``) for its norms and MLP; rotary follows ``rope``.
+    """
+    h = attention_block(layer, x, rope, spec, backend, cache, layer_idx, write_cache, impl)
+    m = mlp(layer.mlp, norm(layer.post_attention_layernorm, h, impl), impl)
     return h + (m if mlp_weight is None else mlp_weight.unsqueeze(-1).to(m.dtype) * m)
 
 
@@ -171,6 +248,7 @@ def run_layers(
     routing: Routing | None = None,
     output_hidden_states: bool = False,
     checkpointing: bool = False,
+    kernels: str = "torch",
 ) -> DecoderOutput:
     """The decoder on ``embeds`` [B, L, D] at float ``positions`` [B, L] under ``spec``.
 
@@ -179,35 +257,40 @@ def run_layers(
     ``routing``: p-MoD; routed layers keep, per sample, the top share of its routable tokens (others
     pass as ``w*x``); None = every layer dense. With the routing's host plan (and the spec's host
     varlen) nothing here reads a device tensor back to the host.
+    ``kernels``: ``"torch"`` (the HF modules) or ``"fused"`` (see the module docstring; on a CPU without
+    Triton's interpreter the references run).
     """
-    rotary = decoder.rotary_emb
-    cos, sin = rotary(embeds, positions.float())
+    check_impl(kernels)
+    rope = Rotary.of(decoder.rotary_emb, embeds, positions, kernels)
     h = embeds
     hidden = [h] if output_hidden_states else None
     kept: list[torch.Tensor | None] = []
     for i, layer in enumerate(decoder.layers):
         if routing is not None and routing.routers.routed(i):
             plan = routing.plans.get(i) if routing.plans is not None else None
-            h, keep = _routed_layer(layer, h, positions, spec, backend, cache, i, write_cache, routing, plan, rotary,
-                                    checkpointing)  # fmt: skip
+            h, keep = _routed_layer(layer, h, rope, spec, backend, cache, i, write_cache, routing, plan, checkpointing)
             kept.append(keep)
         else:
-            args = (layer, h, cos, sin, spec, backend, cache, i, write_cache)
-            h = (
-                checkpoint(layer_forward, *args, use_reentrant=False)
-                if checkpointing and torch.is_grad_enabled()
-                else layer_forward(*args)
-            )
+            h = _run(checkpointing, layer, h, rope, spec, backend, cache, i, write_cache, None, kernels)
             kept.append(None)
         if hidden is not None:
             hidden.append(h)
+    # the final norm stays a module call whatever ``kernels`` says: once per pass (a 2L+1-th of the norm
+    # work), and its forward is the pass's observable end (hooks count LLM passes there: bench_gen.py)
     return DecoderOutput(decoder.norm(h), tuple(hidden) if hidden is not None else None, kept)
+
+
+def _run(checkpointing: bool, *args) -> torch.Tensor:
+    """:func:`layer_forward`, recomputed in backward when checkpointing under grad mode."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(layer_forward, *args, use_reentrant=False)
+    return layer_forward(*args)
 
 
 def _routed_layer(
     layer: nn.Module,
     x: torch.Tensor,
-    positions: torch.Tensor,
+    rope: Rotary,
     spec: AttentionSpec,
     backend: str,
     cache: KVCache | None,
@@ -215,14 +298,14 @@ def _routed_layer(
     write_cache: bool,
     routing: Routing,
     plan: LayerPlan | None,
-    rotary: nn.Module,
     checkpointing: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A p-MoD layer: the kept tokens of every row gathered to the front, run, scattered back (STRing).
 
     The gathered width and runs come from ``plan`` (host); without one they are read from the device.
+    The gather and the scatter are ``mm/kernels/mod.py``'s (fused under ``rope.impl == "fused"``).
     """
-    routers, routable = routing.routers, routing.routable
+    routers, routable, impl = routing.routers, routing.routable, rope.impl
     scores = routers[i](x)
     keep = select_tokens(scores, routable, spec.q_segments, routers.ratios[i])
     w = torch.where(routable, tanh_norm(scores, routers.cfg.tanh_scale), torch.ones_like(scores))
@@ -230,14 +313,9 @@ def _routed_layer(
     K = plan.width if plan is not None else int(counts.max())
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]  # kept first, in sequence order
     valid = torch.arange(K, device=x.device)[None, :] < counts[:, None]
-    sub_x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    sub_pos = positions.gather(1, order)
+    sub_x = gather_kept(x, order, impl)
     sub_spec = spec.gather(order, valid, plan.varlen if plan is not None else None)
-    cos, sin = rotary(sub_x, sub_pos.float())  # kept tokens keep their positions
-    args = (layer, sub_x, cos, sin, sub_spec, backend, cache, i, write_cache, w.gather(1, order))
-    out = (
-        checkpoint(layer_forward, *args, use_reentrant=False)
-        if checkpointing and torch.is_grad_enabled()
-        else layer_forward(*args)
-    )
-    return string_scatter(x, out, order, valid, w), keep
+    sub_rope = rope.gather(sub_x, order)  # kept tokens keep their positions
+    sub_w = w.gather(1, order)
+    out = _run(checkpointing, layer, sub_x, sub_rope, sub_spec, backend, cache, i, write_cache, sub_w, impl)
+    return string_scatter(x, out, order, valid, w, impl), keep

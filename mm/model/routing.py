@@ -10,7 +10,9 @@ The math only; the decoder loop (``mm/model/decoder.py``) calls it per layer:
 * :func:`tanh_norm` - TanhNorm: ``w = scale * tanh(r) + 1``.
 * :func:`select_tokens` - per-sample top-k inside packed rows (a sort-based segmented top-k, no loop).
 * :func:`string_combine` - STRing: kept tokens carry ``x + Attn + w*MLP`` (computed by the loop on the
-  kept tokens only), skipped tokens become ``w*x``; the router gets gradient from both.
+  kept tokens only), skipped tokens become ``w*x``; the router gets gradient from both. The loop itself
+  uses its sync-free form on the gathered [B, K, D] output, ``mm.kernels.mod.string_scatter`` (reference
+  and Triton kernel; ``tests/test_kernels.py`` pins it to this function).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class MoDConfig:
             raise ConfigError(f"model.mod.routable_kinds: unknown token kinds {unknown}; known: {sorted(TOKEN_KINDS)}")
         if not 0 < self.min_ratio <= 1 or not 0 <= self.ratio <= 1:
             raise ConfigError("model.mod.min_ratio must be in (0, 1] and model.mod.ratio in [0, 1]")
+
 
 # floor(n * ratio) is computed with this slack so that ratios that are exact in decimal (0.29 * 100)
 # keep the count a person expects despite binary rounding (28.999999999999996 -> 29); it is far below
@@ -214,23 +217,6 @@ class MoDRouters(nn.Module):
         if not self.routed(layer):
             raise KeyError(f"MoDRouters: layer {layer} is dense (ratio 1.0) and has no router")
         return self.routers[str(layer)]
-
-
-def string_scatter(
-    x: torch.Tensor, out: torch.Tensor, order: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """STRing output of a routed layer from its gathered run -> [B, L, D], with no host synchronisation.
-
-    ``out`` [B, K, D] holds the layer's outputs for the tokens ``order`` [B, K] gathered (kept tokens
-    first; ``valid`` [B, K] marks them, the rest are filler). Every token starts as ``w * x``; the kept
-    ones are overwritten by their outputs. Filler slots write their own ``w * x`` back, so one scatter
-    with the whole ``order`` (a permutation prefix: no index repeats) does it. Equal to
-    :func:`string_combine` of the kept outputs.
-    """
-    skipped = weights.unsqueeze(-1).to(x.dtype) * x
-    index = order.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-    src = torch.where(valid.unsqueeze(-1), out.to(x.dtype), skipped.gather(1, index))
-    return skipped.scatter(1, index, src)
 
 
 @dataclass(frozen=True)

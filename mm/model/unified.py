@@ -25,6 +25,8 @@ from torch import nn
 from mm.batch import Batch, ImageInputs, SampleShapes, left_padded
 from mm.images import as_unit_float, match_images, zero_images
 from mm.kernels.attention import AttentionSpec
+from mm.kernels.dispatch import use_kernels
+from mm.kernels.fused import linear_cross_entropy
 from mm.model.backbone import build_llm
 from mm.model.config import ModelConfig
 from mm.model.decoder import DecoderOutput, KVCache, check_decoder, run_layers
@@ -62,6 +64,8 @@ class UnifiedModel(nn.Module):
         ctx = HeadContext(vocab, d, layers, tower.width, tower.image_size // tower.patch_size)
         self.heads = nn.ModuleDict({name: head_class(name)(name, c, ctx) for name, c in cfg.heads.items()})
         self.position_policy = PositionPolicy.from_config(cfg.v2pe)
+        # no parameters of its own: the fused text loss as a module, so ZeRO-3 gathers the LM head for it
+        self.fused_text_loss = FusedLMHeadLoss()
 
     # ---- what the rest of the system reads ------------------------------------------------------
     def head(self, name: str | None = None) -> ImageHead:
@@ -137,7 +141,7 @@ class UnifiedModel(nn.Module):
         return run_layers(
             self.llm.get_decoder(), embeds, positions, spec, self.backend, cache=cache, write_cache=write_cache,
             routing=routing, output_hidden_states=output_hidden_states,
-            checkpointing=self.checkpointing and self.training,
+            checkpointing=self.checkpointing and self.training, kernels=self.cfg.llm.kernels,
         )  # fmt: skip
 
     def _routing(self, token_kinds: torch.Tensor, spec: AttentionSpec, spans: Sequence | None) -> Routing | None:
@@ -271,15 +275,36 @@ class UnifiedModel(nn.Module):
     def _text_loss(self, hidden: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         zero = hidden.new_zeros((), dtype=torch.float32)
         out = {"text_sum": zero, "text_count": zero}
-        if not (self.every_module or any(s.supervised for row in batch.spans for s in row)):
+        supervised = any(s.supervised for row in batch.spans for s in row)
+        if not (self.every_module or supervised):
             return out
         mask = batch.targets != IGNORE
-        logits = self.llm.get_output_embeddings()(hidden[mask]).float()
+        head = self.llm.get_output_embeddings()
+        if self.cfg.llm.kernels == "fused" and use_kernels("fused", hidden):
+            return out | self._fused_text_loss(hidden, batch, mask, supervised)
+        logits = head(hidden[mask]).float()
         per_token = F.cross_entropy(logits, batch.targets[mask], reduction="none")
         w = batch.loss_weights[mask].float()
         out["text_sum"], out["text_count"] = (per_token * w).sum(), w.sum().detach()
         out["text_per_token"] = per_token.detach()
         return out
+
+    def _fused_text_loss(
+        self, hidden: torch.Tensor, batch: Batch, mask: torch.Tensor, supervised: bool
+    ) -> dict[str, torch.Tensor]:
+        """The text loss of :meth:`_text_loss` with the LM head fused in (no [N, V] logits): the same sum,
+        per-token losses and count, gradients scaled by whatever ``combine`` divides by (the global count).
+
+        A batch without text targets (ZeRO-3 runs every module on every rank) takes one ignored row: a zero
+        loss and zero gradients, through the same collectives as the other ranks.
+        """
+        if supervised:
+            h, targets, w = hidden[mask], batch.targets[mask], batch.loss_weights[mask].float()
+        else:
+            h = hidden.reshape(-1, hidden.shape[-1])[:1]
+            targets, w = torch.full((1,), IGNORE, device=h.device), torch.zeros(1, device=h.device)
+        ce = self.fused_text_loss(self.llm.get_output_embeddings(), h, targets, w)
+        return {"text_sum": ce.loss_sum, "text_count": ce.weight_sum, "text_per_token": ce.per_token}
 
     # ---- inference --------------------------------------------------------------
     @torch.no_grad()
@@ -369,6 +394,39 @@ class UnifiedModel(nn.Module):
         nextfreq/raster ``cfg_scale, cfg_schedule, temperature, top_k, top_p, use_cache``.
         """
         return self.head(head).generate(self, prompts, generator=generator, **kwargs)
+
+
+class FusedLMHeadLoss(nn.Module):
+    """LM head + weighted cross-entropy in one fused op (``mm.kernels.fused.linear_cross_entropy``).
+
+    The op reads the head's weight outside the head's own forward. DeepSpeed ZeRO-3 partitions weights and
+    gathers them only around the forward and backward of a module that owns them or has them registered as
+    external parameters; so the op runs as this module's forward, and a partitioned head's weights are
+    registered here (DeepSpeed's ``register_external_parameter``) on first use: from then on DeepSpeed
+    gathers them around this module's forward and its backward, where their gradients accumulate. The
+    first call, whose gathering hook has already run, gathers them itself (as DeepSpeed does for a weight
+    it finds used outside its module). No parameters of its own: the state dict is unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._external: set[int] = set()
+
+    def forward(self, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+        """``head``: the LM head (nn.Linear); hidden [N, D], targets [N] (IGNORE = unsupervised), weights [N]."""
+        self._register_partitioned([p for p in (head.weight, head.bias) if p is not None])
+        return linear_cross_entropy(hidden, head.weight, targets, weights, head.bias, IGNORE, impl="fused")
+
+    def _register_partitioned(self, params: list[nn.Parameter]) -> None:
+        new = [p for p in params if hasattr(p, "ds_id") and id(p) not in self._external]  # ds_id: ZeRO-3 manages it
+        if not new:
+            return
+        import deepspeed  # only once DeepSpeed manages the parameters (a heavy import)
+
+        for p in new:
+            deepspeed.zero.register_external_parameter(self, p)
+            self._external.add(id(p))
+        new[0].all_gather(param_list=new)  # this call's gathering hook ran before the registration
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:
