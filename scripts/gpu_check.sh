@@ -81,12 +81,18 @@ STEPS = ("pytest_gpu", "bench_train", "bench_mod", "bench_gen", "bench_kernels")
 
 
 def last_json(text: str):
-    """The JSON object a bench script printed (the whole stdout, or its last line)."""
-    for candidate in (text, *reversed(text.strip().splitlines())):
+    """The JSON object a bench script printed: the whole stdout, or the last object in it. Only an object counts:
+    a line of an indented object ("0.0153") parses as a number, and stray output before the JSON (a library's
+    notice on stdout) must not make that number the result."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("{")]
+    for candidate in (text, *("\n".join(lines[i:]) for i in reversed(starts)), *reversed(lines)):
         try:
-            return json.loads(candidate)
+            value = json.loads(candidate)
         except ValueError:
             continue
+        if isinstance(value, dict):
+            return value
     return None
 
 

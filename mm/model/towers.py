@@ -213,7 +213,7 @@ class TimmViTTower(Tower):
         self.vision_tower = VisionTransformer(
             img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.layers,
             num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, class_token=False, global_pool=cfg.global_pool,
-            num_classes=0, weight_init="skip",
+            num_classes=0,  # timm's own init: "skip" leaves pos_embed as torch.empty (garbage, NaN at times)
         )  # fmt: skip
         if cfg.weights:
             self.vision_tower.load_state_dict(_read_state_dict(cfg.weights, "model.und.tower.weights"))
