@@ -107,7 +107,7 @@ def test_sampling_tasks_are_sampled_and_seeded(tiny_run, tmp_path):
 
 
 def test_loglikelihood_tasks_run_end_to_end(tiny_run):
-    """lmms-eval's loglikelihood and multiple_choice requests: its numbers == direct UnifiedModel.loglikelihood calls."""
+    """lmms-eval loglikelihood and multiple_choice requests: its numbers == direct UnifiedModel.loglikelihood calls."""
     pytest.importorskip("lmms_eval", reason="lmms-eval is an optional extra (requirements-eval.txt)")
     import ast
     import math

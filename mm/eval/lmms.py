@@ -42,7 +42,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
@@ -111,7 +110,7 @@ class UnifiedMMLmms(lmms):
             conts.append(str(cont[0] if isinstance(cont, list) else cont))
         out = loglikelihood_all(self.loaded.model, self.loaded.processor, visuals, contexts, conts,
                                 self.batch_size_per_gpu)  # fmt: skip
-        for req, ctx, cont, res in zip(requests, contexts, conts, out):
+        for ctx, cont, res in zip(contexts, conts, out):
             self.cache_hook.add_partial("loglikelihood", (ctx, cont), res)
         return out
 
