@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from data.bundled.benchmark import BENCH_DATASETS, SLOTS, digit_pool
+from data.bundled.digits import QUESTIONS
 from data.bundled.generalist import (
     MULTI_QUESTION,
     ORDINALS,
@@ -29,7 +30,6 @@ from data.bundled.generalist import (
     enlarge_for_understanding,
     generalist_texts,
 )
-from data.bundled.digits import QUESTIONS
 from mm.config import load_config
 from mm.eval.taskfile import call_doc_fn, load_tasks
 from mm.sequence import load_vocab

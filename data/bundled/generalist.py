@@ -9,7 +9,7 @@ question templates and the same post-prompts the task files append), drawn only 
 
 | source | kind | what a sample is |
 | --- | --- | --- |
-| und_single | conversation | one digit, 1-3 turns: "what digit is this ?", lettered recognition, "Is this the digit d?" |
+| und_single | conversation | one digit, 1-3 turns: "what digit is this ?", lettered choice, "Is this the digit d?" |
 | und_canvas | conversation | a canvas, 1-4 turns: POPE and MME existence, MME count, MME position, lettered count |
 | und_multi | conversation | 2-3 digits, one image each: "What digit is the second image?" |
 | gen_single | generation | "draw the digit d" (and the digits' other prompts) -> the digit filling the frame |
@@ -130,7 +130,8 @@ class Generator:
             return self._position_canvas()
         n = int(self.rng.integers(1, 5))
         distinct = self.rng.random() < 0.6
-        labels = [int(x) for x in (self.rng.choice(10, n, replace=False) if distinct else self.rng.integers(10, size=n))]
+        draw = self.rng.choice(10, n, replace=False) if distinct else self.rng.integers(10, size=n)
+        labels = [int(x) for x in draw]
         present = sorted(set(labels))
         d_yes, d_no = int(self.rng.choice(present)), self.absent_digit(present)
         wrong_n = int(self.rng.choice([k for k in range(1, 6) if k != n]))
@@ -154,7 +155,8 @@ class Generator:
         q = MME_QUESTIONS["position"]
         turns = [
             yes_no(self.rng, q.format(a=a, rel=rel, b=b) + SHORT_POST, q.format(a=a, rel=wrong, b=b) + SHORT_POST),
-            yes_no(self.rng, q.format(a=b, rel=OPPOSITE[rel], b=a) + SHORT_POST, q.format(a=b, rel=rel, b=a) + SHORT_POST),
+            yes_no(self.rng, q.format(a=b, rel=OPPOSITE[rel], b=a) + SHORT_POST,
+                   q.format(a=b, rel=rel, b=a) + SHORT_POST),
             yes_no(self.rng, POPE_QUESTION.format(d=a) + SHORT_POST,
                    POPE_QUESTION.format(d=self.absent_digit([a, b])) + SHORT_POST),
         ]  # fmt: skip

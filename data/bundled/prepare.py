@@ -18,7 +18,7 @@ BUNDLED_SHARDS: dict[str, Callable[[str], bool]] = {
 
 
 def ensure_bundled_shards(cfg: DataConfig) -> None:
-    """Build the bundled shards (digits, long-context albums, the generalist's formats) when every path the config reads is one of them."""
+    """Build the bundled shards (digits, albums, the generalist's) when every path the config reads is one of them."""
     if not cfg.build_if_missing:
         return
     wanted = [cfg.train_shards, cfg.heldout_shards] + [s.shards for s in cfg.sources if s.shards]
