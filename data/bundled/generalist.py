@@ -236,9 +236,7 @@ def source_builders(gen: Generator) -> dict[str, Callable[[str], dict]]:
     }
 
 
-def build_generalist_shards(
-    out_dir: str | Path, samples: dict[str, int] | None = None, seed: int = 0
-) -> list[Path]:
+def build_generalist_shards(out_dir: str | Path, samples: dict[str, int] | None = None, seed: int = 0) -> list[Path]:
     """``<source>-00000{0..3}.tar`` per source (+ ``sizes.json``), from the training split only."""
     out_dir = Path(out_dir)
     samples = samples or SAMPLES
