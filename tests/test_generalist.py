@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.bundled.benchmark import BENCH_DATASETS, SLOTS, digit_pool
+from data.bundled.benchmark import BENCH_DATASETS, SLOTS, digit_pool, render_canvas
 from data.bundled.digits import QUESTIONS
 from data.bundled.generalist import (
     MULTI_QUESTION,
@@ -26,8 +26,8 @@ from data.bundled.generalist import (
     SAMPLES,
     Generator,
     build_generalist_shards,
-    enlarge_for_generation,
-    enlarge_for_understanding,
+    for_generation,
+    for_understanding,
     generalist_texts,
 )
 from mm.config import load_config
@@ -90,19 +90,39 @@ def test_tokenizer_knows_every_word_and_keeps_letters(gvocab, eval_prompts):
 def test_images_come_from_the_training_split_only():
     train = {img.tobytes() for imgs in digit_pool("train").values() for img in imgs}
     held = {img.tobytes() for imgs in digit_pool("heldout").values() for img in imgs}
-    enlarged = {enlarge_for_understanding(np.frombuffer(b, np.uint8).reshape(8, 8)).tobytes() for b in train}
+
+    def slots(canvas):
+        return [s.tobytes() for y in SLOTS for x in SLOTS if (s := canvas[y : y + 8, x : x + 8]).any()]
+
     gen = Generator(seed=2)
     for _ in range(100):
-        (img,), _ = gen.single()
-        assert img.shape == (32, 32) and img.tobytes() in enlarged
+        (digit,), _ = gen.single()
+        assert digit.shape == (8, 8) and digit.tobytes() in train
         (canvas,), _ = gen.canvas()
-        slots = [canvas[y : y + 8, x : x + 8] for y in SLOTS for x in SLOTS]
-        filled = [s.tobytes() for s in slots if s.any()]
-        assert filled and all(s in train and s not in held for s in filled)
-        image, prompt = gen.gen_single()
-        assert image[::4, ::4].tobytes() in train and np.array_equal(enlarge_for_generation(image[::4, ::4]), image)
-        image, prompt = gen.gen_canvas()
-        assert all(s.tobytes() in train for y in SLOTS for x in SLOTS if (s := image[y : y + 8, x : x + 8]).any())
+        assert canvas.shape == (32, 32) and slots(canvas) and all(s in train and s not in held for s in slots(canvas))
+        digit, _ = gen.gen_single()
+        assert digit.tobytes() in train
+        canvas, _ = gen.gen_canvas()
+        assert len(slots(canvas)) >= 2 and all(s in train for s in slots(canvas))
+
+
+def test_images_at_the_recipes_size(gvocab):
+    """Understanding images as the eval processor resizes them; generation targets that keep digits and slots."""
+    import torch
+
+    from mm.hf import UnifiedMMProcessor
+
+    digit = digit_pool("train")[3][0]
+    canvas = render_canvas([(digit, 0, 0), (digit, 2, 1)])
+    proc = UnifiedMMProcessor(gvocab.tokenizer, und_image_size=33, und_channels=1)
+    for img in (digit, canvas):
+        seen = proc.und_images([img])[0, 0]  # what eval feeds the tower
+        assert np.abs(for_understanding(img).astype(np.float32) / 255 - seen.numpy()).max() <= 0.5 / 255 + 1e-6
+    big = for_generation(digit)
+    first = np.ceil(np.arange(8) * 33 / 8).astype(int)  # the first target pixel of each digit pixel
+    assert big.shape == (33, 33) and np.array_equal(big[first][:, first], digit)
+    assert np.array_equal(for_generation(canvas)[:32, :32], canvas) and not for_generation(canvas)[32:].any()
+    assert torch.is_tensor(seen)
 
 
 def test_answers_are_balanced():
@@ -119,7 +139,9 @@ def test_shards_read_into_rows_of_the_recipe(tmp_path, gvocab):
     from mm.model.unified import UnifiedModel
 
     cfg = load_config(CONFIG)
-    assert cfg.model.und.tower.image_size == cfg.model.heads["flow"].autoencoder.image_size == 32  # canvases fit
+    tower, flow = cfg.model.und.tower, cfg.model.heads["flow"]
+    assert tower.image_size == flow.autoencoder.image_size == 33  # a 32 px canvas fits
+    assert 33 // tower.patch_size == 33 // flow.codec.patch_size == 3  # one patch per slot, for both
     build_generalist_shards(tmp_path, {k: 8 for k in SAMPLES})
     model = UnifiedModel(cfg.model, gvocab)
     ctx = BuildContext(gvocab, model.sample_shapes(), cfg.data.seq_len, 1 << 20, random.Random(0))
@@ -133,7 +155,7 @@ def test_shards_read_into_rows_of_the_recipe(tmp_path, gvocab):
             if source.kind == "conversation":
                 meta = json.loads(raw["json"])
                 assert len(s.und_images) == meta["conversations"][0]["value"].count("<image>") >= 1
-                assert all(tuple(im.shape[-2:]) == (32, 32) for im in s.und_images)
+                assert all(tuple(im.shape[-2:]) == (33, 33) for im in s.und_images)
             else:
-                assert tuple(s.gen_images[0].shape) == (1, 32, 32)
-                assert Image.open(io.BytesIO(raw["png"])).size == (32, 32)
+                assert tuple(s.gen_images[0].shape) == (1, 33, 33)
+                assert Image.open(io.BytesIO(raw["png"])).size == (33, 33)

@@ -17,10 +17,14 @@ question templates and the same post-prompts the task files append), drawn only 
 
 Turns of one image share its image tokens (the benchmark asks one question per image; several per
 training image are cheaper per answer); their order is random and yes/no answers are drawn
-independently, so no answer tells another. Images are stored at the model's 32 px: single digits
-enlarged as the eval processor enlarges them (``mm.images.fit_image``: what the model sees of an 8x8
-benchmark digit), generation targets enlarged by pixel repetition (area-downscaling, as the
-``digits_t2i`` judge reads a 32 px image, gives the digit back).
+independently, so no answer tells another.
+
+Images are stored at the recipe's :data:`SIZE` (33 px: the canvases' 3x3 slots, corners at 1, 12, 23
+px, each fall inside one 11 px patch of a 3x3 grid). Understanding images are resized from the
+benchmark's size exactly as the eval processor resizes them (``mm.images.fit_image``: an 8x8 digit or a
+32 px canvas becomes what the model sees at eval); generation targets are drawn at 33 px directly: a
+single digit fills the frame by pixel repetition (area-downscaling, as the ``digits_t2i`` judge reads a
+generated image, gives the digit back), a canvas keeps its slots and gains one empty row and column.
 
     python -m data.bundled.generalist --out data/shards/generalist   # built on first use by train.py
     python -m data.bundled.generalist --texts                        # the tokenizer's corpus, one text a line
@@ -38,7 +42,6 @@ import torch
 from PIL import Image
 
 from data.bundled.benchmark import (
-    CANVAS,
     GENEVAL_PROMPTS,
     MCQ_COUNT,
     MCQ_POST,
@@ -63,24 +66,34 @@ from mm.schema import resolve_path
 ORDINALS = ("first", "second", "third")
 MULTI_QUESTION = "What digit is the {nth} image?"
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-SAMPLES = {"und_single": 12000, "und_canvas": 40000, "und_multi": 4000, "gen_single": 12000, "gen_canvas": 30000}
+SIZE = 33  # the recipe's image size: a 3x3 grid of 11 px patches, one canvas slot per patch
+SAMPLES = {"und_single": 15000, "und_canvas": 50000, "und_multi": 5000, "gen_single": 15000, "gen_canvas": 40000}
 SHARDS_PER_SOURCE = 4
-SCHEMA = "generalist-v1: und_single, und_canvas, und_multi (conversation), gen_single, gen_canvas (generation)"
+SCHEMA = "generalist-v2: 33 px; und_single, und_canvas, und_multi (conversation), gen_single, gen_canvas (generation)"
 SCHEMA_FILE = "SCHEMA"
 
 Turn = tuple[str, str]  # (question, answer)
 
 
-def enlarge_for_understanding(digit: np.ndarray, size: int = CANVAS) -> np.ndarray:
-    """An 8x8 uint8 digit as the eval processor resizes it for a ``size`` px tower (bilinear, antialiased)."""
-    x = torch.from_numpy(digit.astype(np.float32) / 255)[None]
+def for_understanding(image: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """A benchmark image (8x8 digit, 32 px canvas) as the eval processor resizes it for a ``size`` px tower."""
+    x = torch.from_numpy(image.astype(np.float32) / 255)[None]
     return np.round(fit_image(x, size, 1)[0].numpy() * 255).astype(np.uint8)
 
 
-def enlarge_for_generation(digit: np.ndarray, size: int = CANVAS) -> np.ndarray:
-    """An 8x8 uint8 digit filling a ``size`` px frame by pixel repetition (a judge's downscale gives it back)."""
-    k = size // digit.shape[0]
-    return np.kron(digit, np.ones((k, k), dtype=np.uint8))
+def for_generation(image: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """A generation target at ``size`` px: an 8x8 digit fills the frame (pixel repetition); a canvas is padded.
+
+    Repetition maps target pixel i to digit pixel floor(i * 8 / size), so an area downscale to 8x8 (the
+    ``digits_t2i`` judge's) gives the digit back; a canvas keeps its slots where GenEval's judge reads them.
+    """
+    h = image.shape[0]
+    if h == 8:
+        idx = np.arange(size) * 8 // size
+        return image[idx][:, idx]
+    out = np.zeros((size, size), dtype=np.uint8)
+    out[:h, :h] = image
+    return out
 
 
 def mcq(question: str, correct: str, pool: list[str], rng: np.random.Generator) -> Turn:
@@ -98,7 +111,7 @@ def yes_no(rng: np.random.Generator, yes: str, no: str) -> Turn:
 
 
 class Generator:
-    """Seeded draws of every format from the training split."""
+    """Seeded draws of every format from the training split, at the benchmark's sizes (8x8 digits, 32 px canvases)."""
 
     def __init__(self, seed: int = 0):
         self.s = Sampler("train", "generalist", seed)
@@ -123,7 +136,7 @@ class Generator:
             yes_no(self.rng, MME_QUESTIONS["recognition"].format(d=d) + SHORT_POST,
                    MME_QUESTIONS["recognition"].format(d=other) + SHORT_POST),
         ]  # fmt: skip
-        return [enlarge_for_understanding(self.s.digit(d))], self._some(turns)
+        return [self.s.digit(d)], self._some(turns)
 
     def canvas(self) -> tuple[list[np.ndarray], list[Turn]]:
         if self.rng.random() < 0.3:
@@ -166,7 +179,7 @@ class Generator:
         k = int(self.rng.integers(2, 4))
         digits = [int(d) for d in self.rng.integers(10, size=k)]
         turns = [(MULTI_QUESTION.format(nth=ORDINALS[i]), str(d)) for i, d in enumerate(digits)]
-        return [enlarge_for_understanding(self.s.digit(d)) for d in digits], self._some(turns)
+        return [self.s.digit(d) for d in digits], self._some(turns)
 
     def _some(self, turns: list[Turn]) -> list[Turn]:
         """1..all of ``turns`` in random order."""
@@ -177,7 +190,7 @@ class Generator:
     def gen_single(self) -> tuple[np.ndarray, str]:
         d = int(self.rng.integers(10))
         prompt = PROMPTS[int(self.rng.integers(len(PROMPTS)))].format(d=d, name=DIGIT_NAMES[d])
-        return enlarge_for_generation(self.s.digit(d)), prompt
+        return self.s.digit(d), prompt
 
     def gen_canvas(self) -> tuple[np.ndarray, str]:
         tag = ("two_object", "counting", "position")[int(self.rng.integers(3))]
@@ -213,6 +226,7 @@ def conversation_record(images: list[np.ndarray], turns: list[Turn]) -> dict:
 
 
 def _conversation_sample(key: str, images: list[np.ndarray], turns: list[Turn]) -> dict:
+    images = [for_understanding(img) for img in images]
     sample = {"__key__": key, "json": json.dumps(conversation_record(images, turns))}
     if len(images) == 1:
         sample["png"] = _png(images[0])
@@ -222,7 +236,7 @@ def _conversation_sample(key: str, images: list[np.ndarray], turns: list[Turn]) 
 
 
 def _generation_sample(key: str, image: np.ndarray, prompt: str) -> dict:
-    return {"__key__": key, "png": _png(image), "txt": prompt}
+    return {"__key__": key, "png": _png(for_generation(image)), "txt": prompt}
 
 
 def source_builders(gen: Generator) -> dict[str, Callable[[str], dict]]:
