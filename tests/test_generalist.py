@@ -21,6 +21,7 @@ from PIL import Image
 from data.bundled.benchmark import BENCH_DATASETS, SLOTS, digit_pool, render_canvas
 from data.bundled.digits import QUESTIONS
 from data.bundled.generalist import (
+    LIST_QUESTION,
     MULTI_QUESTION,
     ORDINALS,
     SAMPLES,
@@ -68,7 +69,7 @@ def _records(n: int = 300):
 
 def test_training_prompts_are_the_benchmarks_prompts(eval_prompts):
     eval_shapes = {_shape(p) for p in eval_prompts}
-    own = {_shape(q) for q in QUESTIONS} | {MULTI_QUESTION.format(nth=n) for n in ORDINALS}  # training-only forms
+    own = {_shape(q) for q in QUESTIONS} | {MULTI_QUESTION.format(nth=n) for n in ORDINALS} | {LIST_QUESTION}
     seen = set()
     for _, turns in _records():
         for q, _ in turns:

@@ -10,7 +10,8 @@ question templates and the same post-prompts the task files append), drawn only 
 | source | kind | what a sample is |
 | --- | --- | --- |
 | und_single | conversation | one digit, 1-3 turns: "what digit is this ?", lettered choice, "Is this the digit d?" |
-| und_canvas | conversation | a canvas, 1-4 turns: POPE and MME existence, MME count, MME position, lettered count |
+| und_canvas | conversation | a canvas, 1-5 turns: POPE and MME existence, MME count, MME position, lettered count, |
+| | | and "What digits are in the image?" (its digits in reading order: one answer per slot) |
 | und_multi | conversation | 2-3 digits, one image each: "What digit is the second image?" |
 | gen_single | generation | "draw the digit d" (and the digits' other prompts) -> the digit filling the frame |
 | gen_canvas | generation | two digits, n copies, "a left of b" -> a canvas that satisfies the prompt |
@@ -65,11 +66,12 @@ from mm.schema import resolve_path
 
 ORDINALS = ("first", "second", "third")
 MULTI_QUESTION = "What digit is the {nth} image?"
+LIST_QUESTION = "What digits are in the image?"  # not a benchmark form: every slot's digit, in reading order
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 SIZE = 33  # the recipe's image size: a 3x3 grid of 11 px patches, one canvas slot per patch
 SAMPLES = {"und_single": 15000, "und_canvas": 50000, "und_multi": 5000, "gen_single": 15000, "gen_canvas": 40000}
 SHARDS_PER_SOURCE = 4
-SCHEMA = "generalist-v2: 33 px; und_single, und_canvas, und_multi (conversation), gen_single, gen_canvas (generation)"
+SCHEMA = "generalist-v3: 33 px, canvas lists; und_single, und_canvas, und_multi (conversation), gen_single, gen_canvas (generation)"
 SCHEMA_FILE = "SCHEMA"
 
 Turn = tuple[str, str]  # (question, answer)
@@ -144,7 +146,7 @@ class Generator:
         n = int(self.rng.integers(1, 5))
         distinct = self.rng.random() < 0.6
         draw = self.rng.choice(10, n, replace=False) if distinct else self.rng.integers(10, size=n)
-        labels = [int(x) for x in draw]
+        labels, slots = [int(x) for x in draw], self.s.slots(n)
         present = sorted(set(labels))
         d_yes, d_no = int(self.rng.choice(present)), self.absent_digit(present)
         wrong_n = int(self.rng.choice([k for k in range(1, 6) if k != n]))
@@ -158,7 +160,7 @@ class Generator:
                    MME_QUESTIONS["count"].format(n=wrong_n) + SHORT_POST),
             mcq(MCQ_COUNT, str(n), ["1", "2", "3", "4", "5"], self.rng),
         ]  # fmt: skip
-        return [self.s.canvas(labels)], self._some(turns)
+        return [self.s.canvas(labels, slots)], self._with_list(self._some(turns), labels, slots)
 
     def _position_canvas(self) -> tuple[list[np.ndarray], list[Turn]]:
         a, b = [int(d) for d in self.rng.choice(10, size=2, replace=False)]
@@ -173,13 +175,20 @@ class Generator:
             yes_no(self.rng, POPE_QUESTION.format(d=a) + SHORT_POST,
                    POPE_QUESTION.format(d=self.absent_digit([a, b])) + SHORT_POST),
         ]  # fmt: skip
-        return [self.s.canvas([a, b], [sa, sb])], self._some(turns)
+        return [self.s.canvas([a, b], [sa, sb])], self._with_list(self._some(turns), [a, b], [sa, sb])
 
     def multi(self) -> tuple[list[np.ndarray], list[Turn]]:
         k = int(self.rng.integers(2, 4))
         digits = [int(d) for d in self.rng.integers(10, size=k)]
         turns = [(MULTI_QUESTION.format(nth=ORDINALS[i]), str(d)) for i, d in enumerate(digits)]
         return [self.s.digit(d) for d in digits], self._some(turns)
+
+    def _with_list(self, turns: list[Turn], labels: list[int], slots: list[tuple[int, int]]) -> list[Turn]:
+        """Half the canvases also list their digits (dense supervision of what each slot holds), at a random turn."""
+        if self.rng.random() < 0.5:
+            listed = " ".join(str(d) for _, d in sorted(zip(slots, labels)))
+            turns.insert(int(self.rng.integers(len(turns) + 1)), (LIST_QUESTION, listed))
+        return turns
 
     def _some(self, turns: list[Turn]) -> list[Turn]:
         """1..all of ``turns`` in random order."""
@@ -287,7 +296,7 @@ def generalist_texts() -> list[str]:
     """
     texts = bench_texts() + all_texts() + [SHORT_POST, MCQ_POST, "yes", "no", "A", "B", "C", "D"]
     texts.append(album_prompt(2, 0).replace("<image>", ""))
-    texts += [MULTI_QUESTION.format(nth=n) for n in ORDINALS] + [str(n) for n in range(10)]
+    texts += [MULTI_QUESTION.format(nth=n) for n in ORDINALS] + [str(n) for n in range(10)]  # LIST_QUESTION: known words
     for n in range(1, 6):
         texts.append(MME_QUESTIONS["count"].format(n=n))
     for w in NUMBER_WORDS:
