@@ -15,6 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data.bundled.digits import all_texts  # noqa: E402
+from data.bundled.generalist import generalist_texts  # noqa: E402
+from mm.sequence import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, build_word_tokenizer  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -22,8 +26,6 @@ def build_cased_word_tokenizer(texts: list[str], out_dir: Path) -> int:
     """A word-level tokenizer over ``texts`` with our special tokens, case kept; saved for AutoTokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from mm.sequence import BOS, EOS, PAD, SPECIAL_TOKENS, UNK
 
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -41,14 +43,8 @@ if __name__ == "__main__":
     ap.add_argument("name", nargs="?", default="digits", choices=["digits", "generalist"])
     args = ap.parse_args()
     out = ROOT / "configs" / "tokenizers" / args.name
-    # here, not at the top: --help stays fast
     if args.name == "digits":
-        from data.bundled.digits import all_texts
-        from mm.sequence import build_word_tokenizer
-
         n = len(build_word_tokenizer(all_texts(), out))
     else:
-        from data.bundled.generalist import generalist_texts
-
         n = build_cased_word_tokenizer(generalist_texts(), out)
     print(f"wrote {out} ({n} tokens)")
