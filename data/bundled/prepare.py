@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from data.bundled.digits import ensure_bundled_digits
+from data.bundled.generalist import ensure_generalist_shards
 from data.bundled.longctx import ensure_longctx_shards
 from data.config import DataConfig
 
@@ -12,11 +13,12 @@ from data.config import DataConfig
 BUNDLED_SHARDS: dict[str, Callable[[str], bool]] = {
     "data/shards/digits/": ensure_bundled_digits,
     "data/shards/longctx/": ensure_longctx_shards,
+    "data/shards/generalist/": ensure_generalist_shards,
 }
 
 
 def ensure_bundled_shards(cfg: DataConfig) -> None:
-    """Build the bundled shards (digits, long-context albums) when every path the config reads is one of them."""
+    """Build the bundled shards (digits, albums, the generalist's) when every path the config reads is one of them."""
     if not cfg.build_if_missing:
         return
     wanted = [cfg.train_shards, cfg.heldout_shards] + [s.shards for s in cfg.sources if s.shards]

@@ -32,6 +32,7 @@ from mm.model.config import ModelConfig
 from mm.model.decoder import DecoderOutput, KVCache, check_decoder, run_layers
 from mm.model.heads import HeadContext, ImageHead, head_class
 from mm.model.heads.base import place
+from mm.model.heads.codes import sample_logits
 from mm.model.routing import MoDRouters, Routing, plan_layers, routable_kind_ids, routable_mask
 from mm.model.towers import UnderstandingEncoder
 from mm.positions import PositionPolicy
@@ -41,6 +42,7 @@ from mm.sequence import (
     IMAGE_MARKER,
     ROLE_USER,
     TOKEN_GEN_IMAGE,
+    TOKEN_TEXT,
     TOKEN_UND_IMAGE,
     Vocab,
     conversation_sample,
@@ -315,8 +317,16 @@ class UnifiedModel(nn.Module):
         max_new_tokens: int = 8,
         on_token: Callable[[int, int], None] | None = None,
         use_cache: bool = True,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        generator: torch.Generator | None = None,
     ) -> list[str]:
-        """Greedy answers to ``questions`` about [0,1] images.
+        """Answers to ``questions`` about [0,1] images: greedy, or sampled with ``do_sample``.
+
+        Sampling draws each token after ``temperature``, ``top_k`` and ``top_p`` (nucleus) cuts from the
+        seeded ``generator`` (a CPU generator; the same seed and batch give the same answers).
 
         ``images``: a [N,C,H,W] tensor (one image per question), or one [k,C,H,W] tensor per question
         (k images each, placed at the question's ``<image>`` markers, else before the question).
@@ -326,6 +336,9 @@ class UnifiedModel(nn.Module):
         routed layers cache only the image tokens they kept); ``use_cache=False`` recomputes the whole
         sequence per token (the reference).
         """
+        if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
+            raise ValueError(f"answer: sampling needs temperature > 0, top_p in (0, 1], top_k >= 0; got "
+                             f"temperature={temperature}, top_p={top_p}, top_k={top_k}")  # fmt: skip
         samples, flat = self._answer_samples(images, questions)
         dev = self.device
         batch = left_padded(samples, self.vocab.pad).to(dev)
@@ -338,7 +351,8 @@ class UnifiedModel(nn.Module):
         done = torch.zeros(len(samples), dtype=torch.bool, device=dev)
         out: list[list[int]] = [[] for _ in samples]
         for step in range(max_new_tokens):
-            nxt = self.llm.get_output_embeddings()(h).argmax(-1)
+            logits = self.llm.get_output_embeddings()(h)
+            nxt = sample_logits(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
             for i, tok in enumerate(nxt.tolist()):
                 if not done[i]:
                     if tok == self.vocab.eos:
@@ -383,6 +397,49 @@ class UnifiedModel(nn.Module):
                 s.positions = self.position_policy.positions(s.kinds())
             samples.append(s)
         return samples, [im for imgs in per_question for im in imgs]  # row-major: the placeholders' order
+
+    @torch.no_grad()
+    def loglikelihood(
+        self, images: torch.Tensor | Sequence[torch.Tensor], contexts: list[str], continuations: list[str]
+    ) -> list[tuple[float, bool]]:
+        """(log p(continuation | context, images), greedy) per question, by teacher forcing.
+
+        Each row is the answer prompt of :meth:`answer` (same images, markers and V2PE positions) followed
+        by the continuation's tokens where the answer would go: ``... context <|assistant|> continuation``
+        (no ``<eos>``: a continuation need not end the answer). ``greedy`` says whether greedy decoding
+        yields exactly those tokens. Rows are left padded into one batch, each with its own positions, so
+        a row's value does not depend on the others. ``images`` as in :meth:`answer`; a question may have
+        none (an empty ``[0,C,H,W]`` tensor), e.g. lmms-eval's unconditional requests.
+        """
+        if len(contexts) != len(continuations):
+            raise ValueError(f"loglikelihood: {len(contexts)} contexts for {len(continuations)} continuations")
+        prompts, flat = self._answer_samples(images, contexts)
+        conts = [self.vocab.encode(c.strip()) for c in continuations]
+        samples = []
+        for s, cont in zip(prompts, conts):
+            pos = s.position_ids()
+            tail = pos[-1] + 1 + torch.arange(len(cont), dtype=torch.float32)  # text after <|assistant|>
+            samples.append(replace(
+                s, input_ids=s.input_ids + cont, targets=s.targets + [IGNORE] * len(cont),
+                prompt_mask=s.prompt_mask + [False] * len(cont), token_kinds=s.kinds() + [TOKEN_TEXT] * len(cont),
+                positions=torch.cat([pos, tail]),
+            ))  # fmt: skip
+        batch = left_padded(samples, self.vocab.pad).to(self.device)
+        und = torch.stack(flat).to(self.device) if flat else None
+        embeds = self._embed_und(self.embed_tokens(batch.input_ids), replace(batch, und_images=und))
+        hidden = self.decode(embeds, batch.position_ids, batch.attention(), batch.token_kinds,
+                             spans=batch.spans).last_hidden_state  # fmt: skip
+        out, L = [], batch.input_ids.shape[1]
+        for i, cont in enumerate(conts):
+            if not cont:
+                out.append((0.0, True))
+                continue
+            # logits at column j predict token j + 1: the continuation's tokens sit in the last len(cont) columns
+            logits = self.llm.get_output_embeddings()(hidden[i, L - len(cont) - 1 : L - 1]).float()
+            target = torch.tensor(cont, device=logits.device)
+            logp = logits.log_softmax(-1).gather(-1, target[:, None]).sum()
+            out.append((float(logp), bool((logits.argmax(-1) == target).all())))
+        return out
 
     @torch.no_grad()
     def generate(

@@ -1,12 +1,12 @@
-"""digits_longctx: the digit of the image with a given label in an album of n labelled digits (data/longctx.py)."""
+"""digits_longctx: the digit of the marked image in an album of n digits (data/bundled/longctx.py)."""
 
 import json
 
 
 def _check(doc) -> None:
-    if "label" not in doc:  # rows of the v1 task ("which image is a d ?") lack it
+    if "marked" not in doc["question"]:  # rows of the earlier tasks (labels, "which image is a d ?")
         raise ValueError(
-            "data/bench/digits_longctx was built by an older data/longctx.py: rebuild it with "
+            "data/bench/digits_longctx was built by an older data/bundled/longctx.py: rebuild it with "
             "`python -m data.bundled.benchmark` (or delete the folder; eval.py rebuilds missing datasets)"
         )
 
@@ -17,7 +17,7 @@ def doc_to_visual(doc):
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    """The album prompt: one ``<image>`` marker per image, each followed by its label, then the question."""
+    """The album prompt: one ``<image>`` line per image, the marked one followed by "marked", then the question."""
     _check(doc)
     kw = lmms_eval_specific_kwargs or {}
     return f"{kw.get('pre_prompt', '')}{doc['question']}{kw.get('post_prompt', '')}"
