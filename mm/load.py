@@ -17,7 +17,7 @@ import torch
 
 from mm.checkpoint import find_checkpoint, load_model_weights, read_meta
 from mm.config import Config, EvalConfig, load_config
-from mm.hf import processor_of
+from mm.hf import UnifiedMMProcessor
 from mm.model.unified import build_model
 from mm.schema import ConfigError
 
@@ -118,7 +118,7 @@ class LoadedModel:
 
 def load_run_model(run_dir: Path, overrides: list[str] | None = None, checkpoint: str = "latest") -> LoadedModel:
     cfg, model, ckpt, step = load_run(run_dir, checkpoint, overrides)
-    processor = processor_of(model)  # an understanding-only model has no head to read image sizes from
+    processor = UnifiedMMProcessor.from_model(model)
     return LoadedModel(model, processor, cfg, {"run": str(run_dir), "checkpoint": str(ckpt), "step": step})
 
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mm.convert import EXPORTERS, ConversionError  # noqa: E402
 from mm.eval.harness import evaluate  # noqa: E402
-from mm.hf import generation_config, processor_of, wrap  # noqa: E402
+from mm.hf import UnifiedMMProcessor, generation_config, wrap  # noqa: E402
 from mm.load import load_release, load_run, read_weights  # noqa: E402
 
 USAGE = """```python
@@ -101,7 +101,7 @@ def export_release(run_dir: Path, out: Path, checkpoint: str = "latest", use_ema
     shutil.rmtree(tmp, ignore_errors=True)
     hf = wrap(model, cfg.model)
     hf.save_pretrained(str(tmp))
-    processor_of(model).save_pretrained(str(tmp))
+    UnifiedMMProcessor.from_model(model).save_pretrained(str(tmp))
     gen = generation_config(cfg.model, model.vocab)
     gen.save_pretrained(str(tmp))
     source = {"run": str(run_dir), "checkpoint": str(ckpt), "step": step, "weights": which}

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.batch import Batch, ImageInputs, SampleShapes, left_padded
-from mm.images import as_unit_float, match_images, zero_images
+from mm.images import match_images, zero_images
 from mm.kernels.attention import AttentionSpec
 from mm.model.backbone import build_llm
 from mm.model.config import ModelConfig
@@ -76,7 +76,7 @@ class UnifiedModel(nn.Module):
     def sample_shapes(self) -> SampleShapes:
         u = self.und
         return SampleShapes(
-            und_size=u.image_size, und_channels=u.channels, und_tokens=u.tokens_per_image,
+            und_preprocess=u.preprocess, und_tokens=u.tokens_per_image,
             gen_templates={n: h.template for n, h in self.heads.items()}, position_policy=self.position_policy,
         )  # fmt: skip
 
@@ -206,7 +206,8 @@ class UnifiedModel(nn.Module):
     def _embed_und(self, embeds: torch.Tensor, batch: Batch) -> torch.Tensor:
         mask = batch.input_ids == self.vocab.image
         if batch.und_images is not None:
-            inputs = ImageInputs(as_unit_float(batch.und_images), batch.sample_ids.new_zeros(0))
+            # uint8 stays uint8: the encoder normalises it as the reference processors do (mm.images.normalize)
+            inputs = ImageInputs(batch.und_images, batch.sample_ids.new_zeros(0))
         elif self.every_module:
             inputs = ImageInputs(zero_images(1, self.und.channels, self.und.image_size, embeds),
                                  batch.sample_ids.new_zeros(0), placeholder=True)  # fmt: skip
@@ -291,7 +292,8 @@ class UnifiedModel(nn.Module):
         on_token: Callable[[int, int], None] | None = None,
         use_cache: bool = True,
     ) -> list[str]:
-        """Greedy answers to ``questions`` about [0,1] images.
+        """Greedy answers to ``questions`` about images: uint8 squares of the tower's preprocessing
+        (``UnifiedMMProcessor.und_images``, the loader's tensors), or [0,1] floats of the tower's size.
 
         ``images``: a [N,C,H,W] tensor (one image per question), or one [k,C,H,W] tensor per question
         (k images each, placed at the question's ``<image>`` markers, else before the question).
