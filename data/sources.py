@@ -32,9 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from data.images import IMAGE_EXTS, resize_crop, resize_pad
+from data.images import IMAGE_EXTS, load_image
 from data.stream import BadSample
 from mm.batch import SampleShapes
+from mm.images import generation_preprocess
 from mm.positions import image_runs
 from mm.schema import ConfigError, parse_part
 from mm.sequence import (
@@ -141,7 +142,7 @@ def build_generation(raw: dict, ctx: BuildContext, options: GenerationOptions) -
             f"source kind generation:{head}: the model has no {head!r} head (it has {list(s.gen_templates)})"
         )
     t = s.gen_templates[head]
-    image = resize_crop(images[0], t.image_size, t.image_channels, ctx.max_pixels)
+    image = load_image(images[0], generation_preprocess(t.image_size, t.image_channels), ctx.max_pixels)
     return [image_generation_sample(ctx.vocab, t, image, caption.strip(), key=raw["__key__"])]
 
 
@@ -174,7 +175,7 @@ def build_conversation(raw: dict, ctx: BuildContext, options: NoOptions) -> list
     images = image_members(raw)
     turns = parse_conversation(meta, len(images))
     s = ctx.shapes
-    pixels = [resize_pad(data, s.und_size, s.und_channels, s.und_fill, ctx.max_pixels) for data in images]
+    pixels = [load_image(data, s.und_preprocess, ctx.max_pixels) for data in images]
     try:
         return [conversation_sample(ctx.vocab, turns, pixels, s.und_tokens, key=raw["__key__"])]
     except TemplateError as e:

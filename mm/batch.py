@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from mm.images import ImagePreprocess
 from mm.kernels.attention import AttentionSpec, Varlen
 from mm.positions import PositionPolicy
 from mm.sequence import IGNORE, TOKEN_KINDS, ImageTemplate, Sample
@@ -31,15 +32,15 @@ N_KINDS = len(TOKEN_KINDS)
 class SampleShapes:
     """What building samples needs to know of the model (``UnifiedModel.sample_shapes``); picklable.
 
-    ``gen_templates``: each image head's layout, the first the default; ``position_policy``: V2PE's
-    per-image deltas, drawn when a sample is built (None or disabled = positions 0..n-1).
+    ``und_preprocess``: how a picture becomes the understanding tower's square (the tower's own spec, the one
+    the processor uses at inference); ``gen_templates``: each image head's layout, the first the default;
+    ``position_policy``: V2PE's per-image deltas, drawn when a sample is built (None or disabled = positions
+    0..n-1).
     """
 
-    und_size: int
-    und_channels: int
+    und_preprocess: ImagePreprocess
     und_tokens: int
     gen_templates: dict[str, ImageTemplate] = field(default_factory=dict)
-    und_fill: int = 127  # pad value of understanding images: mid grey, ~0 after a 0.5/0.5 normalisation
     position_policy: PositionPolicy | None = None
 
     @property

@@ -5,8 +5,9 @@
     import mm
     from transformers import AutoModel, AutoProcessor
     model = AutoModel.from_pretrained("release/")          # UnifiedMMModel
-    processor = AutoProcessor.from_pretrained("release/")  # tokenizer + per-tower image preprocessing
+    processor = AutoProcessor.from_pretrained("release/")  # tokenizer + the tower's image preprocessing
     model.answer(processor.und_images([img]), ["what digit is this ?"])
+    model(input_ids=ids, pixel_values=processor(images=[img])["pixel_values"])  # transformers-shaped
 
 * ``UnifiedMMConfig`` carries our ``ModelConfig`` as one sub-config per part (``und``, ``llm``,
   ``mod``, ``v2pe``, ``heads``, ... every dataclass field, listed in ``mm_parts``, so a field added
@@ -20,8 +21,11 @@
   ``CausalLMOutputWithPast`` with the LLM's logits) and text generation runs through transformers'
   ``generate``; ``forward(batch)`` (a packed ``mm.batch.Batch``) gives the training losses, and
   ``answer``/``generate_images`` are conveniences.
-* ``UnifiedMMProcessor`` = tokenizer + image preprocessing of each tower (size,
-  channels) and the understanding tower's normalisation constants.
+* ``UnifiedMMProcessor`` = tokenizer + the understanding tower's preprocessing (``mm.images.preprocess`` with
+  the tower's spec: the function and spec the training loader uses) and normalisation constants, and the
+  generation targets' preprocessing. ``processor(images=...)["pixel_values"]`` are normalised as a
+  transformers image processor's (equal to the tower's reference processor's); ``und_images`` gives the
+  uint8 squares before normalisation (what ``answer`` and the loader carry).
 
 Weights are safetensors, configs JSON: no pickle anywhere in a release.
 """
@@ -32,14 +36,13 @@ import copy
 from dataclasses import fields
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel, ProcessorMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mm.batch import Batch
-from mm.images import fit_image, match_images
+from mm.images import ImagePreprocess, generation_preprocess, normalize, preprocess
 from mm.kernels.attention import AttentionSpec
 from mm.model.autoencoder import DiffusersKL
 from mm.model.config import ModelConfig, model_config_from_dict
@@ -297,9 +300,9 @@ class UnifiedMMModel(PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast | dict[str, torch.Tensor]:
         """transformers-shaped: token ids (understanding images at ``config.image_token_id``), ``pixel_values``
-        from our processor ([0,1]; the tower's mean/std apply inside), a 0/1 ``attention_mask`` (left
-        padding) -> ``CausalLMOutputWithPast`` with the LLM's logits (and the shifted next-token loss with
-        ``labels``, -100 ignored). Positions restart after left padding, as in :meth:`answer`.
+        normalised as our processor returns them (equal to the tower's reference processor's), a 0/1
+        ``attention_mask`` (left padding) -> ``CausalLMOutputWithPast`` with the LLM's logits (and the shifted
+        next-token loss with ``labels``, -100 ignored). Positions restart after left padding, as in :meth:`answer`.
 
         ``forward(batch)`` with a packed ``mm.batch.Batch``: the training losses (``UnifiedModel.forward``).
         """
@@ -330,7 +333,11 @@ class UnifiedMMModel(PreTrainedModel, GenerationMixin):
             if bool(mask.any()):
                 raise ValueError(f"forward: {int(mask.sum())} image tokens (id {image}) but no pixel_values")
             return embeds
-        features = u.und(match_images(pixel_values.to(embeds.device), u.und.image_size, u.und.channels))
+        want = (u.und.channels, u.und.image_size, u.und.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want or not pixel_values.is_floating_point():
+            raise ValueError(f"forward: pixel_values must be normalised floats [N, {want[0]}, {want[1]}, {want[2]}] "
+                             f"(the processor's), got {pixel_values.dtype} {tuple(pixel_values.shape)}")  # fmt: skip
+        features = u.und.aligner(u.und.tower(pixel_values.to(embeds.device)))  # already normalised: no second pass
         embeds = u.und.place_begin(embeds, input_ids, u.vocab.boi, image)
         return scatter_placeholders(embeds, mask, features.flatten(0, 1), "understanding images")
 
@@ -390,17 +397,6 @@ def wrap(unified: UnifiedModel, model_cfg: ModelConfig) -> UnifiedMMModel:
     return UnifiedMMModel(cfg, unified=unified)
 
 
-def processor_of(model: UnifiedModel) -> UnifiedMMProcessor:
-    """The processor of a built model; one with no image head (understanding only) records the tower's image
-    size for both paths (``UnifiedMMProcessor.from_model`` reads the default head's template)."""
-    if model.heads:
-        return UnifiedMMProcessor.from_model(model)
-    u = model.und
-    return UnifiedMMProcessor(model.vocab.tokenizer, und_image_size=u.image_size, und_channels=u.channels,
-                              und_mean=list(u.tower.mean), und_std=list(u.tower.std), gen_image_size=u.image_size,
-                              gen_channels=u.channels)  # fmt: skip
-
-
 # Recipe keys that are sampler arguments of ``UnifiedModel.generate`` (the rest describe the recipe).
 SAMPLER_KEYS = ("steps", "cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p")
 
@@ -431,75 +427,96 @@ def generation_config(model_cfg: ModelConfig, vocab, max_new_tokens: int = 16):
 
 
 class UnifiedMMProcessor(ProcessorMixin):
-    """Tokenizer + image preprocessing for each tower (centre crop, resize, channels; [0,1] floats).
+    """Tokenizer + the understanding tower's image preprocessing and normalisation (+ generation targets').
 
-    The understanding tower's mean/std are applied inside the model (``UnderstandingEncoder``),
-    so preprocessed images stay in [0,1]; they are recorded here for other front-ends.
+    ``und_preprocess`` / ``gen_preprocess`` are ``mm.images.ImagePreprocess`` fields (JSON in
+    ``processor_config.json``); the training loader calls the same :func:`mm.images.preprocess` with the same
+    spec (``UnifiedModel.sample_shapes``). ``__call__`` returns transformers-style normalised ``pixel_values``
+    (what ``UnifiedMMModel.forward(pixel_values=)`` takes); :meth:`und_images` the uint8 squares before
+    normalisation (what ``answer`` takes and the model normalises itself).
     """
 
     tokenizer_class = "AutoTokenizer"
+    LEGACY_KEYS = ("und_image_size", "und_channels", "gen_image_size", "gen_channels")  # processors saved before specs
 
     def __init__(
         self,
         tokenizer=None,
-        und_image_size: int = 8,
-        und_channels: int = 3,
+        und_preprocess: dict | None = None,
         und_mean: float | list[float] = 0.5,
         und_std: float | list[float] = 0.5,
-        gen_image_size: int = 8,
-        gen_channels: int = 1,
+        gen_preprocess: dict | None = None,
         **kwargs,
     ):
-        self.und_image_size, self.und_channels = und_image_size, und_channels
-        self.und_mean, self.und_std = und_mean, und_std
-        self.gen_image_size, self.gen_channels = gen_image_size, gen_channels
+        legacy = {k: kwargs.pop(k) for k in self.LEGACY_KEYS if k in kwargs}
+        if und_preprocess is None and legacy:  # their preprocessing: centre crop, bilinear (the closest spec)
+            und_preprocess = {"mode": "crop", "size": legacy.get("und_image_size", 8), "resample": "bilinear",
+                              "channels": legacy.get("und_channels", 3)}  # fmt: skip
+            gen_preprocess = generation_preprocess(legacy.get("gen_image_size", 8), legacy.get("gen_channels", 1))
+        channels = int((und_preprocess or {}).get("channels", 3))
+        self.und_mean, self.und_std = _per_channel(und_mean, channels), _per_channel(und_std, channels)
+        self.und_preprocess = _spec(und_preprocess or {}, self.und_mean).to_dict()
+        self.gen_preprocess = None if gen_preprocess is None else _spec(gen_preprocess, None).to_dict()
         super().__init__(tokenizer, **kwargs)
 
     @classmethod
     def from_model(cls, model: UnifiedModel) -> UnifiedMMProcessor:
-        """A built model's processor: its tower's size, channels and normalisation; its default head's images."""
-        u, t = model.und, model.head().template
-        return cls(model.vocab.tokenizer, und_image_size=u.image_size, und_channels=u.channels,
-                   und_mean=list(u.tower.mean), und_std=list(u.tower.std), gen_image_size=t.image_size,
-                   gen_channels=t.image_channels)  # fmt: skip
+        """A built model's processor: its tower's preprocessing and normalisation; its default head's targets
+        (none for an understanding-only model)."""
+        u = model.und
+        gen = None
+        if model.heads:
+            t = model.head().template
+            gen = generation_preprocess(t.image_size, t.image_channels).to_dict()
+        return cls(model.vocab.tokenizer, und_preprocess=u.preprocess.to_dict(), und_mean=list(u.tower.mean),
+                   und_std=list(u.tower.std), gen_preprocess=gen)  # fmt: skip
+
+    @property
+    def und_spec(self) -> ImagePreprocess:
+        return ImagePreprocess(**self.und_preprocess)
 
     def und_images(self, images: list[Any]) -> torch.Tensor:
-        """Images (PIL, HxW(xC) uint8 arrays, or [C,H,W] tensors in [0,1]) -> [N, C, S, S] for ``answer``."""
-        return torch.stack([fit(to_unit_tensor(im), self.und_image_size, self.und_channels) for im in images])
+        """Images (PIL, HxW(xC) arrays, [C,H,W] tensors; see ``mm.images.as_pil``) -> uint8 [N, C, S, S], the
+        tensors the training loader makes of the same pictures (for ``answer``)."""
+        spec = self.und_spec
+        return torch.stack([preprocess(im, spec) for im in images])
 
     def gen_images(self, images: list[Any]) -> torch.Tensor:
-        """Images -> [N, C, S, S] at the generation size (training targets, REPA)."""
-        return torch.stack([fit(to_unit_tensor(im), self.gen_image_size, self.gen_channels) for im in images])
+        """Images -> uint8 [N, C, S, S] generation targets of the default image head (as the loader makes them)."""
+        if self.gen_preprocess is None:
+            raise ValueError("this processor's model has no image head (understanding only): no generation targets")
+        spec = ImagePreprocess(**self.gen_preprocess)
+        return torch.stack([preprocess(im, spec) for im in images])
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, C, S, S] -> normalised float32 pixel_values (transformers' fused rescale+normalise)."""
+        return normalize(images, tuple(self.und_mean), tuple(self.und_std))
 
     def __call__(self, images=None, text=None, **kwargs):
         from transformers import BatchFeature
 
         out = {}
         if images is not None:
-            out["pixel_values"] = self.und_images(images if isinstance(images, list) else [images])
+            out["pixel_values"] = self.normalize(self.und_images(images if isinstance(images, list) else [images]))
         if text is not None:
             out.update(self.tokenizer(text, add_special_tokens=False, **kwargs))
         return BatchFeature(out)
 
 
-def to_unit_tensor(image: Any) -> torch.Tensor:
-    """PIL image, uint8 array or [C,H,W] tensor -> [C,H,W] float in [0,1] (grey stays one channel)."""
-    from PIL import Image
-
-    if isinstance(image, torch.Tensor):
-        t = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-        return t[None] if t.ndim == 2 else t
-    if isinstance(image, Image.Image):
-        mode = "L" if image.mode in ("L", "1", "I;16", "I") else "RGB"
-        image = np.asarray(image.convert(mode))
-    a = np.asarray(image)
-    t = torch.from_numpy(a.astype(np.float32) / (255.0 if a.dtype == np.uint8 else 1.0))
-    return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+def _per_channel(values: float | list[float], channels: int) -> list[float]:
+    values = [float(values)] if isinstance(values, int | float) else [float(v) for v in values]
+    return values * channels if len(values) == 1 else values
 
 
-def fit(image: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """Centre crop, resize, channel conversion (``mm.images.fit_image``)."""
-    return fit_image(image, size, channels)
+def _spec(fields: dict | ImagePreprocess, mean: list[float] | None) -> ImagePreprocess:
+    """A spec from saved fields; a missing fill is the mean colour (transformers' pad)."""
+    if isinstance(fields, ImagePreprocess):
+        return fields
+    fields = dict(fields)
+    if "fill" not in fields:
+        channels = fields.get("channels", 3)
+        fields["fill"] = [int(m * 255) for m in mean] if mean else [0] * channels
+    return ImagePreprocess(**fields)
 
 
 # ---------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from mm.checkpoint import (
     read_meta,
 )
 from mm.config import Config, EvalConfig, load_config
-from mm.hf import processor_of
+from mm.hf import UnifiedMMProcessor
 from mm.model.unified import build_model
 from mm.schema import ConfigError
 
@@ -163,7 +163,7 @@ def load_run_model(
 ) -> LoadedModel:
     """``verified``: ``checkpoint`` is a step directory :func:`select_checkpoint` already chose and verified."""
     cfg, model, ckpt, step = load_run(run_dir, checkpoint, overrides, verified=verified)
-    processor = processor_of(model)  # an understanding-only model has no head to read image sizes from
+    processor = UnifiedMMProcessor.from_model(model)
     source = {"run": str(run_dir), "checkpoint": str(ckpt.resolve()), "step": step, **describe_weights(ckpt)}
     return LoadedModel(model, processor, cfg, source)
 

@@ -54,7 +54,7 @@ from data.bundled.mixes import (  # noqa: E402
     write_photo_folder,  # noqa: E402
 )
 from data.config import DataConfig  # noqa: E402
-from data.images import resize_crop  # noqa: E402
+from data.images import load_image  # noqa: E402
 from data.loader import TrainLoader  # noqa: E402
 from data.pack import pack_all  # noqa: E402
 from data.shards import ImageOptions, make_shards  # noqa: E402
@@ -62,6 +62,7 @@ from data.sources import SourceConfig  # noqa: E402
 from data.stream import expand_shards  # noqa: E402
 from mm.batch import PackItem, SampleShapes, collate  # noqa: E402
 from mm.config import load_config  # noqa: E402
+from mm.images import ImagePreprocess, generation_preprocess  # noqa: E402
 from mm.model.unified import build_model  # noqa: E402
 from mm.schema import resolve_path  # noqa: E402
 from mm.sequence import (  # noqa: E402
@@ -112,7 +113,7 @@ class _Decode:
         self.size = size
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, str]:
-        return resize_crop(sample["jpg"], self.size, 3, 64_000_000), sample["txt"].decode()
+        return load_image(sample["jpg"], generation_preprocess(self.size, 3), 64_000_000), sample["txt"].decode()
 
 
 def _time_samples(it, count, want: int) -> float:
@@ -132,7 +133,7 @@ def bench_loader(rounds: int, n_photos: int, per_round: int) -> dict:
         cfg = DataConfig(sources=[SourceConfig(name="photos", kind="generation", shards=pattern)], seq_len=BUDGET,
                          rows_per_batch=1, shuffle_buffer=64, num_workers=2, prefetch_factor=4)  # fmt: skip
         flow = ImageTemplate("flow", gen_size, 3, (256,), begin="bog")
-        shapes = SampleShapes(und_size=gen_size, und_channels=3, und_tokens=256, gen_templates={"flow": flow})
+        shapes = SampleShapes(ImagePreprocess("pad", gen_size, 3), und_tokens=256, gen_templates={"flow": flow})
 
         def ours():
             return iter(TrainLoader(cfg, vocab, shapes, 0, 1)), lambda b: len(b.images["flow"])

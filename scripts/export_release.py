@@ -47,7 +47,7 @@ from mm.checkpoint import CheckpointError, read_meta, set_file_mode  # noqa: E40
 from mm.config import Config  # noqa: E402
 from mm.convert import EXPORTERS, ConversionError  # noqa: E402
 from mm.eval.harness import evaluate, results_matching  # noqa: E402
-from mm.hf import generation_config, processor_of, wrap  # noqa: E402
+from mm.hf import UnifiedMMProcessor, generation_config, wrap  # noqa: E402
 from mm.load import (  # noqa: E402
     describe_weights,
     is_deepspeed_folder,
@@ -204,7 +204,7 @@ def export_release(
     shutil.rmtree(tmp, ignore_errors=True)
     hf = wrap(model, cfg.model)
     hf.save_pretrained(str(tmp))
-    processor_of(model).save_pretrained(str(tmp))
+    UnifiedMMProcessor.from_model(model).save_pretrained(str(tmp))
     gen = generation_config(cfg.model, model.vocab)
     gen.save_pretrained(str(tmp))
     # names, not paths: a release travels, and a path can name its author

@@ -86,7 +86,7 @@ def test_understanding_logits_equal_the_reference(janus):
     ids, mask, pixels, normalised = _und_inputs(tok)
     with torch.no_grad():
         expected = ref(input_ids=ids, pixel_values=normalised, attention_mask=mask).logits
-        got = ours(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+        got = ours(input_ids=ids, pixel_values=normalised, attention_mask=mask).logits  # the same inputs
     keep = mask.bool()  # transformers' positions count padding, ours restart after it: compare real tokens
     assert got.shape == expected.shape
     assert (got[0] - expected[0]).abs().max() <= TOL  # the longest row has no padding: every position
@@ -96,7 +96,7 @@ def test_understanding_logits_equal_the_reference(janus):
     labels = ids.masked_fill(~keep, -100)
     with torch.no_grad():
         loss_ref = ref(input_ids=ids[:1], pixel_values=normalised[:1], labels=labels[:1]).loss
-        loss = ours(input_ids=ids[:1], pixel_values=pixels[:1], labels=labels[:1]).loss
+        loss = ours(input_ids=ids[:1], pixel_values=normalised[:1], labels=labels[:1]).loss
     assert abs(float(loss - loss_ref)) <= TOL
 
 
@@ -107,7 +107,7 @@ def test_text_generate_through_transformers_equals_the_reference(janus):
     with torch.no_grad():
         a = ref.generate(input_ids=ids[:1], pixel_values=normalised[:1], max_new_tokens=6, do_sample=False,
                          eos_token_id=None, pad_token_id=tok.pad_token_id)  # fmt: skip
-        b = ours.generate(input_ids=ids[:1], pixel_values=pixels[:1], max_new_tokens=6, do_sample=False,
+        b = ours.generate(input_ids=ids[:1], pixel_values=normalised[:1], max_new_tokens=6, do_sample=False,
                           eos_token_id=None, pad_token_id=tok.pad_token_id)  # fmt: skip
     assert torch.equal(a, b) and a.shape[1] == ids.shape[1] + 6
 
@@ -213,11 +213,11 @@ train: {{max_steps: 3, init_from: {out}, log_every: 1, ckpt_every: 3, warmup_ste
         assert p.returncode == 0, p.stderr[-3000:]
     back = JanusForConditionalGeneration.from_pretrained(str(tmp_path / "hf_janus"), local_files_only=True).eval()
     ids = torch.tensor([[trained.vocab.bos, trained.vocab.boi, *[trained.vocab.image] * 16, trained.vocab.eoi, 7, 8]])
-    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pixels = (torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) - 0.5) / 0.5  # normalised
     ours = AutoModel.from_pretrained(str(tmp_path / "unified_mm"), local_files_only=True).eval()
     with torch.no_grad():
         a = wrap(trained, trained.cfg)(input_ids=ids, pixel_values=pixels).logits
-        b = back(input_ids=ids, pixel_values=(pixels - 0.5) / 0.5).logits
+        b = back(input_ids=ids, pixel_values=pixels).logits
         c = ours(input_ids=ids, pixel_values=pixels).logits
     assert (a - b).abs().max() <= TOL and (a - c).abs().max() <= TOL
 

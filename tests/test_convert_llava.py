@@ -76,9 +76,9 @@ def test_understanding_logits_and_generate_equal_the_reference(llava):
     ids, pixels, normalised = _inputs(tok, ours)
     with torch.no_grad():
         a = ref(input_ids=ids, pixel_values=normalised).logits
-        b = ours(input_ids=ids, pixel_values=pixels).logits
+        b = ours(input_ids=ids, pixel_values=normalised).logits
         ga = ref.generate(input_ids=ids, pixel_values=normalised, max_new_tokens=6, do_sample=False, eos_token_id=None)
-        gb = ours.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False, eos_token_id=None)
+        gb = ours.generate(input_ids=ids, pixel_values=normalised, max_new_tokens=6, do_sample=False, eos_token_id=None)
     assert a.shape == b.shape and (a - b).abs().max() <= TOL
     assert torch.equal(ga, gb)
 
@@ -138,7 +138,7 @@ train: {{max_steps: 3, init_from: {out}, log_every: 1, ckpt_every: 3, warmup_ste
     t = trained.und.tower
     normalised = (pixels - torch.tensor(t.mean).view(1, 3, 1, 1)) / torch.tensor(t.std).view(1, 3, 1, 1)
     with torch.no_grad():
-        a = wrap(trained, trained.cfg)(input_ids=ids, pixel_values=pixels).logits
+        a = wrap(trained, trained.cfg)(input_ids=ids, pixel_values=normalised).logits
         b = back(input_ids=ids, pixel_values=normalised).logits
     assert (a - b).abs().max() <= TOL
 
@@ -160,7 +160,7 @@ def test_an_embedding_table_without_room_for_our_tokens_grows_by_mean_rows(tmp_p
     ids, pixels, normalised = _inputs(tok, ours)
     with torch.no_grad():
         a = ref(input_ids=ids, pixel_values=normalised).logits
-        b = ours(input_ids=ids, pixel_values=pixels).logits
+        b = ours(input_ids=ids, pixel_values=normalised).logits
     assert (a - b[..., :rows]).abs().max() <= TOL  # the original tokens' logits are unchanged
 
 
@@ -169,7 +169,7 @@ def test_an_embedding_table_without_room_for_our_tokens_grows_by_mean_rows(tmp_p
 def test_forward_and_generate_equal_answer(vocab, mod):
     """Dense: transformers' LLM forward with its cache; p-MoD: our decoder loop (uncached generate)."""
     from mm.config import load_config
-    from mm.hf import wrap
+    from mm.hf import UnifiedMMProcessor, wrap
     from mm.model.unified import UnifiedModel
     from mm.sequence import ROLE_USER, conversation_sample
 
@@ -181,7 +181,8 @@ def test_forward_and_generate_equal_answer(vocab, mod):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     hf = wrap(model, cfg)
-    images = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    images = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    pixel_values = UnifiedMMProcessor.from_model(model).normalize(images)  # what processor(images=...) returns
     seen = []
     hook = model.llm.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
     answer = model.answer(images, ["what digit is this ?"], max_new_tokens=3)
@@ -189,8 +190,9 @@ def test_forward_and_generate_equal_answer(vocab, mod):
     s = conversation_sample(vocab, [(ROLE_USER, "<image>\nwhat digit is this ?")], list(images), 16)
     ids = torch.tensor([s.input_ids])
     with torch.no_grad():
-        logits = hf(input_ids=ids, pixel_values=images).logits
-        out = hf.generate(input_ids=ids, pixel_values=images, max_new_tokens=3, do_sample=False, eos_token_id=None)
+        logits = hf(input_ids=ids, pixel_values=pixel_values).logits
+        out = hf.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=3, do_sample=False,
+                          eos_token_id=None)  # fmt: skip
     assert (logits[0, -1] - seen[0][0]).abs().max() <= 1e-5
     greedy = [int(row[0].argmax()) for row in seen]  # answer's tokens (it stops at <eos>)
     assert out[0, ids.shape[1] :].tolist()[: len(greedy)] == greedy and vocab.decode(greedy) == answer[0]

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from data.bundled.digits import DIGIT_NAMES, FACTS, build_digit_shards, load_digit_split
-from data.images import resize_crop, resize_pad
+from data.images import decode, load_image
 from data.shards import ImageOptions, ShardWriter, make_shards
 from data.stream import BadSample, expand_shards, iter_samples, read_samples
 from mm.batch import SampleShapes
-from mm.images import decode_image, fit_image
+from mm.images import ImagePreprocess, generation_preprocess, preprocess
 from mm.sequence import ImageTemplate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ def test_digit_shards_hold_every_digit_once_with_a_disjoint_heldout(shard_dir):
     x, y = load_digit_split("heldout")
     assert len(x) == len(held) and x.shape[1:] == (8, 8) and 0 <= x.min() and x.max() <= 1
     raw = next(iter(read_samples(f"{shard_dir}/digits/heldout-000000.tar")))
-    assert decode_image(raw["png"]).shape == (1, 8, 8)
+    assert decode(raw["png"], 10**6).mode == "L" and decode(raw["png"], 10**6).size == (8, 8)
     meta = json.loads(raw["json"])
     assert meta["split"] == "heldout" and meta["conversations"][1]["value"] == str(meta["label"])
     assert raw["txt"].decode().split()[-1] in (str(meta["label"]), DIGIT_NAMES[meta["label"]])
@@ -56,20 +56,21 @@ def test_digit_documents_use_only_tokenizer_words(vocab, shard_dir):
 def test_smoke_shard_photos_fit_both_paths(shard_dir):
     raws = list(read_samples(f"{shard_dir}/smoke/smoke-000000.tar"))
     assert len(raws) == 5
-    img = decode_image(raws[0]["png"])
-    assert img.shape == (3, 32, 32)
-    assert fit_image(img, 16, 3).shape == (3, 16, 16) and fit_image(img, 8, 1).shape == (1, 8, 8)
+    img = decode(raws[0]["png"], 10**6)
+    assert img.size == (32, 32) and img.mode == "RGB"
+    assert preprocess(img, ImagePreprocess("pad", 16, 3)).shape == (3, 16, 16)
+    assert preprocess(img, generation_preprocess(8, 1)).shape == (1, 8, 8)
 
 
 def test_preprocessing_pads_understanding_and_crops_generation():
     wide = np.zeros((40, 80, 3), dtype=np.uint8)
     wide[:, :, 0] = 200
     png = _png(wide)
-    und = resize_pad(png, 32, 3, 127, 10**6)
+    und = load_image(png, ImagePreprocess("pad", 32, 3, fill=(127, 0, 255)), 10**6)
     assert und.dtype == torch.uint8 and und.shape == (3, 32, 32)
-    assert und[0, 0, 0] == 127 and und[0, 16, 16] == 200  # bands above/below, the image in the middle
+    assert und[:, 0, 0].tolist() == [127, 0, 255] and und[0, 16, 16] == 200  # bands above/below, the image between
     assert und[0, 8:24, :].eq(200).all()
-    gen = resize_crop(png, 32, 1, 10**6)
+    gen = load_image(png, generation_preprocess(32, 1), 10**6)
     assert gen.shape == (1, 32, 32) and gen.min() == gen.max()  # cropped: no padding band
 
 
@@ -221,7 +222,7 @@ def test_each_bad_sample_kind_is_skipped_and_counted(tmp_path, vocab, monkeypatc
         sources=[SourceConfig(name="photos", kind="generation", shards=str(tmp_path / "bad.tar"))],
         seq_len=64, rows_per_batch=1, shuffle_buffer=4, pack_lookahead=2, max_image_pixels=10**6,
     )  # fmt: skip
-    shapes = SampleShapes(16, 3, 16, {"flow": ImageTemplate("flow", 16, 3, (16,), begin="bog")})
+    shapes = SampleShapes(ImagePreprocess("pad", 16, 3), 16, {"flow": ImageTemplate("flow", 16, 3, (16,), begin="bog")})
     stream = WorkerStream(resolve_sources(cfg), cfg, vocab, shapes, 0, 1, 0, 1)
     batches = iter(stream)
     for _ in range(40):  # several epochs of the 6 good samples
@@ -295,7 +296,7 @@ def test_make_shards_conversations_and_text_through_the_cli(tmp_path, vocab):
     assert text["written"] == 2 and text["rejected"] == 0
     raw = next(iter(read_samples(f"{tmp_path}/conversation/shard-000000.tar")))
     assert sorted(raw) == ["0.jpg", "1.jpg", "__key__", "json"]
-    shapes = SampleShapes(8, 3, 4, {"flow": ImageTemplate("flow", 8, 1, (4,), begin="bog")})
+    shapes = SampleShapes(ImagePreprocess("pad", 8, 3), 4, {"flow": ImageTemplate("flow", 8, 1, (4,), begin="bog")})
     ctx = BuildContext(vocab, shapes, 256, 10**6, random.Random(0))
     (s,) = build_samples(SourceConfig(name="conversation", kind="conversation"), raw, ctx)
     assert len(s.und_images) == 2 and s.input_ids.count(vocab.image) == 8

@@ -11,6 +11,7 @@ from data.loader import TrainLoader
 from data.sources import SOURCE_KINDS, BuildContext, NoOptions, SourceConfig, SourceKind, build_samples
 from data.stream import BadSample, read_samples
 from mm.batch import SampleShapes
+from mm.images import ImagePreprocess
 from mm.sequence import (
     IGNORE,
     TASK_TEXT,
@@ -23,8 +24,9 @@ from mm.sequence import (
 )
 
 SHAPES = SampleShapes(
-    und_size=8, und_channels=3, und_tokens=4, gen_templates={"flow": ImageTemplate("flow", 8, 1, (4,), begin="bog")}
-)
+    und_preprocess=ImagePreprocess("pad", 8, 3), und_tokens=4,
+    gen_templates={"flow": ImageTemplate("flow", 8, 1, (4,), begin="bog")},
+)  # fmt: skip
 
 
 def _ctx(vocab, max_tokens=256):

@@ -377,14 +377,12 @@ def test_gpu_codes_match_cpu_and_autocast_keeps_the_band_math_in_float32(tok):
 def test_nfig_256_trains_a_step_at_full_size_on_gpu():
     from skimage import data as skdata
 
-    from mm.images import fit_image
+    from mm.images import as_unit_float, generation_preprocess, preprocess
 
     cfg = _trainer().load_run_config(ROOT / "configs/tokenizer/nfig_256.yaml")
-    photos = [
-        torch.from_numpy(getattr(skdata, n)()).permute(2, 0, 1).float() / 255
-        for n in ("astronaut", "coffee", "chelsea")
-    ]
-    images = torch.stack([fit_image(p, 256, 3) for p in photos]).cuda()
+    spec = generation_preprocess(256, 3)
+    photos = [getattr(skdata, n)() for n in ("astronaut", "coffee", "chelsea")]
+    images = as_unit_float(torch.stack([preprocess(p, spec) for p in photos])).cuda()
     tok = FreqTokenizer(cfg.model).cuda()
     opt = torch.optim.AdamW(tok.parameters(), lr=1e-4)
     for _ in range(2):

@@ -94,8 +94,13 @@ def test_named_open_clip_arch_loads_a_local_checkpoint_file(tmp_path):
 
     ref = open_clip.create_model("ViT-S-32", pretrained=None, load_weights=False)
     torch.save(ref.state_dict(), tmp_path / "vit_s32.pt")
-    cfg = UndConfig(tower=dict(arch="ViT-S-32", weights=str(tmp_path / "vit_s32.pt"), image_size=224, patch_size=32))
+    tower = dict(arch="ViT-S-32", weights=str(tmp_path / "vit_s32.pt"), image_size=224, patch_size=32)
+    with pytest.raises(ConfigError, match=r"model.und.tower.mean=.*open_clip arch 'ViT-S-32' preprocesses with"):
+        UnderstandingEncoder(UndConfig(tower=tower), llm_width=16)  # 0.5/0.5 is not the arch's normalisation
+    pc = ref.visual.preprocess_cfg
+    cfg = UndConfig(tower=tower | {"mean": list(pc["mean"]), "std": list(pc["std"])})
     enc = UnderstandingEncoder(cfg, llm_width=16)
+    assert enc.preprocess.mode == "crop" and enc.preprocess.backend == "pil"  # open_clip's own eval transform
     x = torch.rand(1, 3, 224, 224)
     ref.visual.output_tokens = True
     torch.testing.assert_close(enc.tower(x), ref.visual(x)[1])

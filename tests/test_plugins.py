@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.images import resize_crop
+from data.images import load_image
 from data.sources import SOURCE_KINDS, BuildContext, GenerationOptions, SourceKind, build_generation
 from mm.batch import Batch, ImageInputs, left_padded
 from mm.config import load_config
-from mm.images import as_unit_float
+from mm.images import ImagePreprocess, as_unit_float, generation_preprocess
 from mm.model.decoder import DecoderOutput
 from mm.model.heads import HeadContext, HeadHost, ImageHead, register_head
 from mm.model.heads.base import loss_weight, place, slot_mask, take_slots
@@ -207,7 +207,8 @@ def test_flipped_kind_mirrors_the_image(shard_dir, vocab):
 
     raw = next(iter(read_samples(f"{shard_dir}/digits/train-000000.tar")))
     t = ImageTemplate("pixels", 8, 1, (16,), full_blocks=True, begin="boi", end=True)
-    ctx = BuildContext(vocab, SampleShapes(8, 3, 16, {"pixels": t}), 128, 10**6, random.Random(0))
+    shapes = SampleShapes(ImagePreprocess("crop", 8, 3), 16, {"pixels": t})
+    ctx = BuildContext(vocab, shapes, 128, 10**6, random.Random(0))
     (flipped,) = build_samples(SourceConfig("f", "flipped", options={"axis": "horizontal"}), raw, ctx)
-    plain = resize_crop(raw["png"], 8, 1, 10**6)
+    plain = load_image(raw["png"], generation_preprocess(8, 1), 10**6)
     assert torch.equal(flipped.gen_images[0], plain.flip(-1)) and flipped.head == "pixels"

@@ -71,7 +71,10 @@ OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "bel
 SIZE = 33  # the recipe's image size: a 3x3 grid of 11 px patches, one canvas slot per patch
 SAMPLES = {"und_single": 15000, "und_canvas": 50000, "und_multi": 5000, "gen_single": 15000, "gen_canvas": 40000}
 SHARDS_PER_SOURCE = 4
-SCHEMA = "generalist-v3: 33 px, canvas lists; und_single, und_canvas, und_multi (conversation), gen_single, gen_canvas (generation)"
+SCHEMA = (
+    "generalist-v3: 33 px, canvas lists; und_single, und_canvas, und_multi (conversation), gen_single, gen_canvas "
+    "(generation)"
+)
 SCHEMA_FILE = "SCHEMA"
 
 Turn = tuple[str, str]  # (question, answer)
@@ -296,7 +299,8 @@ def generalist_texts() -> list[str]:
     """
     texts = bench_texts() + all_texts() + [SHORT_POST, MCQ_POST, "yes", "no", "A", "B", "C", "D"]
     texts.append(album_prompt(2, 0).replace("<image>", ""))
-    texts += [MULTI_QUESTION.format(nth=n) for n in ORDINALS] + [str(n) for n in range(10)]  # LIST_QUESTION: known words
+    # LIST_QUESTION is made of known words
+    texts += [MULTI_QUESTION.format(nth=n) for n in ORDINALS] + [str(n) for n in range(10)]
     for n in range(1, 6):
         texts.append(MME_QUESTIONS["count"].format(n=n))
     for w in NUMBER_WORDS:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PreTrainedConfig
 
-from mm.hf import UnifiedMMConfig, UnifiedMMModel, generation_config, processor_of
+from mm.hf import UnifiedMMConfig, UnifiedMMModel, UnifiedMMProcessor, generation_config
 from mm.model.backbone import LLMConfig
 from mm.model.config import ModelConfig
 from mm.schema import to_plain
@@ -149,6 +149,25 @@ def grow_vocab(state: dict[str, torch.Tensor], keys: Iterable[str], text_config:
     print(f"convert: the embedding table grows from {rows} to {n} rows for our special tokens (mean rows)")
 
 
+RESAMPLE_NAMES = {2: "bilinear", 3: "bicubic"}  # PIL's resample numbers (a processor config's ``resample``)
+RESAMPLE_IDS = {v: k for k, v in RESAMPLE_NAMES.items()}
+
+
+def resample_name(value, where: str) -> str:
+    """Our ``preprocess.resample`` of a processor's ``resample`` (a PIL number or enum)."""
+    name = RESAMPLE_NAMES.get(int(value))
+    if name is None:
+        raise ConversionError(f"{where}: resample={value!r}; our preprocessing knows {RESAMPLE_NAMES}")
+    return name
+
+
+def check_processor_size(size: int, tower_size: int, where: str) -> None:
+    """A source processor that resizes to another size than the tower reads cannot be followed."""
+    if size != tower_size:
+        raise ConversionError(f"{where}: the image processor makes {size} px images, the vision tower reads "
+                              f"{tower_size} px")  # fmt: skip
+
+
 def torch_dtype(name: str):
     """``auto`` or a torch dtype name (``float32``, ``bfloat16``) -> what ``from_pretrained(dtype=)`` takes."""
     return name if name == "auto" else getattr(torch, name)
@@ -192,7 +211,7 @@ def write_release(
     check_layout(state, expected, f"converting {source.get('path', 'the checkpoint')}")
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
-    processor_of(hf.unified).save_pretrained(str(out))
+    UnifiedMMProcessor.from_model(hf.unified).save_pretrained(str(out))
     gen = generation_config(model_cfg, hf.unified.vocab)
     if tokenizer.eos_token_id is not None:  # stop at the LLM's own end of sequence too (text generate)
         gen.eos_token_id = sorted({tokenizer.eos_token_id, hf.unified.vocab.eos})

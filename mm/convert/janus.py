@@ -14,11 +14,14 @@ import torch
 from transformers import PreTrainedConfig
 
 from mm.convert.common import (
+    RESAMPLE_IDS,
     ConversionError,
     Rule,
+    check_processor_size,
     clean_config,
     llm_fields,
     rename,
+    resample_name,
     save_tensors,
     torch_dtype,
     write_release,
@@ -48,18 +51,27 @@ def rules(aligner_depth: int) -> list[Rule]:
     return out
 
 
-def image_norm(src: Path) -> tuple[list[float], list[float]]:
-    """The source's image processor mean/std (its preprocessor_config.json), else the class defaults."""
+def image_processor(src: Path, image_size: int) -> tuple[list[float], list[float], dict]:
+    """(mean, std, the tower's ``preprocess`` section) of the source's image processor (its
+    preprocessor_config.json), else ``JanusImageProcessor``'s defaults: resize the longer side, pad with the
+    mean colour, at least ``min_size`` px (the torchvision backend, as ``AutoImageProcessor`` gives it)."""
     from transformers import AutoImageProcessor, JanusImageProcessor
 
     try:
         proc = AutoImageProcessor.from_pretrained(str(src), local_files_only=True)
     except (OSError, ValueError):
         proc = JanusImageProcessor()
-    return list(proc.image_mean), list(proc.image_std)
+    where = f"{src}/preprocessor_config.json"
+    size = proc.size["height"] if isinstance(proc.size, dict) else proc.size.height
+    check_processor_size(size, image_size, where)
+    preprocess = {"mode": "pad", "resample": resample_name(proc.resample, where), "min_size": int(proc.min_size),
+                  "backend": "torchvision", "resize_rounding": "round"}  # fmt: skip
+    return list(proc.image_mean), list(proc.image_std), preprocess
 
 
-def model_config(config: PreTrainedConfig, tokenizer, mean: list[float], std: list[float]) -> ModelConfig:
+def model_config(
+    config: PreTrainedConfig, tokenizer, mean: list[float], std: list[float], preprocess: dict | None = None
+) -> ModelConfig:
     """Our model config of a ``JanusConfig`` (shapes from its sub-configs; nothing typed by hand)."""
     v, vq = config.vision_config, config.vq_config
     if v.projection_dim != config.text_config.hidden_size:
@@ -69,8 +81,8 @@ def model_config(config: PreTrainedConfig, tokenizer, mean: list[float], std: li
         tokenizer=ImageTokenizerConfig(kind="janus_vq", config=JanusVQConfig(hf_config=clean_config(vq))),
         prompt_format=PROMPT_FORMAT, bos_token=tokenizer.bos_token or "", pad_token=tokenizer.pad_token or "",
     )  # fmt: skip
-    und = UndConfig(kind="hf_janus_vision", tower={"config": clean_config(v), "mean": mean, "std": std},
-                    aligner_layers=v.depth)  # fmt: skip
+    tower = {"config": clean_config(v), "mean": mean, "std": std} | ({"preprocess": preprocess} if preprocess else {})
+    und = UndConfig(kind="hf_janus_vision", tower=tower, aligner_layers=v.depth)
     return ModelConfig(und=und, llm=llm_fields(config.text_config), heads={"janus": head})
 
 
@@ -97,7 +109,7 @@ def import_hf_janus(src: Path, out: Path, dtype: str = "float32", final: Path | 
     # tied or not as the loaded model is (Janus's config says it at the top level, its LLM's at its own)
     text_config.tie_word_embeddings = hf.lm_head.weight is hf.get_input_embeddings().weight
     state = rename(hf.state_dict(), rules(c.vision_config.depth))
-    cfg = model_config(c, tok, *image_norm(src))
+    cfg = model_config(c, tok, *image_processor(src, c.vision_config.image_size))
     source = {"path": str(src), "format": "hf_janus", "class": type(hf).__name__}
     return write_release(Path(out), cfg, text_config, tok, state, source, final=final)
 
@@ -123,12 +135,22 @@ def refusal(model) -> str | None:
         reasons.append("it uses V2PE positions, which transformers' Janus cannot")
     if model.llm.config.model_type != "llama":
         reasons.append(f"its LLM is {model.llm.config.model_type}, transformers' Janus takes a LLaMA")
+    p = model.und.preprocess
+    if (p.mode, p.resize_rounding, p.fill) != ("pad", "round", tuple(int(m * 255) for m in model.und.tower.mean)):
+        reasons.append(f"its image preprocessing ({p.mode}, resize_rounding={p.resize_rounding}, fill={p.fill}) is "
+                       "not JanusImageProcessor's (pad, round, the mean colour)")  # fmt: skip
     return "; ".join(reasons) or None
 
 
 def export_hf_janus(model, out: Path, image_token_id: int | None = None) -> Path:
     """A UnifiedModel of Janus architecture -> a folder ``JanusForConditionalGeneration.from_pretrained`` loads."""
-    from transformers import JanusConfig, JanusImageProcessor, JanusVisionConfig, JanusVQVAEConfig
+    from transformers import (
+        JanusConfig,
+        JanusImageProcessor,
+        JanusImageProcessorPil,
+        JanusVisionConfig,
+        JanusVQVAEConfig,
+    )
 
     why = refusal(model)
     if why:
@@ -146,8 +168,10 @@ def export_hf_janus(model, out: Path, image_token_id: int | None = None) -> Path
     config.save_pretrained(str(out))
     save_tensors(state, out)
     model.vocab.tokenizer.save_pretrained(str(out))
-    size = {"height": tower.image_size, "width": tower.image_size}
-    JanusImageProcessor(size=size, image_mean=list(tower.mean), image_std=list(tower.std)).save_pretrained(str(out))
+    p = model.und.preprocess  # the torchvision or the PIL variant, as our preprocessing resizes
+    cls = JanusImageProcessor if p.backend == "torchvision" else JanusImageProcessorPil
+    cls(size={"height": p.size, "width": p.size}, image_mean=list(tower.mean), image_std=list(tower.std),
+        min_size=p.min_size, resample=RESAMPLE_IDS[p.resample]).save_pretrained(str(out))  # fmt: skip
     return out
 
 

@@ -16,7 +16,8 @@ Theirs -> ours, one rename per part (every key once, equal shapes, checked):
 The SDXL VAE is a separate published model (``--vae``: a local diffusers folder) and lands under
 ``heads.flow.autoencoder.vae``. Values the released files do not hold are ASSUMED below (the generated image
 size: the reference demo's 48x48 latents, 384 px; the image normalisation when no preprocessor config is
-present: 0.5/0.5, JanusFlow's VLMImageProcessor default).
+present: 0.5/0.5, JanusFlow's VLMImageProcessor default). Images are preprocessed as that VLMImageProcessor
+does (the ``timm_vit`` tower's default: pad, sizes int()ed, PIL bicubic, at least ``min_size`` px).
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from pathlib import Path
 
 import torch
 
-from mm.convert.common import ConversionError, Rule, llm_fields, read_safetensors, rename, write_release
+from mm.convert.common import (
+    ConversionError,
+    Rule,
+    check_processor_size,
+    llm_fields,
+    read_safetensors,
+    rename,
+    write_release,
+)
 from mm.model.autoencoder import SDXL_VAE, AutoencoderConfig
 from mm.model.config import ModelConfig
 from mm.model.gen_codec import GenCodecConfig
@@ -56,7 +65,7 @@ def _params(config: dict, part: str, cls: str) -> dict:
     return dict(section.get("params") or {})
 
 
-def tower_section(config: dict, mean: list[float], std: list[float]) -> dict:
+def tower_section(config: dict, mean: list[float], std: list[float], min_size: int = 14) -> dict:
     p = _params(config, "vision_und_enc_config", "CLIPVisionTower")
     name = p.get("model_name", "")
     if name not in SIGLIP or p.get("select_feature", "same") != "same":
@@ -65,8 +74,10 @@ def tower_section(config: dict, mean: list[float], std: list[float]) -> dict:
     width, layers, heads, mlp_ratio, patch = SIGLIP[name]
     select = int(p.get("select_layer", -1))  # the reference keeps the blocks up to this one
     depth = min(layers, layers + select + 1) if select <= 0 else min(layers, select)
+    # the timm_vit kind's preprocessing is the reference's VLMImageProcessor (pad, int()ed sizes, PIL resize)
     return {"image_size": int(p.get("image_size", 384)), "patch_size": patch, "width": width, "layers": depth,
-            "heads": heads, "mlp_ratio": mlp_ratio, "global_pool": "map", "mean": mean, "std": std}  # fmt: skip
+            "heads": heads, "mlp_ratio": mlp_ratio, "global_pool": "map", "mean": mean, "std": std,
+            "preprocess": {"min_size": min_size}}  # fmt: skip
 
 
 def codec_section(config: dict, llm_width: int, rms_eps: float) -> tuple[GenCodecConfig, int]:
@@ -97,13 +108,15 @@ def codec_section(config: dict, llm_width: int, rms_eps: float) -> tuple[GenCode
     return codec, int(e.get("input_channels", 3))
 
 
-def model_config(config: dict, text_config, gen_image_size: int, mean, std, vae_config: dict) -> ModelConfig:
+def model_config(config: dict, text_config, gen_image_size: int, mean, std, vae_config: dict,
+                 min_size: int = 14) -> ModelConfig:  # fmt: skip
     codec, latent = codec_section(config, text_config.hidden_size, float(text_config.rms_norm_eps))
     down = 2 ** (len(vae_config["block_out_channels"]) - 1)
     ae = AutoencoderConfig(kind="diffusers_kl", image_size=gen_image_size, image_channels=3,
                            latent_channels=latent, downsample=down)  # fmt: skip
     flow = FlowHeadConfig(autoencoder=ae, codec=codec, repa_weight=0.0)  # the release holds no REPA projector
-    und = UndConfig(kind="timm_vit", tower=tower_section(config, mean, std), aligner_layers=1, begin_embed=True)
+    und = UndConfig(kind="timm_vit", tower=tower_section(config, mean, std, min_size), aligner_layers=1,
+                    begin_embed=True)  # fmt: skip
     return ModelConfig(und=und, llm=llm_fields(text_config), heads={"flow": flow})
 
 
@@ -137,13 +150,16 @@ def import_janusflow(src: Path, out: Path, vae: str | None = None, random_vae: b
         raise ConversionError(f"{src}/config.json has model_type {config.get('model_type')!r}, not multi_modality")
     lc = {k: v for k, v in (config.get("language_config") or {}).items() if k not in ("model_type", "torch_dtype")}
     text_config = LlamaConfig(**lc)
-    mean, std = IMAGE_MEAN_STD
+    (mean, std), min_size = IMAGE_MEAN_STD, 14
     pre = src / "preprocessor_config.json"
-    if pre.is_file():
+    if pre.is_file():  # VLMImageProcessor's: image_size, min_size, image_mean, image_std
         p = json.loads(pre.read_text())
         mean, std = list(p.get("image_mean", mean)), list(p.get("image_std", std))
+        min_size = int(p.get("min_size", min_size))
+        tower_size = int(_params(config, "vision_und_enc_config", "CLIPVisionTower").get("image_size", 384))
+        check_processor_size(int(p.get("image_size", tower_size)), tower_size, str(pre))
     vae_config, vae_state, parts = read_vae(vae, random_vae)
-    cfg = model_config(config, text_config, gen_image_size, mean, std, vae_config)
+    cfg = model_config(config, text_config, gen_image_size, mean, std, vae_config, min_size)
     # fp32 like every release of ours (the released file is bf16): the parts run in the precision they hold
     state = rename({k: v.float() for k, v in read_safetensors(src).items()}, RULES) | vae_state
     tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)

@@ -14,11 +14,14 @@ from pathlib import Path
 from transformers import PreTrainedConfig
 
 from mm.convert.common import (
+    RESAMPLE_IDS,
     ConversionError,
     Rule,
+    check_processor_size,
     clean_config,
     llm_fields,
     rename,
+    resample_name,
     save_tensors,
     torch_dtype,
     write_release,
@@ -33,7 +36,9 @@ RULES = [
 ]  # fmt: skip
 
 
-def model_config(config: PreTrainedConfig, mean: list[float], std: list[float]) -> ModelConfig:
+def model_config(
+    config: PreTrainedConfig, mean: list[float], std: list[float], preprocess: dict | None = None
+) -> ModelConfig:
     """Our model config of a ``LlavaConfig``; what our parts cannot express is refused, named."""
     v = config.vision_config
     problems = []
@@ -49,18 +54,32 @@ def model_config(config: PreTrainedConfig, mean: list[float], std: list[float]) 
         raise ConversionError("this LLaVA does not map onto our parts: " + "; ".join(problems))
     tower = {"config": clean_config(v), "mean": mean, "std": std, "feature_layer": config.vision_feature_layer,
              "drop_cls": config.vision_feature_select_strategy == "default"}  # fmt: skip
+    if preprocess:
+        tower["preprocess"] = preprocess
     und = UndConfig(kind="hf_clip", tower=tower, aligner_layers=2)
     return ModelConfig(und=und, llm=llm_fields(config.text_config), heads={}, understanding_only=True)
 
 
-def image_norm(src: Path) -> tuple[list[float], list[float]]:
-    from transformers import AutoImageProcessor, CLIPImageProcessor
+def image_processor(src: Path, image_size: int) -> tuple[list[float], list[float], dict]:
+    """(mean, std, the tower's ``preprocess`` section) of the source's image processor: ``LlavaImageProcessor``
+    with ``do_pad`` (LLaVA-1.5's expand2square with the mean colour, then CLIP's) -> ``pad_crop``, a plain
+    ``CLIPImageProcessor`` -> ``crop``; none -> LLaVA-1.5's own (``pad_crop``, CLIP's constants)."""
+    from transformers import AutoImageProcessor, LlavaImageProcessor
 
     try:
         proc = AutoImageProcessor.from_pretrained(str(src), local_files_only=True)
     except (OSError, ValueError):
-        proc = CLIPImageProcessor()
-    return list(proc.image_mean), list(proc.image_std)
+        proc = LlavaImageProcessor(do_pad=True)
+    where = f"{src}/preprocessor_config.json"
+    size, crop = getattr(proc.size, "shortest_edge", None), proc.crop_size
+    if not size or not proc.do_center_crop or crop is None or crop.height != crop.width:
+        raise ConversionError(f"{where}: only shortest-edge resizing + a square centre crop (CLIP's) is known, got "
+                              f"size={proc.size} crop_size={crop} do_center_crop={proc.do_center_crop}")  # fmt: skip
+    check_processor_size(crop.height, image_size, where)
+    check_processor_size(size, image_size, where)
+    preprocess = {"mode": "pad_crop" if getattr(proc, "do_pad", False) else "crop",
+                  "resample": resample_name(proc.resample, where), "backend": "torchvision"}  # fmt: skip
+    return list(proc.image_mean), list(proc.image_std), preprocess
 
 
 def import_hf_llava(src: Path, out: Path, dtype: str = "float32", final: Path | None = None, **_) -> Path:
@@ -74,7 +93,7 @@ def import_hf_llava(src: Path, out: Path, dtype: str = "float32", final: Path | 
     text_config = copy.deepcopy(c.text_config)
     # tied or not as the loaded model is (LLaVA's config says it at the top level, its LLM's at its own)
     text_config.tie_word_embeddings = hf.lm_head.weight is hf.get_input_embeddings().weight
-    cfg = model_config(c, *image_norm(src))
+    cfg = model_config(c, *image_processor(src, c.vision_config.image_size))
     state = rename(hf.state_dict(), RULES)
     source = {"path": str(src), "format": "hf_llava", "class": type(hf).__name__}
     return write_release(Path(out), cfg, text_config, tok, state, source, image_token_id=c.image_token_id, final=final)
@@ -94,12 +113,17 @@ def refusal(model) -> str | None:
         reasons.append("it routes tokens (p-MoD), which transformers' LLaVA cannot")
     if model.position_policy.enabled:
         reasons.append("it uses V2PE positions, which transformers' LLaVA cannot")
+    p = model.und.preprocess
+    if (p.mode not in ("crop", "pad_crop") or p.crop_offset != "floor"
+            or p.mode == "pad_crop" and p.fill != tuple(int(m * 255) for m in model.und.tower.mean)):  # fmt: skip
+        reasons.append(f"its image preprocessing ({p.mode}, crop_offset={p.crop_offset}, fill={p.fill}) is neither "
+                       "CLIPImageProcessor's nor LlavaImageProcessor's")  # fmt: skip
     return "; ".join(reasons) or None
 
 
 def export_hf_llava(model, out: Path, image_token_id: int | None = None) -> Path:
     """A UnifiedModel of LLaVA architecture -> a folder ``LlavaForConditionalGeneration.from_pretrained`` loads."""
-    from transformers import CLIPImageProcessor, LlavaConfig
+    from transformers import LlavaConfig, LlavaImageProcessor, LlavaImageProcessorPil
 
     why = refusal(model)
     if why:
@@ -120,7 +144,9 @@ def export_hf_llava(model, out: Path, image_token_id: int | None = None) -> Path
     config.save_pretrained(str(out))
     save_tensors(state, out)
     model.vocab.tokenizer.save_pretrained(str(out))
-    CLIPImageProcessor(size={"shortest_edge": tower.image_size}, crop_size={"height": tower.image_size,
-                       "width": tower.image_size}, image_mean=list(tower.mean), image_std=list(tower.std)
-                       ).save_pretrained(str(out))  # fmt: skip
+    p = model.und.preprocess  # pad_crop: LLaVA's do_pad; the torchvision or the PIL variant, as ours resizes
+    cls = {"torchvision": LlavaImageProcessor, "pil": LlavaImageProcessorPil}[p.backend]
+    cls(size={"shortest_edge": p.size}, crop_size={"height": p.size, "width": p.size}, do_pad=p.mode == "pad_crop",
+        resample=RESAMPLE_IDS[p.resample], image_mean=list(tower.mean), image_std=list(tower.std),
+        ).save_pretrained(str(out))  # fmt: skip
     return out

@@ -7,8 +7,9 @@ A tower kind is an ``nn.Module`` class with a ``Config`` dataclass beside it, re
       und: {kind: open_clip, tower: {image_size: 8, patch_size: 2, width: 64}, aligner_layers: 2}
 
 A tower takes normalised pixels ``[N, channels, image_size, image_size]`` and returns patch tokens
-``[N, tokens_per_image, width]``; it states its own size, channels and normalisation constants, which
-the data pipeline and the processor read from it (``UnderstandingEncoder``).
+``[N, tokens_per_image, width]``; it states its own size, channels, normalisation constants and preprocessing
+(``preprocess``: how a picture becomes its input square, the reference processor's geometry by default), which
+the data pipeline and the processor read from it (``UnderstandingEncoder.preprocess``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mm.images import ImagePreprocess, normalize, preprocess_problem
 from mm.schema import ConfigError, parse_part, resolve_path
 
 
@@ -29,6 +31,32 @@ def _per_channel(values: tuple[float, ...], channels: int, key: str) -> tuple[fl
     if len(values) != channels:
         raise ConfigError(f"{key}: {len(values)} values for {channels} channels (give 1 or {channels})")
     return tuple(values)
+
+
+@dataclass
+class PreprocessConfig:
+    """How a picture becomes this tower's input square (``mm.images.preprocess``); each kind's default is its
+    reference processor's: ``model.und.tower.preprocess.mode=crop`` etc. override it."""
+
+    mode: str = "crop"  # pad (Janus) | crop (CLIP, open_clip) | pad_crop (LLaVA-1.5) | squash (SigLIP)
+    resample: str = "bicubic"  # bicubic | bilinear
+    backend: str = "torchvision"  # torchvision: transformers' default processors; pil: their *Pil variants, open_clip
+    crop_offset: str = "floor"  # floor: transformers; round: torchvision's v1 CenterCrop (open_clip)
+    min_size: int = 1  # pad: neither resized side below this (JanusImageProcessor: 14)
+    resize_rounding: str = "round"  # pad: the shorter side round()ed (transformers' Janus) or int()ed (Janus's own)
+    fill: tuple[int, ...] = ()  # pad colour 0-255, one value or one per channel; () = int(255 * mean), as transformers
+
+    def __post_init__(self) -> None:
+        problem = preprocess_problem(self.mode, self.resample, self.backend, self.crop_offset, self.min_size,
+                                     self.resize_rounding)  # fmt: skip
+        if problem is None and not all(0 <= v <= 255 for v in self.fill):
+            problem = f"fill={tuple(self.fill)}: values in 0..255"
+        if problem:
+            raise ConfigError(f"model.und.tower.preprocess.{problem}")
+
+
+def _preprocess(**kw: Any) -> Any:
+    return field(default_factory=lambda: PreprocessConfig(**kw))
 
 
 class Tower(nn.Module):
@@ -50,6 +78,21 @@ class Tower(nn.Module):
         """(config key, local path) of the weights this tower loaded, or None (random init)."""
         return None
 
+    def preprocess_spec(self) -> ImagePreprocess:
+        """The tower's preprocessing at its size and channels (its config's ``preprocess``; a plug-in tower
+        without one: ``PreprocessConfig()``); fill defaults to the mean colour, as transformers pads."""
+        p = getattr(getattr(self, "cfg", None), "preprocess", None) or PreprocessConfig()
+        fill = tuple(p.fill) or tuple(int(m * 255) for m in self.mean)
+        # a tower smaller than Janus's floor (tiny test towers) cannot hold it: the reference would exceed the size
+        min_size = min(p.min_size, self.image_size)
+        try:
+            return ImagePreprocess(mode=p.mode, size=self.image_size, channels=self.channels, resample=p.resample,
+                                   fill=fill * self.channels if len(fill) == 1 else fill, min_size=min_size,
+                                   backend=p.backend, crop_offset=p.crop_offset,
+                                   resize_rounding=p.resize_rounding)  # fmt: skip
+        except ValueError as e:
+            raise ConfigError(f"model.und.tower.preprocess: {e}") from None
+
 
 @dataclass
 class OpenClipTowerConfig:
@@ -65,6 +108,8 @@ class OpenClipTowerConfig:
     mlp_ratio: float = 2.0
     mean: tuple[float, ...] = (0.5,)  # one value, or one per RGB channel (CLIP's constants)
     std: tuple[float, ...] = (0.5,)
+    # open_clip's eval transform: torchvision Resize (shorter side) + CenterCrop on PIL images
+    preprocess: PreprocessConfig = _preprocess(mode="crop", backend="pil", crop_offset="round")
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -96,6 +141,7 @@ class OpenClipTower(Tower):
                     "patch tokens; use model.und.kind=hf_siglip for SigLIP weights"
                 )
             self.visual = model.visual
+            check_open_clip_preprocess(cfg, getattr(model.visual, "preprocess_cfg", None) or {})
             self.visual.output_tokens = True
             self.image_size = self.visual.image_size[0]
             self.patch_size = self.visual.patch_size[0]
@@ -121,6 +167,25 @@ class OpenClipTower(Tower):
         return ("model.und.tower.weights", self.cfg.weights) if self.cfg.weights else None
 
 
+OPEN_CLIP_RESIZE_MODES = {"shortest": "crop", "squash": "squash"}  # open_clip's resize_mode -> ours
+
+
+def check_open_clip_preprocess(cfg: OpenClipTowerConfig, ref: dict) -> None:
+    """A named open_clip arch states its preprocessing (``preprocess_cfg``); the config must say the same."""
+    mode = OPEN_CLIP_RESIZE_MODES.get(ref.get("resize_mode", "shortest"))
+    if mode is None:
+        raise ConfigError(f"open_clip arch {cfg.arch!r} resizes with resize_mode={ref['resize_mode']!r}, which model."
+                          f"und.tower.preprocess cannot express (known: {sorted(OPEN_CLIP_RESIZE_MODES)})")  # fmt: skip
+    want = {"preprocess.mode": mode, "preprocess.resample": ref.get("interpolation", "bicubic"),
+            "mean": tuple(ref.get("mean", cfg.mean)), "std": tuple(ref.get("std", cfg.std))}  # fmt: skip
+    have = {"preprocess.mode": cfg.preprocess.mode, "preprocess.resample": cfg.preprocess.resample,
+            "mean": tuple(cfg.mean), "std": tuple(cfg.std)}  # fmt: skip
+    for key, value in want.items():
+        if have[key] != value:
+            raise ConfigError(f"model.und.tower.{key}={have[key]} but open_clip arch {cfg.arch!r} preprocesses with "
+                              f"{value}: set model.und.tower.{key}")  # fmt: skip
+
+
 @dataclass
 class HFSiglipTowerConfig:
     """transformers' SigLIP vision model: a local directory, or built from the shape fields."""
@@ -135,6 +200,7 @@ class HFSiglipTowerConfig:
     channels: int = 3
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
+    preprocess: PreprocessConfig = _preprocess(mode="squash")  # SiglipImageProcessor
 
     def __post_init__(self) -> None:
         self.mean = _per_channel(self.mean, self.channels, "model.und.tower.mean")
@@ -189,6 +255,8 @@ class TimmViTTowerConfig:
     global_pool: str = "map"  # "map": the attention-pool head exists (unused by the features); "" = none
     mean: tuple[float, ...] = (0.5,)  # Janus/JanusFlow normalise to [-1, 1]
     std: tuple[float, ...] = (0.5,)
+    # Janus's and JanusFlow's own VLMImageProcessor: longer side (int()ed) on PIL, mean-colour pad, at least 14 px
+    preprocess: PreprocessConfig = _preprocess(mode="pad", min_size=14, backend="pil", resize_rounding="floor")
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -248,6 +316,7 @@ class HFVisionTowerConfig:
     config: dict = field(default_factory=dict)  # the model's transformers config (to_dict()), when no weights
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
+    preprocess: PreprocessConfig = _preprocess(mode="pad", min_size=14)  # JanusImageProcessor
 
     def __post_init__(self) -> None:
         if not self.weights and not self.config:
@@ -307,6 +376,7 @@ class HFClipTowerConfig(HFVisionTowerConfig):
 
     mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)  # CLIP's constants
     std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+    preprocess: PreprocessConfig = _preprocess(mode="pad_crop")  # LLaVA-1.5: expand2square, then CLIP's
     feature_layer: int = -2  # index into hidden_states (0 = embeddings); LLaVA-1.5: the second to last layer
     drop_cls: bool = True  # LLaVA's "default" strategy; False = "full" (CLS kept)
 
@@ -375,6 +445,7 @@ class UnderstandingEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tower: Tower = UND_TOWERS[cfg.kind](cfg.tower)
+        self.preprocess = self.tower.preprocess_spec()  # what the loader and the processor make of a picture
         self.aligner = mlp([self.tower.width] + [llm_width] * cfg.aligner_layers)
         self.begin_embed = nn.Parameter(torch.zeros(1, llm_width)) if cfg.begin_embed else None
         if cfg.freeze:
@@ -393,18 +464,18 @@ class UnderstandingEncoder(nn.Module):
         return self.tower.channels
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        # constants made at each call, not buffers: a release loads on the meta device, where buffers that
-        # no checkpoint holds would stay empty
-        mean = images.new_tensor(self.tower.mean).view(1, -1, 1, 1)
-        std = images.new_tensor(self.tower.std).view(1, -1, 1, 1)
-        return (images - mean) / std
+        """uint8 images as the reference processors normalise them (``mm.images.normalize``); [0,1] floats too.
+
+        Constants made at each call, not buffers: a release loads on the meta device, where buffers that
+        no checkpoint holds would stay empty."""
+        return normalize(images, self.tower.mean, self.tower.std)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Tower patch tokens of [0,1] images: [N, T, width] (REPA's targets)."""
+        """Tower patch tokens of uint8 (preprocessed) or [0,1] images: [N, T, width] (REPA's targets)."""
         return self.tower(self.normalize(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[0,1] images -> LLM-width tokens [N, T, D]."""
+        """uint8 (``self.preprocess``'s squares) or [0,1] images -> LLM-width tokens [N, T, D]."""
         return self.aligner(self.features(images))
 
     def place_begin(self, embeds: torch.Tensor, ids: torch.Tensor, begin_id: int, image_id: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.batch import Batch, ImageInputs, SampleShapes, left_padded
-from mm.images import as_unit_float, match_images, zero_images
+from mm.images import match_images, zero_images
 from mm.kernels.attention import AttentionSpec
 from mm.kernels.dispatch import use_kernels
 from mm.kernels.fused import linear_cross_entropy
@@ -82,7 +82,7 @@ class UnifiedModel(nn.Module):
     def sample_shapes(self) -> SampleShapes:
         u = self.und
         return SampleShapes(
-            und_size=u.image_size, und_channels=u.channels, und_tokens=u.tokens_per_image,
+            und_preprocess=u.preprocess, und_tokens=u.tokens_per_image,
             gen_templates={n: h.template for n, h in self.heads.items()}, position_policy=self.position_policy,
         )  # fmt: skip
 
@@ -212,7 +212,8 @@ class UnifiedModel(nn.Module):
     def _embed_und(self, embeds: torch.Tensor, batch: Batch) -> torch.Tensor:
         mask = batch.input_ids == self.vocab.image
         if batch.und_images is not None:
-            inputs = ImageInputs(as_unit_float(batch.und_images), batch.sample_ids.new_zeros(0))
+            # uint8 stays uint8: the encoder normalises it as the reference processors do (mm.images.normalize)
+            inputs = ImageInputs(batch.und_images, batch.sample_ids.new_zeros(0))
         elif self.every_module:
             inputs = ImageInputs(zero_images(1, self.und.channels, self.und.image_size, embeds),
                                  batch.sample_ids.new_zeros(0), placeholder=True)  # fmt: skip
@@ -323,7 +324,9 @@ class UnifiedModel(nn.Module):
         top_k: int = 0,
         generator: torch.Generator | None = None,
     ) -> list[str]:
-        """Answers to ``questions`` about [0,1] images: greedy, or sampled with ``do_sample``.
+        """Answers to ``questions`` about images: uint8 squares of the tower's preprocessing
+        (``UnifiedMMProcessor.und_images``, the loader's tensors), or [0,1] floats of the tower's size; greedy,
+        or sampled with ``do_sample``.
 
         Sampling draws each token after ``temperature``, ``top_k`` and ``top_p`` (nucleus) cuts from the
         seeded ``generator`` (a CPU generator; the same seed and batch give the same answers).

@@ -37,9 +37,10 @@ from PIL import Image
 
 from data.bundled.digits import load_digit_split
 from data.bundled.judge import DigitJudge, frechet_distance
+from data.images import load_image
 from data.stream import expand_shards, iter_samples, open_shard
 from mm.config import EngineConfig, TrainConfig
-from mm.images import decode_image, fit_image
+from mm.images import generation_preprocess
 from mm.model.config import ModelConfig
 from mm.model.freq_tokenizer import FreqTokenizer, FreqTokenizerConfig
 from mm.schema import ConfigError, dotlist_layer, merge_layers, resolve_path, to_yaml, yaml_layers
@@ -61,6 +62,7 @@ class TokenizerDataConfig:
     heldout_shards: str = ""  # kind=shards: read into memory for the report, up to heldout_images
     heldout_images: int = 1000
     shuffle_buffer: int = 2000  # kind=shards: decoded images held for shuffling
+    max_image_pixels: int = 64_000_000  # kind=shards: larger images are skipped (decompression bombs), as data.*
 
 
 @dataclass
@@ -178,17 +180,18 @@ class ShardBatches:
 
     def _images(self, urls: list[str]) -> Iterator[torch.Tensor]:
         m = self.cfg.model
+        spec = generation_preprocess(m.image_size, m.image_channels)  # the training loader's generation targets
         for raw in self._raw(urls):
             data = raw.get("png", raw.get("jpg", raw.get("jpeg")))
             if data is None:
                 self.skipped["no_image"] += 1
                 continue
             try:
-                image = fit_image(decode_image(data), m.image_size, m.image_channels)
+                image = load_image(data, spec, self.cfg.data.max_image_pixels)
             except Exception:  # noqa: BLE001 - any undecodable image is skipped and counted
                 self.skipped["undecodable"] += 1
                 continue
-            yield (image * 255).round().to(torch.uint8)
+            yield image
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         rng = random.Random(self.cfg.train.seed)
