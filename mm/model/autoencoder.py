@@ -93,6 +93,7 @@ class IdentityAutoencoder(nn.Module):
 
     def __init__(self, cfg: AutoencoderConfig, where: str = "autoencoder"):
         super().__init__()
+        cfg.fill_shapes()  # a section built outside a head (FlowHeadConfig fills its own)
         if cfg.latent_channels != cfg.image_channels or cfg.downsample != 1:
             raise ConfigError("identity autoencoder needs latent_channels == image_channels and downsample == 1")
 
@@ -113,6 +114,7 @@ class DiffusersKL(nn.Module):
         super().__init__()
         from diffusers import AutoencoderKL
 
+        cfg.fill_shapes()  # a section built outside a head (FlowHeadConfig fills its own)
         self.dtype = getattr(torch, cfg.dtype)
         if cfg.path:
             path = resolve_path(cfg.path)
