@@ -496,11 +496,34 @@ def release_weights(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+# Parts a model may add to the one it starts from; they begin at their own initialisation: p-MoD's routers
+# (zero: every token kept, as dense) and REPA's projector (a release holds none). A model that adds them
+# to a converted release or a dense run starts from the rest.
+FRESH_PARTS = ("mod_routers.", "heads.*.repa_proj.")
+
+
+def _fresh(key: str) -> bool:
+    parts = key.split(".")
+    return key.startswith("mod_routers.") or (len(parts) > 3 and parts[0] == "heads" and parts[2] == "repa_proj")
+
+
 def load_init(model: torch.nn.Module, path: str | Path) -> None:
     """``train.init_from``: start from the weights of a checkpoint (or a run's newest one), or of a release
-    folder (a converted published model: its ``model.yaml`` is the model section that fits)."""
+    folder (a converted published model: its ``model.yaml`` is the model section that fits). Every weight must
+    be there except :data:`FRESH_PARTS` (said when missing); nothing may be left over."""
     path = resolve_path(path)
     if not (path / META).is_file() and is_release(path):
-        model.load_state_dict(release_weights(path))
-        return
-    model.load_state_dict(load_model_weights(path))
+        state = release_weights(path)
+    else:
+        state = load_model_weights(path)
+    result = model.load_state_dict(state, strict=False)
+    fresh = [k for k in result.missing_keys if _fresh(k)]
+    missing = [k for k in result.missing_keys if not _fresh(k)]
+    if missing or result.unexpected_keys:
+        extra = result.unexpected_keys
+        raise KeyError(f"train.init_from={path}: weights do not match the model: missing {missing[:5]} "
+                       f"({len(missing)}), unexpected {extra[:5]} ({len(extra)})")  # fmt: skip
+    if fresh:
+        parts = sorted({".".join(k.split(".")[:3]) if k.startswith("heads.") else k.split(".")[0] for k in fresh})
+        print(f"train.init_from={path}: no weights for {', '.join(parts)} ({len(fresh)} tensors): they start from "
+              "their initialisation", flush=True)  # fmt: skip

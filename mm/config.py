@@ -59,6 +59,10 @@ class TrainConfig:
     # module needs weights to load (a local path in model.*, or init_from); modules the model freezes itself count too.
     frozen: list[str] = field(default_factory=list)
     param_groups: list[ParamGroupConfig] = field(default_factory=list)  # the rest trains at lr/weight_decay
+    # A pretrained understanding tower (model.und.tower.weights, or any tower under train.init_from) that trains and
+    # that no param group names: its learning rate; 0 = train.lr (one lr for everything, as JanusFlow's stage 3).
+    # Printed at start. Freeze it instead with model.und.freeze=true.
+    pretrained_tower_lr: float = 0.0
     init_from: str = ""  # a checkpoint (or run) directory whose weights start this run (the previous stage)
     max_nonfinite_steps: int = 20  # NaN/inf loss or gradient: skip the step; stop after this many in a row
     log_every: int = 25
@@ -74,6 +78,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
         if self.keep_checkpoints < 1:
             raise ConfigError("train.keep_checkpoints must be >= 1")
+        if self.pretrained_tower_lr < 0:
+            raise ConfigError(f"train.pretrained_tower_lr={self.pretrained_tower_lr} must be >= 0 (0 = train.lr)")
         for i, group in enumerate(self.param_groups):
             if not group.modules:
                 raise ConfigError(f"train.param_groups[{i}].modules is empty: name the module prefixes it sets")

@@ -45,6 +45,7 @@ from mm.batch import Batch
 from mm.images import ImagePreprocess, generation_preprocess, normalize, preprocess
 from mm.kernels.attention import AttentionSpec
 from mm.model.autoencoder import DiffusersKL
+from mm.model.backbone import stated_fields
 from mm.model.config import ModelConfig, model_config_from_dict
 from mm.model.freq_tokenizer import FreqTokenizer
 from mm.model.legacy import FORMAT, LEGACY_KEY_MAPPING, legacy_key
@@ -178,13 +179,8 @@ def release_model_config(model: UnifiedModel, model_cfg: ModelConfig) -> ModelCo
             tok.path, tok.build_config = "", ""
     llm, llm_config = cfg.llm, model.llm.config
     llm.pretrained, llm.tokenizer = "", ""
-    llm.model_type = llm_config.model_type
-    llm.hidden_size = llm_config.hidden_size
-    llm.num_layers = llm_config.num_hidden_layers
-    llm.num_heads = llm_config.num_attention_heads
-    llm.num_kv_heads = getattr(llm_config, "num_key_value_heads", None) or llm_config.num_attention_heads
-    llm.intermediate_size = llm_config.intermediate_size
-    llm.max_position_embeddings = llm_config.max_position_embeddings
+    for key, value in stated_fields(llm_config).items():  # the loaded LLM's architecture, every field
+        setattr(llm, key, value)
     llm.vocab_size = llm_config.vocab_size
     if llm.attn_implementation not in ("sdpa", "eager"):
         llm.attn_implementation = "sdpa"
@@ -196,7 +192,7 @@ def build_unified(config: UnifiedMMConfig, tokenizer):
     from transformers import AutoModelForCausalLM
 
     model_cfg = config.to_model_config()
-    unified = UnifiedModel(model_cfg, Vocab(tokenizer))
+    unified = UnifiedModel(model_cfg, Vocab(tokenizer, generation=bool(model_cfg.heads)))
     # Rebuilt from the saved transformers config: exact architecture (rope, norms, ties) without the
     # original weights directory. (An ``LLMConfig`` field taking an HF config would avoid the first build.)
     text_dtype = config.text_config.dtype if isinstance(config.text_config.dtype, torch.dtype) else None
@@ -416,7 +412,7 @@ def generation_config(model_cfg: ModelConfig, vocab, max_new_tokens: int = 16):
     recipes = model_cfg.head_recipes()
     head = next(iter(recipes), None)  # None: understanding only
     return GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, bos_token_id=vocab.bos, eos_token_id=vocab.eos,
+        do_sample=False, max_new_tokens=max_new_tokens, bos_token_id=vocab.bos, eos_token_id=vocab.stop_ids,
         pad_token_id=vocab.pad, image_head=head, image_heads=recipes,
     )  # fmt: skip
 

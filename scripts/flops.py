@@ -51,7 +51,7 @@ def llm_shape(cfg: LLMConfig) -> LLMShape:
     if cfg.vocab_size:
         vocab = cfg.vocab_size  # the tokenizer's special tokens may add rows: negligible for a 1-token head
     else:
-        vocab = len(load_vocab(resolve_path(cfg.tokenizer)))
+        vocab = len(load_vocab(resolve_path(cfg.tokenizer_dir())))
     with torch.device("meta"):
         llm = build_llm(dataclasses.replace(cfg, attn_implementation="sdpa"), vocab)
     return LLMShape.from_llm(llm)
@@ -61,7 +61,8 @@ def und_image_flops(cfg: Config) -> tuple[float, int]:
     """Forward FLOPs of the understanding tower + aligner for one image, and its tokens per image."""
     tower = dataclasses.replace(cfg.model.und.tower, weights="")  # the shape fields only: no weights read
     with torch.device("meta"):
-        und = UnderstandingEncoder(dataclasses.replace(cfg.model.und, tower=tower), cfg.model.llm.hidden_size)
+        width = cfg.model.llm.effective("hidden_size")
+        und = UnderstandingEncoder(dataclasses.replace(cfg.model.und, tower=tower), width)
     shape = (1, und.channels, und.image_size, und.image_size)
     return forward_flops(und, shape, device="meta"), und.tokens_per_image
 

@@ -1,12 +1,16 @@
 """Tiny random published architectures, built with transformers' own config classes and saved with
 ``save_pretrained`` (the offline stand-ins of Janus-Pro and LLaVA-1.5 checkpoints), with small word-level
-tokenizers that hold each model's special tokens."""
+tokenizers that hold each model's special tokens; and a JanusFlow-format folder (its config and key names)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
 
 WORDS = ["what", "digit", "is", "this", "?", "draw", "the", "a", "red", "cat", "blue", "dog", "on", "mat", "USER",
          "ASSISTANT", ":", "<|", "User", "|>:", "Assistant", *"0123456789"]  # fmt: skip
@@ -103,3 +107,42 @@ def tiny_llava(folder: Path, seed: int = 0, vocab_size: int = 80) -> Path:
     tok.save_pretrained(str(folder))
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(folder))
     return folder
+
+
+def tiny_janusflow(folder: Path) -> tuple[Path, dict]:
+    """A JanusFlow-format folder (their config and key names) of a small random model, and a tiny VAE."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from mm.convert.common import rename
+    from mm.convert.janusflow import RULES, model_config
+    from mm.model.unified import UnifiedModel
+    from mm.sequence import load_vocab
+
+    config = json.loads((DATA / "janusflow_1.3b_config.json").read_text())
+    config["vision_und_enc_config"]["params"].update(image_size=32, select_layer=1)
+    config["language_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=4, vocab_size=64)  # fmt: skip
+    for part in ("vision_gen_enc_config", "vision_gen_dec_config"):
+        config[part]["params"].update(block_out_channels=[32], hidden_size=64, layers_in_middle=1)
+    config["vision_gen_dec_config"]["params"]["in_channels"] = 32
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 32],
+                        layers_per_block=1, norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2)  # fmt: skip
+    vae.save_pretrained(str(folder / "vae"))
+    lc = {k: v for k, v in config["language_config"].items() if k not in ("model_type", "torch_dtype")}
+    cfg = model_config(config, LlamaConfig(**lc), 16, [0.5] * 3, [0.5] * 3, dict(vae.config))
+    cfg.llm.tokenizer = "configs/tokenizers/digits"
+    torch.manual_seed(0)
+    model = UnifiedModel(cfg, load_vocab(ROOT / "configs" / "tokenizers" / "digits"))
+    with torch.no_grad():  # timm's weight_init="skip" leaves pos_embed as it was allocated (possibly not finite)
+        model.und.tower.vision_tower.pos_embed.normal_(0, 0.02)
+    theirs = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.flow.autoencoder.")}
+    theirs = {k: v + 0.01 * torch.randn_like(v) for k, v in rename(theirs, RULES, reverse=True).items()}
+    src = folder / "janusflow"
+    src.mkdir()
+    save_file({k: v.contiguous() for k, v in theirs.items()}, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(config))
+    model.vocab.tokenizer.save_pretrained(str(src))
+    return src, theirs

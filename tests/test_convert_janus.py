@@ -123,6 +123,22 @@ def test_generation_prompt_is_janus_s_format(janus):
     assert ours.unified.heads["janus"].prompt_ids(prompts) == expected["input_ids"].tolist()
 
 
+def test_training_samples_are_in_janus_s_prompt_format_and_dropout_is_its_unconditional_row(janus):
+    """The janus head trains on the prompt it samples with (Janus's format, JanusProcessor's ids above): a training
+    sample is that prefix + the code slots + <end_of_image>, and a dropped prompt becomes the sampler's
+    unconditional row (every token between <bos> and <begin_of_image> padded)."""
+    from mm.sequence import image_generation_sample
+
+    _, ours, _ = _load(*janus)
+    u, head = ours.unified, ours.unified.heads["janus"]
+    s = image_generation_sample(u.vocab, head.template, torch.rand(3, 16, 16), "draw a red cat")
+    prefix = head.prompt_ids(["draw a red cat"])[0]
+    assert s.input_ids == prefix + [u.vocab.gen] * 16 + [u.vocab.eoi]
+    dropped = [u.vocab.pad if m else t for t, m in zip(s.input_ids, s.prompt_mask)]  # what add_draws does
+    uncond = head.prompt_rows(["draw a red cat"], guided=True)[1].input_ids
+    assert dropped[: len(prefix)] == uncond == [prefix[0]] + [u.vocab.pad] * (len(prefix) - 2) + [prefix[-1]]
+
+
 def test_teacher_forced_image_code_logits_equal_the_reference(janus):
     from mm.batch import left_padded
 

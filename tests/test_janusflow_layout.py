@@ -13,12 +13,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import ROOT
+from tests.convert_fixtures import tiny_janusflow
 
 DATA = ROOT / "tests" / "data"
 
@@ -100,43 +100,6 @@ def test_uvit_codec_starts_at_zero_velocity_and_keeps_the_grid():
     assert v.shape == z.shape and v.abs().max() == 0  # the last conv starts at zero
 
 
-def _tiny_janusflow_folder(folder: Path) -> tuple[Path, dict]:
-    """A JanusFlow-format folder (their config and key names) of a small random model, and a tiny VAE."""
-    from diffusers import AutoencoderKL
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
-    from mm.convert.common import rename
-    from mm.convert.janusflow import RULES, model_config
-    from mm.model.unified import UnifiedModel
-    from mm.sequence import load_vocab
-
-    config = json.loads((DATA / "janusflow_1.3b_config.json").read_text())
-    config["vision_und_enc_config"]["params"].update(image_size=32, select_layer=1)
-    config["language_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=4, vocab_size=64)  # fmt: skip
-    for part in ("vision_gen_enc_config", "vision_gen_dec_config"):
-        config[part]["params"].update(block_out_channels=[32], hidden_size=64, layers_in_middle=1)
-    config["vision_gen_dec_config"]["params"]["in_channels"] = 32
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 32],
-                        layers_per_block=1, norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2)  # fmt: skip
-    vae.save_pretrained(str(folder / "vae"))
-    lc = {k: v for k, v in config["language_config"].items() if k not in ("model_type", "torch_dtype")}
-    cfg = model_config(config, LlamaConfig(**lc), 16, [0.5] * 3, [0.5] * 3, dict(vae.config))
-    cfg.llm.tokenizer = "configs/tokenizers/digits"
-    torch.manual_seed(0)
-    model = UnifiedModel(cfg, load_vocab(ROOT / "configs" / "tokenizers" / "digits"))
-    theirs = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.flow.autoencoder.")}
-    theirs = {k: v + 0.01 * torch.randn_like(v) for k, v in rename(theirs, RULES, reverse=True).items()}
-    src = folder / "janusflow"
-    src.mkdir()
-    save_file({k: v.contiguous() for k, v in theirs.items()}, str(src / "model.safetensors"))
-    (src / "config.json").write_text(json.dumps(config))
-    model.vocab.tokenizer.save_pretrained(str(src))
-    return src, theirs
-
-
 def test_convert_cli_writes_a_release_holding_the_source_tensors(tmp_path):
     """Through scripts/convert.py with a local VAE folder: every tensor of the source and of the VAE lands
     under its renamed key, and the release loads with AutoModel."""
@@ -145,7 +108,7 @@ def test_convert_cli_writes_a_release_holding_the_source_tensors(tmp_path):
 
     import mm  # noqa: F401
 
-    src, theirs = _tiny_janusflow_folder(tmp_path)
+    src, theirs = tiny_janusflow(tmp_path)
     out = tmp_path / "ours"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     args = [sys.executable, "scripts/convert.py", "janusflow", str(src), str(out), "--gen-image-size", "16"]

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import PreTrainedConfig
 
 from mm.hf import UnifiedMMConfig, UnifiedMMModel, UnifiedMMProcessor, generation_config
-from mm.model.backbone import LLMConfig
+from mm.model.backbone import LLMConfig, stated_fields
 from mm.model.config import ModelConfig
 from mm.schema import to_plain
 from mm.sequence import Vocab
@@ -103,36 +103,27 @@ def clean_config(config: PreTrainedConfig) -> dict:
 
 
 def llm_fields(text_config: PreTrainedConfig) -> LLMConfig:
-    """Our ``model.llm`` section for a transformers LLM config (shapes only: the release rebuilds the LLM from
-    the saved config itself; ``model.yaml`` builds from these fields)."""
-    c = text_config
-    return LLMConfig(
-        pretrained="", tokenizer="", model_type=c.model_type, hidden_size=c.hidden_size,
-        num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
-        num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-        intermediate_size=c.intermediate_size, max_position_embeddings=c.max_position_embeddings,
-        rope_theta=float(getattr(c, "rope_theta", None) or (c.rope_parameters or {}).get("rope_theta", 10000.0)),
-        vocab_size=c.vocab_size, attn_implementation="sdpa",
-    )  # fmt: skip
+    """Our ``model.llm`` section for a transformers LLM config: every architecture field it states (the release
+    rebuilds the LLM from the saved config itself; ``model.yaml`` builds from these fields)."""
+    return LLMConfig(pretrained="", tokenizer="", vocab_size=text_config.vocab_size, attn_implementation="sdpa",
+                     **stated_fields(text_config))  # fmt: skip
 
 
-# Fields that change an LLM's numbers but that ``model.llm`` cannot state (it builds from its shape fields)
-LLM_FIELDS_NOT_EXPRESSIBLE = ("rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias", "head_dim",
-                              "hidden_act")  # fmt: skip
+# transformers' bookkeeping and generation defaults in an LLM config: not the architecture
+NOT_ARCHITECTURE = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "use_cache",
+                    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "output_hidden_states",
+                    "return_dict", "tie_word_embeddings_", "_attn_implementation_autoset"}  # fmt: skip
 
 
 def llm_field_gaps(text_config: PreTrainedConfig) -> list[str]:
-    """Where the LLM that ``model.llm``'s shape fields build differs from ``text_config`` (said in model.yaml)."""
-    built = AutoConfig.for_model(text_config.model_type, **{
-        "vocab_size": text_config.vocab_size, "hidden_size": text_config.hidden_size,
-        "num_hidden_layers": text_config.num_hidden_layers, "num_attention_heads": text_config.num_attention_heads,
-        "intermediate_size": text_config.intermediate_size, "tie_word_embeddings": False,
-    })  # fmt: skip
+    """Where the LLM that ``model.llm``'s fields build (``llm_fields``) differs from ``text_config``: every
+    architecture key of the transformers config compared (recorded in release.json; expected empty)."""
+    built = llm_fields(text_config).hf_config(text_config.vocab_size).to_dict()
+    theirs = text_config.to_dict()
     gaps = []
-    for key in LLM_FIELDS_NOT_EXPRESSIBLE:
-        a, b = getattr(text_config, key, None), getattr(built, key, None)
-        if a != b:
-            gaps.append(f"{key}={a!r} (model.llm builds {b!r})")
+    for key in sorted(set(theirs) | set(built)):
+        if key not in NOT_ARCHITECTURE and theirs.get(key) != built.get(key):
+            gaps.append(f"{key}={theirs.get(key)!r} (model.llm builds {built.get(key)!r})")
     return gaps
 
 
@@ -198,12 +189,16 @@ def write_release(
     part_configs: dict | None = None,
     final: Path | None = None,
     embedding_keys: tuple[str, ...] = ("llm.model.embed_tokens.weight", "llm.lm_head.weight"),
+    local_paths: dict[str, str] | None = None,
 ) -> Path:
     """A release folder of ours from renamed tensors: checked key for key and shape for shape first.
 
-    ``final``: where the folder will live when ``out`` is a staging folder (``model.yaml`` names it)."""
+    ``final``: where the folder will live when ``out`` is a staging folder (``model.yaml`` names it).
+    ``local_paths``: ``model.yaml`` keys (dotted, under ``model``) that name the local folders a part came from
+    (JanusFlow's separate SDXL VAE), so a run rebuilds that part from it; the release itself needs none."""
     out = Path(out)
-    vocab = Vocab(tokenizer)  # adds our special tokens the tokenizer lacks (their rows may need adding)
+    vocab = Vocab(tokenizer, generation=bool(model_cfg.heads))  # adds only the special tokens it lacks
+    print(f"convert: {vocab.describe()}")
     grow_vocab(state, [k for k in embedding_keys if k in state], text_config, len(vocab))
     model_cfg.llm.vocab_size = text_config.vocab_size
     config, hf = meta_model(model_cfg, text_config, vocab.tokenizer, image_token_id, part_configs)
@@ -220,17 +215,23 @@ def write_release(
     gaps = llm_field_gaps(text_config)
     (out / "release.json").write_text(json.dumps({"source": source, "llm_fields_model_yaml_cannot_state": gaps},
                                                  indent=1))  # fmt: skip
-    write_model_yaml(out, Path(final or out), model_cfg, gaps)
+    write_model_yaml(out, Path(final or out), model_cfg, gaps, local_paths or {})
     return out
 
 
-def write_model_yaml(out: Path, final: Path, model_cfg: ModelConfig, gaps: list[str]) -> None:
+def write_model_yaml(out: Path, final: Path, model_cfg: ModelConfig, gaps: list[str], local_paths: dict) -> None:
     """``model.yaml``: the model section that rebuilds this architecture for training (``base:`` it, then
     ``train.init_from`` the folder); the tokenizer is this folder."""
     from omegaconf import OmegaConf
 
     section = to_plain(model_cfg)
     section["llm"]["tokenizer"] = os.path.abspath(final)
+    for key, path in local_paths.items():
+        *parents, leaf = key.split(".")
+        node = section
+        for name in parents:
+            node = node[name]
+        node[leaf] = os.path.abspath(path)
     head = ["# The model section of this converted release, for training: `base:` this file and set",
             f"# train.init_from={os.path.abspath(final)} (written with the folder's absolute path)."]  # fmt: skip
     if gaps:

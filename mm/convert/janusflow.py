@@ -164,4 +164,7 @@ def import_janusflow(src: Path, out: Path, vae: str | None = None, random_vae: b
     state = rename({k: v.float() for k, v in read_safetensors(src).items()}, RULES) | vae_state
     tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     source = {"path": str(src), "format": "janusflow", "vae": str(vae) if vae else "random (shape tests only)"}
-    return write_release(Path(out), cfg, text_config, tok, state, source, part_configs=parts, final=final)
+    # a run rebuilds the VAE from its own folder (frozen, referenced by path), the release from part_configs
+    local = {"heads.flow.autoencoder.path": str(vae)} if vae else {}
+    return write_release(Path(out), cfg, text_config, tok, state, source, part_configs=parts, final=final,
+                         local_paths=local)  # fmt: skip

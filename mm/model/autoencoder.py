@@ -6,6 +6,7 @@ latents back to [0,1] images.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -16,29 +17,68 @@ from mm.schema import ConfigError, resolve_path
 
 @dataclass
 class AutoencoderConfig:
-    """Latent autoencoder of the flow head's generation path (frozen); kind: a key of AUTOENCODERS."""
+    """Latent autoencoder of the flow head's generation path (frozen); kind: a key of AUTOENCODERS.
+
+    ``image_channels``, ``latent_channels`` and ``downsample`` are the autoencoder's own: unset (None), they are
+    read from a ``diffusers_kl`` folder's ``config.json`` (SDXL-VAE's without a path; the identity's: 1, the
+    image's channels, 1); a set value that contradicts the folder is a one-line error naming the key. The head
+    that owns this section fills them (:meth:`fill_shapes`): a default instance of this class is made while the
+    config schema is built, where nothing may be filled in yet.
+    """
 
     kind: str = "identity"
     path: str = ""  # local diffusers AutoencoderKL directory for kind=diffusers_kl
-    image_size: int = 8  # pixel size of generated images
-    image_channels: int = 1
-    latent_channels: int = 1
-    downsample: int = 1  # pixels per latent cell
+    image_size: int = 8  # pixel size of generated images (the autoencoder does not fix it)
+    image_channels: int | None = None
+    latent_channels: int | None = None
+    downsample: int | None = None  # pixels per latent cell
     dtype: str = "float32"  # SDXL-VAE overflows in fp16: use bfloat16 or float32
 
     def __post_init__(self) -> None:
         if self.kind not in AUTOENCODERS:
-            raise ConfigError(f"autoencoder.kind={self.kind!r}; known: {sorted(AUTOENCODERS)}")
-        if self.image_size % self.downsample:
-            raise ConfigError(f"autoencoder.image_size={self.image_size} is not a multiple of "
-                              f"downsample={self.downsample}")  # fmt: skip
+            raise ConfigError(f"{KEY}.kind={self.kind!r}; known: {sorted(AUTOENCODERS)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"autoencoder.dtype={self.dtype!r}; known: float32, bfloat16, float16")
+            raise ConfigError(f"{KEY}.dtype={self.dtype!r}; known: float32, bfloat16, float16")
+
+    def fill_shapes(self) -> None:
+        """Unset shape fields from the autoencoder (its folder), set ones checked against it."""
+        if self.kind == "identity":
+            channels = self.image_channels or self.latent_channels or 1
+            own, source = {"image_channels": channels, "latent_channels": channels, "downsample": 1}, "identity"
+        else:
+            folder = _vae_folder_config(self.path) if self.path else None
+            own = kl_shapes(folder or SDXL_VAE)
+            source = f"{self.path}/config.json" if folder else ""  # a missing folder is said when built
+        for key, value in own.items():
+            mine = getattr(self, key)
+            if mine is None:
+                setattr(self, key, value)
+            elif mine != value and source:
+                raise ConfigError(f"{KEY}.{key}={mine} contradicts the {source} autoencoder ({value}); "
+                                  f"drop {KEY}.{key}")  # fmt: skip
+        if self.image_size % self.downsample:
+            raise ConfigError(f"{KEY}.image_size={self.image_size} is not a multiple of the autoencoder's "
+                              f"downsample={self.downsample}")  # fmt: skip
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         side = self.image_size // self.downsample
         return (self.latent_channels, side, side)
+
+
+KEY = "model.heads.flow.autoencoder"  # the one head with an autoencoder (named in messages)
+
+
+def kl_shapes(config: dict) -> dict[str, int]:
+    """An AutoencoderKL config's image channels, latent channels and downsampling (one per down block but the last)."""
+    return {"image_channels": int(config.get("in_channels", 3)), "latent_channels": int(config["latent_channels"]),
+            "downsample": 2 ** (len(config["block_out_channels"]) - 1)}  # fmt: skip
+
+
+def _vae_folder_config(path: str) -> dict | None:
+    file = resolve_path(path) / "config.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
 
 # SDXL-VAE's architecture (used when no local weights are given: shape tests, meta builds).
 SDXL_VAE = dict(
@@ -53,6 +93,7 @@ class IdentityAutoencoder(nn.Module):
 
     def __init__(self, cfg: AutoencoderConfig, where: str = "autoencoder"):
         super().__init__()
+        cfg.fill_shapes()  # a section built outside a head (FlowHeadConfig fills its own)
         if cfg.latent_channels != cfg.image_channels or cfg.downsample != 1:
             raise ConfigError("identity autoencoder needs latent_channels == image_channels and downsample == 1")
 
@@ -73,6 +114,7 @@ class DiffusersKL(nn.Module):
         super().__init__()
         from diffusers import AutoencoderKL
 
+        cfg.fill_shapes()  # a section built outside a head (FlowHeadConfig fills its own)
         self.dtype = getattr(torch, cfg.dtype)
         if cfg.path:
             path = resolve_path(cfg.path)

@@ -188,23 +188,57 @@ def check_open_clip_preprocess(cfg: OpenClipTowerConfig, ref: dict) -> None:
 
 @dataclass
 class HFSiglipTowerConfig:
-    """transformers' SigLIP vision model: a local directory, or built from the shape fields."""
+    """transformers' SigLIP vision model: a local directory, or built from the shape fields.
+
+    With ``weights`` the folder's ``config.json`` is the truth: unset shape fields (None) are read from it and a
+    set one that contradicts it is a one-line error naming the key; without, unset fields take SIGLIP_DEFAULTS.
+    """
 
     weights: str = ""  # local transformers directory; "" = built from the fields below
-    image_size: int = 8
-    patch_size: int = 2
-    width: int = 64
-    layers: int = 2
-    heads: int = 2
-    mlp_ratio: float = 2.0
-    channels: int = 3
+    image_size: int | None = None
+    patch_size: int | None = None
+    width: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+    mlp_ratio: float | None = None
+    channels: int | None = None
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     preprocess: PreprocessConfig = _preprocess(mode="squash")  # SiglipImageProcessor
 
     def __post_init__(self) -> None:
+        folder = _siglip_folder_shapes(self.weights) if self.weights else None
+        for key, default in SIGLIP_DEFAULTS.items():
+            mine = getattr(self, key)
+            if folder is None:  # no folder (or not there yet: building the tower says so)
+                setattr(self, key, default if mine is None else mine)
+            elif mine is None:
+                setattr(self, key, folder[key])
+            elif abs(float(mine) - float(folder[key])) > 1e-9:
+                raise ConfigError(f"model.und.tower.{key}={mine} contradicts {self.weights}/config.json "
+                                  f"({folder[key]}); the folder is the truth: drop model.und.tower.{key}")  # fmt: skip
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"model.und.tower: image_size={self.image_size} is not a multiple of "
+                              f"patch_size={self.patch_size}")  # fmt: skip
         self.mean = _per_channel(self.mean, self.channels, "model.und.tower.mean")
         self.std = _per_channel(self.std, self.channels, "model.und.tower.std")
+
+
+SIGLIP_DEFAULTS = {"image_size": 8, "patch_size": 2, "width": 64, "layers": 2, "heads": 2, "mlp_ratio": 2.0,
+                   "channels": 3}  # fmt: skip
+
+
+def _siglip_folder_shapes(weights: str) -> dict[str, Any] | None:
+    """The shape fields a SigLIP folder states (a vision model's or a full SigLIP's config.json), or None."""
+    path = resolve_path(weights)
+    if not (path / "config.json").is_file():
+        return None
+    from transformers import SiglipVisionConfig  # the kind's own library, read only for this kind
+
+    c = SiglipVisionConfig.from_pretrained(str(path), local_files_only=True)
+    return {"image_size": c.image_size, "patch_size": c.patch_size, "width": c.hidden_size,
+            "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
+            "mlp_ratio": c.intermediate_size / c.hidden_size, "channels": c.num_channels}  # fmt: skip
 
 
 class HFSiglipTower(Tower):

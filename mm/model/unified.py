@@ -352,13 +352,14 @@ class UnifiedModel(nn.Module):
         cache = KVCache() if use_cache else None
         h = self.decode(embeds, pos, spec, kinds, cache=cache, spans=batch.spans).last_hidden_state[:, -1]
         done = torch.zeros(len(samples), dtype=torch.bool, device=dev)
+        stop = set(self.vocab.stop_ids)
         out: list[list[int]] = [[] for _ in samples]
         for step in range(max_new_tokens):
             logits = self.llm.get_output_embeddings()(h)
             nxt = sample_logits(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
             for i, tok in enumerate(nxt.tolist()):
                 if not done[i]:
-                    if tok == self.vocab.eos:
+                    if tok in stop:  # <eos>, or the token that closes a turn of the tokenizer's chat template
                         done[i] = True
                     else:
                         out[i].append(tok)
@@ -498,4 +499,6 @@ def count_parameters(module: nn.Module) -> dict[str, int]:
 
 def build_model(cfg: ModelConfig) -> UnifiedModel:
     """The model of ``cfg``: the tokenizer and pretrained parts from their local paths."""
-    return UnifiedModel(cfg, load_vocab(resolve_path(cfg.llm.tokenizer)))
+    if cfg.llm.pretrained and not resolve_path(cfg.llm.pretrained).is_dir():
+        raise FileNotFoundError(f"model.llm.pretrained: no such directory {resolve_path(cfg.llm.pretrained)}")
+    return UnifiedModel(cfg, load_vocab(resolve_path(cfg.llm.tokenizer_dir()), generation=bool(cfg.heads)))

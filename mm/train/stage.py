@@ -35,12 +35,59 @@ def _part(name: str) -> str:
     return ".".join(parts[:depth])
 
 
+def pretrained_tower(model: UnifiedModel, t: TrainConfig, group_of) -> str:
+    """Where a trainable pretrained tower's weights come from, when no param group names it; "" otherwise."""
+    tower = [p for n, p in model.named_parameters() if _matches(n, "und.tower") and p.requires_grad]
+    if not tower or any(group_of(n) >= 0 for n, p in model.named_parameters() if _matches(n, "und.tower")):
+        return ""
+    source = model.und.tower.pretrained_source()
+    if source:
+        return f"weights from {source[0]}={source[1]}"
+    return f"weights from train.init_from={t.init_from}" if t.init_from else ""
+
+
 @dataclass
 class Stage:
     groups: list[ParamGroup]
     referenced: list[str]  # frozen parts whose weights come from a path or init_from (not saved)
     random_frozen: list[str]  # frozen parts with no weights (allowed only for benchmarks)
     report: str
+
+
+def _groups(model: UnifiedModel, t: TrainConfig) -> tuple[list[ParamGroup], dict[str, set[float]], str]:
+    """(optimizer groups, each part's learning rates, where a trainable pretrained tower comes from or "").
+
+    Each trainable parameter goes to the group with the longest matching prefix of ``train.param_groups``, else
+    a pretrained tower's own group (``train.pretrained_tower_lr`` > 0), else the default group."""
+
+    def group_of(name: str) -> int:
+        best, best_len = -1, -1
+        for i, g in enumerate(t.param_groups):
+            for prefix in g.modules:
+                if _matches(name, prefix) and len(prefix) > best_len:
+                    best, best_len = i, len(prefix)
+        return best
+
+    groups = [
+        ParamGroup("+".join(g.modules), [], g.lr or t.lr, g.weight_decay if g.weight_decay >= 0 else t.weight_decay)
+        for g in t.param_groups
+    ] + [ParamGroup("default", [], t.lr, t.weight_decay)]
+    tower_note = pretrained_tower(model, t, group_of)
+    own_tower_group = bool(tower_note and t.pretrained_tower_lr)
+    if own_tower_group:  # before the default one
+        groups.insert(len(groups) - 1, ParamGroup("und.tower (pretrained)", [], t.pretrained_tower_lr, t.weight_decay))
+    lr_of: dict[str, set[float]] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            index = group_of(n)
+            if index < 0 and own_tower_group and _matches(n, "und.tower"):
+                index = -2
+            groups[index].params.append(p)
+            lr_of.setdefault(_part(n), set()).add(groups[index].lr)
+    for i, g in enumerate(groups[: len(t.param_groups)]):
+        if not g.params:
+            raise ConfigError(f"train.param_groups[{i}] ({g.name}) holds only frozen parameters")
+    return [g for g in groups if g.params], lr_of, tower_note
 
 
 def apply_stage(model: UnifiedModel, t: TrainConfig, allow_random_frozen: bool = False) -> Stage:
@@ -81,29 +128,7 @@ def apply_stage(model: UnifiedModel, t: TrainConfig, allow_random_frozen: bool =
         )
     referenced = sorted({_part(n) for n in frozen if source(n) is not None})
 
-    # Each trainable parameter goes to the group with the longest matching prefix, else the default group.
-    def group_of(name: str) -> int:
-        best, best_len = -1, -1
-        for i, g in enumerate(t.param_groups):
-            for prefix in g.modules:
-                if _matches(name, prefix) and len(prefix) > best_len:
-                    best, best_len = i, len(prefix)
-        return best
-
-    groups = [
-        ParamGroup("+".join(g.modules), [], g.lr or t.lr, g.weight_decay if g.weight_decay >= 0 else t.weight_decay)
-        for g in t.param_groups
-    ] + [ParamGroup("default", [], t.lr, t.weight_decay)]
-    lr_of: dict[str, set[float]] = {}
-    for n, p in params.items():
-        if p.requires_grad:
-            g = groups[group_of(n)]
-            g.params.append(p)
-            lr_of.setdefault(_part(n), set()).add(g.lr)
-    for i, g in enumerate(groups[:-1]):
-        if not g.params:
-            raise ConfigError(f"train.param_groups[{i}] ({g.name}) holds only frozen parameters")
-    groups = [g for g in groups if g.params]
+    groups, lr_of, tower_note = _groups(model, t)
 
     lines = ["parameters (trainable / total):"]
     for part in sorted({_part(n) for n in params}, key=lambda s: list(dict.fromkeys(map(_part, params))).index(s)):
@@ -119,4 +144,9 @@ def apply_stage(model: UnifiedModel, t: TrainConfig, allow_random_frozen: bool =
     n_all = sum(p.numel() for p in params.values())
     n_train = sum(p.numel() for p in params.values() if p.requires_grad)
     lines.append(f"  {'total':<14} {n_train / 1e6:10.3f}M / {n_all / 1e6:10.3f}M")
+    if tower_note:
+        lr = t.pretrained_tower_lr or t.lr
+        lines.append(f"the pretrained understanding tower ({tower_note}) fine-tunes at lr {lr:.1e} "
+                     f"(train.pretrained_tower_lr; 0 = train.lr); model.und.freeze=true keeps it frozen")  # fmt: skip
+    lines.append(model.vocab.describe())
     return Stage(groups, referenced, random_frozen, "\n".join(lines))

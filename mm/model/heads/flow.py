@@ -58,6 +58,7 @@ class FlowHeadConfig:
     loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        self.autoencoder.fill_shapes()  # channels and downsampling from the autoencoder's folder
         if not 0 <= self.prompt_dropout < 1:
             raise ConfigError(f"model.heads.flow.prompt_dropout={self.prompt_dropout} must be in [0, 1)")
         if self.sample_steps < 1:
@@ -89,12 +90,7 @@ class FlowHead(ImageHead):
         ae, d = cfg.autoencoder, ctx.hidden_size
         self.latent_shape = ae.latent_shape
         if cfg.repa_weight > 0 and ctx.und_grid != self.grid:
-            raise ConfigError(
-                f"REPA needs the understanding grid ({ctx.und_grid}x{ctx.und_grid}) to equal the generation token "
-                f"grid ({self.grid}x{self.grid}): set model.heads.{name}.repa_weight=0, or match "
-                f"model.und.tower.image_size/patch_size to heads.{name}.autoencoder.image_size/downsample and "
-                f"codec.patch_size"
-            )
+            raise ConfigError(repa_grid_error(name, cfg, ctx.und_grid))
         if not 0 < cfg.repa_layer <= ctx.num_layers:
             raise ConfigError(f"model.heads.{name}.repa_layer={cfg.repa_layer} outside 1..{ctx.num_layers}")
         self.autoencoder = build_autoencoder(ae, f"model.heads.{name}.autoencoder")
@@ -261,6 +257,22 @@ class FlowHead(ImageHead):
             noise = torch.randn((n, *self.latent_shape), generator=generator)
         latents = euler_sample(velocity, noise.to(dev), steps)
         return self.autoencoder.decode(latents)
+
+
+def repa_grid_error(name: str, cfg: FlowHeadConfig, und_grid: int) -> str:
+    """REPA compares each generation token with the understanding token at the same place: the grids must match.
+    The message gives the numbers and the values of the keys that would make them match."""
+    ae, patch, key = cfg.autoencoder, cfg.codec.patch_size, f"model.heads.{name}"
+    grid = ae.image_size // ae.downsample // patch
+    fixes = [f"{key}.autoencoder.image_size={und_grid * ae.downsample * patch}"]
+    if (ae.image_size // ae.downsample) % und_grid == 0:
+        fixes.append(f"{key}.codec.patch_size={ae.image_size // ae.downsample // und_grid}")
+    fixes.append(f"{key}.repa_weight=0 (no REPA)")
+    return (
+        f"REPA needs the generation token grid ({grid}x{grid}: {key}.autoencoder.image_size={ae.image_size} / the "
+        f"autoencoder's downsample {ae.downsample} / {key}.codec.patch_size={patch}) to equal the understanding "
+        f"tower's ({und_grid}x{und_grid}: model.und.tower image_size / patch_size); set " + ", or ".join(fixes)
+    )
 
 
 def scatter_time(embeds: torch.Tensor, time_mask: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,9 @@ Layout: ``... <begin_of_image> [code 1] ... [code n] <end_of_image>``. The hidde
 Sampling runs the prompt once (prefill, which gives code 1), then one pass per code against a KV cache.
 Classifier-free guidance mixes the logits, u + w (c - u), as Janus does; the unconditional prompt is
 the conditional one with its prompt text replaced by pad (prompt dropout in training). With
-``prompt_format`` set, prompts are written in Janus's own format and the unconditional row pads every
-token but the first and the last (<bos> and <begin_of_image>), as Janus's reference and transformers do.
+``prompt_format`` set, prompts are written in Janus's own format, in training as in sampling, and the
+unconditional row (and a dropped prompt in training) pads every token but the first and the last (<bos> and
+<begin_of_image>), as Janus's reference and transformers do.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ class JanusHeadConfig:
     # Janus's generation prompt, e.g. "<|User|>: {prompt}\n\n<|Assistant|>:", read after bos_token and
     # followed by <begin_of_image>; "" = our sequence template (mm.sequence.image_generation_sample)
     prompt_format: str = ""
-    bos_token: str = ""  # the LLM's own <bos> before prompt_format; "" = our <|bos|>
-    pad_token: str = ""  # the unconditional prompt's filler; "" = our <|pad|>
+    bos_token: str = ""  # the token before prompt_format; "" = the vocab's bos (the tokenizer's own where it has one)
+    pad_token: str = ""  # the unconditional prompt's filler; "" = the vocab's pad (the tokenizer's own, else ours)
 
     def __post_init__(self) -> None:
         if self.tokenizer.kind != "janus_vq":
@@ -124,7 +125,8 @@ class JanusHead(ImageHead):
         self.generation_aligner = GenerationAligner(tok.embed_dim, d, int(hf.num_hidden_layers))
         self.generation_head = GenerationHead(d, d, tok.codebook_size)
         self.n = tok.grid**2
-        self.template = ImageTemplate(name, tok.image_size, tok.image_channels, (1,) * self.n, begin="boi", end=True)
+        self.template = ImageTemplate(name, tok.image_size, tok.image_channels, (1,) * self.n, begin="boi", end=True,
+                                      prompt_format=cfg.prompt_format, bos_token=cfg.bos_token)  # fmt: skip
 
     @staticmethod
     def recipe(cfg: JanusHeadConfig) -> dict:
@@ -186,22 +188,19 @@ class JanusHead(ImageHead):
 
     # ---- prompts ------------------------------------------------------------------
     def prompt_rows(self, prompts: list[str], guided: bool) -> list[Sample]:
-        """Prefix rows (everything up to and including <begin_of_image>), conditional then unconditional."""
+        """Prefix rows (everything up to and including <begin_of_image>), conditional then unconditional: the
+        training layout (``image_generation_sample``: Janus's ``prompt_format`` when set) without the slots; the
+        unconditional row pads the prompt as prompt dropout does in training (with ``prompt_format``: every token
+        between <bos> and <begin_of_image>, as Janus's reference and transformers do)."""
         v = self.vocab
-        if not self.cfg.prompt_format:
-            cond = []
-            for p in prompts:
-                s = image_generation_sample(v, self.template, None, p)
-                cut = len(s) - self.n - 1  # drop the slots and <end_of_image>
-                cond.append(Sample(s.input_ids[:cut], s.targets[:cut], TASK_GEN, prompt_mask=s.prompt_mask[:cut],
-                                   token_kinds=s.token_kinds[:cut], head=self.name))  # fmt: skip
-            return cond + unconditional(cond, v.pad) if guided else cond
-        token_id = lambda t, ours: v.tokenizer.convert_tokens_to_ids(t) if t else ours  # noqa: E731
-        bos, pad = token_id(self.cfg.bos_token, v.bos), token_id(self.cfg.pad_token, v.pad)
-        cond = [[bos] + v.encode(self.cfg.prompt_format.format(prompt=p)) + [v.boi] for p in prompts]
-        uncond = [[ids[0]] + [pad] * (len(ids) - 2) + [ids[-1]] for ids in cond] if guided else []
-        return [Sample(ids, [IGNORE] * len(ids), TASK_GEN, prompt_mask=[False] * len(ids), head=self.name)
-                for ids in cond + uncond]  # fmt: skip
+        cond = []
+        for p in prompts:
+            s = image_generation_sample(v, self.template, None, p)
+            cut = len(s) - self.n - 1  # drop the slots and <end_of_image>
+            cond.append(Sample(s.input_ids[:cut], [IGNORE] * cut, TASK_GEN, prompt_mask=s.prompt_mask[:cut],
+                               token_kinds=s.token_kinds[:cut], head=self.name))  # fmt: skip
+        pad = v.tokenizer.convert_tokens_to_ids(self.cfg.pad_token) if self.cfg.pad_token else v.pad
+        return cond + unconditional(cond, pad) if guided else cond
 
     def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
         """The conditional prefix token ids of ``prompts`` (what the LLM reads before code 1)."""
