@@ -20,12 +20,13 @@ Turns of one image share its image tokens (the benchmark asks one question per i
 training image are cheaper per answer); their order is random and yes/no answers are drawn
 independently, so no answer tells another.
 
-Images are stored at the recipe's :data:`SIZE` (33 px: the canvases' 3x3 slots, corners at 1, 12, 23
-px, each fall inside one 11 px patch of a 3x3 grid). Understanding images are resized from the
-benchmark's size exactly as the eval processor resizes them (``mm.images.fit_image``: an 8x8 digit or a
-32 px canvas becomes what the model sees at eval); generation targets are drawn at 33 px directly: a
-single digit fills the frame by pixel repetition (area-downscaling, as the ``digits_t2i`` judge reads a
-generated image, gives the digit back), a canvas keeps its slots and gains one empty row and column.
+Understanding images are stored as the benchmark holds them (8x8 digits, 32 px canvases): the loader
+resizes them with the tower's preprocessing, the function the eval processor calls (``mm.images.preprocess``),
+so training sees what eval sees by construction. The recipe works at :data:`SIZE` (33 px: the canvases' 3x3
+slots, corners at 1, 12, 23 px, each fall inside one 11 px patch of a 3x3 grid); generation targets are drawn
+at 33 px directly: a single digit fills the frame by pixel repetition (area-downscaling, as the
+``digits_t2i`` judge reads a generated image, gives the digit back), a canvas keeps its slots and gains
+one empty row and column.
 
     python -m data.bundled.generalist --out data/shards/generalist   # built on first use by train.py
     python -m data.bundled.generalist --texts                        # the tokenizer's corpus, one text a line
@@ -39,7 +40,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from data.bundled.benchmark import (
@@ -61,7 +61,6 @@ from data.bundled.benchmark import (
 from data.bundled.digits import DIGIT_NAMES, PROMPTS, QUESTIONS, all_texts
 from data.bundled.longctx import album_prompt
 from data.shards import ShardWriter
-from mm.images import fit_image
 from mm.schema import resolve_path
 
 ORDINALS = ("first", "second", "third")
@@ -72,18 +71,12 @@ SIZE = 33  # the recipe's image size: a 3x3 grid of 11 px patches, one canvas sl
 SAMPLES = {"und_single": 15000, "und_canvas": 50000, "und_multi": 5000, "gen_single": 15000, "gen_canvas": 40000}
 SHARDS_PER_SOURCE = 4
 SCHEMA = (
-    "generalist-v3: 33 px, canvas lists; und_single, und_canvas, und_multi (conversation), gen_single, gen_canvas "
-    "(generation)"
+    "generalist-v4: 33 px, canvas lists, raw understanding images; und_single, und_canvas, und_multi "
+    "(conversation), gen_single, gen_canvas (generation)"
 )
 SCHEMA_FILE = "SCHEMA"
 
 Turn = tuple[str, str]  # (question, answer)
-
-
-def for_understanding(image: np.ndarray, size: int = SIZE) -> np.ndarray:
-    """A benchmark image (8x8 digit, 32 px canvas) as the eval processor resizes it for a ``size`` px tower."""
-    x = torch.from_numpy(image.astype(np.float32) / 255)[None]
-    return np.round(fit_image(x, size, 1)[0].numpy() * 255).astype(np.uint8)
 
 
 def for_generation(image: np.ndarray, size: int = SIZE) -> np.ndarray:
@@ -238,7 +231,6 @@ def conversation_record(images: list[np.ndarray], turns: list[Turn]) -> dict:
 
 
 def _conversation_sample(key: str, images: list[np.ndarray], turns: list[Turn]) -> dict:
-    images = [for_understanding(img) for img in images]
     sample = {"__key__": key, "json": json.dumps(conversation_record(images, turns))}
     if len(images) == 1:
         sample["png"] = _png(images[0])
