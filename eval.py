@@ -107,9 +107,7 @@ def main() -> None:
     ap.add_argument("--task-dir", action="append", default=[], help="another folder of task YAMLs")
     ap.add_argument("--out", default=None, help="output folder (default: <run or release>/eval)")
     ap.add_argument("--list", action="store_true", help="list the known tasks and exit")
-    ap.add_argument(
-        "overrides", nargs="*", help="config overrides, e.g. eval.limit=50 model.heads.flow.cfg_scale=3"
-    )
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.limit=50 model.heads.flow.cfg_scale=3")
     args = ap.parse_intermixed_args()
 
     # here, not at the top: --help stays fast

@@ -31,7 +31,7 @@ import os
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +109,19 @@ class ShardWriter:
         sizes.update(self.sizes)
         sizes_path.write_text(json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
         return self.paths
+
+
+def rebuild_if_stale(out_dir: Path, schema: str, what: str, build: Callable[[], object]) -> bool:
+    """A bundled dataset's shards in ``out_dir``: rebuilt (old ``*.tar`` removed, then ``build()``) when the
+    ``SCHEMA`` marker is missing or names another schema; True if built. ``build`` writes the marker last."""
+    marker = out_dir / "SCHEMA"
+    if marker.exists() and marker.read_text().strip() == schema:
+        return False
+    print(f"building {what} in {out_dir}", flush=True)
+    for old in out_dir.glob("*.tar"):
+        old.unlink()
+    build()
+    return True
 
 
 # ---- conversion -------------------------------------------------------------------

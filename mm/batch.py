@@ -187,9 +187,7 @@ def _counts(kinds: Sequence[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def collate(
-    rows: list[list[Sample | PackItem]], seq_len: int, pad_id: int, loss_reduction: str = "token"
-) -> Batch:
+def collate(rows: list[list[Sample | PackItem]], seq_len: int, pad_id: int, loss_reduction: str = "token") -> Batch:
     """Packed rows of samples (or items) -> a :class:`Batch`. Images are stacked in token order (row-major).
 
     Generation images go to the image head their sample names (``Sample.head``).
@@ -269,6 +267,9 @@ class _Tensors:
         self.loss_weights[b, :used] = torch.tensor(cols["w"], dtype=torch.float32)
 
 
+_PER_TOKEN = ("input_ids", "targets", "position_ids", "sample_ids", "prompt_mask", "token_kinds", "loss_weights")
+
+
 def left_padded(samples: list[Sample], pad_id: int) -> Batch:
     """Inference rows: one sample per row, right-aligned (padding on the left, sample id 0, padding -1).
 
@@ -280,8 +281,7 @@ def left_padded(samples: list[Sample], pad_id: int) -> Batch:
     for s in samples:
         pad = L - len(s)
         b = collate([[s]], L, pad_id)
-        rolled = {k: getattr(b, k).roll(pad, dims=1) for k in ("input_ids", "targets", "position_ids", "sample_ids",
-                                                                 "prompt_mask", "token_kinds", "loss_weights")}
+        rolled = {k: getattr(b, k).roll(pad, dims=1) for k in _PER_TOKEN}
         if b.block_ids is not None:
             rolled["block_ids"] = b.block_ids.roll(pad, dims=1)
         span = replace(b.spans[0][0], start=pad)

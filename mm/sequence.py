@@ -220,13 +220,15 @@ def load_vocab(path: str | Path, generation: bool = True) -> Vocab:
     return Vocab(AutoTokenizer.from_pretrained(str(path), local_files_only=True), generation)
 
 
-def build_word_tokenizer(texts: list[str], out_dir: str | Path) -> Vocab:
-    """Train a word-level tokenizer on ``texts`` and save it (tiny configs only)."""
+def build_word_tokenizer(texts: list[str], out_dir: str | Path, lowercase: bool = True) -> Vocab:
+    """Train a word-level tokenizer on ``texts`` and save it (tiny configs only); ``lowercase=False`` keeps case
+    (option letters "A".."D" are then not the article "a")."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
     fast = PreTrainedTokenizerFast(

@@ -17,25 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.bundled.digits import all_texts  # noqa: E402
 from data.bundled.generalist import generalist_texts  # noqa: E402
-from mm.sequence import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, build_word_tokenizer  # noqa: E402
+from mm.sequence import build_word_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def build_cased_word_tokenizer(texts: list[str], out_dir: Path) -> int:
-    """A word-level tokenizer over ``texts`` with our special tokens, case kept; saved for AutoTokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS,
-        additional_special_tokens=SPECIAL_TOKENS[4:],
-    )  # fmt: skip
-    fast.save_pretrained(str(out_dir))
-    return len(fast)
 
 
 if __name__ == "__main__":
@@ -46,5 +30,5 @@ if __name__ == "__main__":
     if args.name == "digits":
         n = len(build_word_tokenizer(all_texts(), out))
     else:
-        n = build_cased_word_tokenizer(generalist_texts(), out)
+        n = len(build_word_tokenizer(generalist_texts(), out, lowercase=False))
     print(f"wrote {out} ({n} tokens)")

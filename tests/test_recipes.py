@@ -36,8 +36,9 @@ def converted(tmp_path_factory) -> dict[str, Path]:
     return {
         "janus-pro-1b-mm": import_hf_janus(tiny_janus(base / "janus"), base / "janus-pro-1b-mm"),
         "llava-1.5-7b-mm": import_hf_llava(tiny_llava(base / "llava"), base / "llava-1.5-7b-mm"),
-        "janusflow-1.3b-mm": import_janusflow(janusflow_src, base / "janusflow-1.3b-mm", vae=str(base / "vae"),
-                                              gen_image_size=16),  # fmt: skip
+        "janusflow-1.3b-mm": import_janusflow(
+            janusflow_src, base / "janusflow-1.3b-mm", vae=str(base / "vae"), gen_image_size=16
+        ),  # fmt: skip
     }
 
 

@@ -70,9 +70,10 @@ def test_release_carries_a_redacted_summary_and_the_matching_results(run, tmp_pa
     assert json.loads((out / "release.json").read_text())["source"]["checkpoint"] == "step_00000006"
 
     full = export_release(run, tmp_path / "full", full_train_config=True)  # asked for: the whole config
-    assert "pipe:cat" in (full / "train_config.yaml").read_text() and "## Training config" in (
-        full / "README.md"
-    ).read_text()
+    assert (
+        "pipe:cat" in (full / "train_config.yaml").read_text()
+        and "## Training config" in (full / "README.md").read_text()
+    )
 
 
 def test_results_of_other_weights_stay_out_of_the_card(run, tmp_path, capsys):

@@ -60,7 +60,7 @@ from data.bundled.benchmark import (
 )
 from data.bundled.digits import DIGIT_NAMES, PROMPTS, QUESTIONS, all_texts
 from data.bundled.longctx import album_prompt
-from data.shards import ShardWriter
+from data.shards import ShardWriter, rebuild_if_stale
 from mm.schema import resolve_path
 
 ORDINALS = ("first", "second", "third")
@@ -274,14 +274,9 @@ def build_generalist_shards(out_dir: str | Path, samples: dict[str, int] | None 
 def ensure_generalist_shards(out_dir: str | Path = "data/shards/generalist", seed: int = 0) -> bool:
     """(Re)build the shards when missing or written by an older schema; True if built."""
     out_dir = resolve_path(str(out_dir))
-    marker = out_dir / SCHEMA_FILE
-    if marker.exists() and marker.read_text().strip() == SCHEMA:
-        return False
-    print(f"building the generalist recipe's shards in {out_dir}", flush=True)
-    for old in out_dir.glob("*.tar"):
-        old.unlink()
-    build_generalist_shards(out_dir, seed=seed)
-    return True
+    return rebuild_if_stale(
+        out_dir, SCHEMA, "the generalist recipe's shards", lambda: build_generalist_shards(out_dir, seed=seed)
+    )
 
 
 def generalist_texts() -> list[str]:

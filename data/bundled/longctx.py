@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from data.bundled.digits import load_digit_split
-from data.shards import ShardWriter
+from data.shards import ShardWriter, rebuild_if_stale
 from mm.schema import resolve_path
 
 MAX_IMAGES = 64  # the longest album the benchmark asks about
@@ -156,14 +156,9 @@ def build_longctx_shards(
 def ensure_longctx_shards(out_dir: str | Path = "data/shards/longctx", seed: int = 0) -> bool:
     """(Re)build the training shards when missing or written by an older schema; True if built."""
     out_dir = resolve_path(str(out_dir))
-    marker = out_dir / SCHEMA_FILE
-    if marker.exists() and marker.read_text().strip() == SCHEMA:
-        return False
-    print(f"building long-context digit shards in {out_dir}", flush=True)
-    for old in out_dir.glob("*.tar"):
-        old.unlink()
-    build_longctx_shards(out_dir, seed=seed)
-    return True
+    return rebuild_if_stale(
+        out_dir, SCHEMA, "long-context digit shards", lambda: build_longctx_shards(out_dir, seed=seed)
+    )
 
 
 def _png_cell(array: np.ndarray) -> dict:

@@ -45,9 +45,7 @@ class ModelConfig:
                               f"(model.heads.<name>: null) or set model.understanding_only=false")  # fmt: skip
         if not heads and not self.understanding_only:
             heads = {DEFAULT_HEAD: {}}
-        self.heads = {
-            name: parse_part(head_class(name).Config, c, f"model.heads.{name}") for name, c in heads.items()
-        }
+        self.heads = {name: parse_part(head_class(name).Config, c, f"model.heads.{name}") for name, c in heads.items()}
         if self.text_loss_weight < 0:
             raise ConfigError("model.text_loss_weight must be >= 0")
 

@@ -115,8 +115,9 @@ class OpenClipTowerConfig:
         if self.image_size % self.patch_size:
             raise ConfigError(f"model.und.tower: image_size={self.image_size} is not a multiple of "
                               f"patch_size={self.patch_size}")  # fmt: skip
-        self.mean, self.std = _per_channel(self.mean, 3, "model.und.tower.mean"), _per_channel(
-            self.std, 3, "model.und.tower.std"
+        self.mean, self.std = (
+            _per_channel(self.mean, 3, "model.und.tower.mean"),
+            _per_channel(self.std, 3, "model.und.tower.std"),
         )
 
 
@@ -263,7 +264,10 @@ class HFSiglipTower(Tower):
             self.model = SiglipVisionModel(hf)
         c = self.model.config
         self.width, self.image_size, self.patch_size, self.channels = (
-            c.hidden_size, c.image_size, c.patch_size, c.num_channels
+            c.hidden_size,
+            c.image_size,
+            c.patch_size,
+            c.num_channels,
         )
         self.mean, self.std = _per_channel(cfg.mean, self.channels, "mean"), _per_channel(cfg.std, self.channels, "std")
 

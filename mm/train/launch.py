@@ -1,17 +1,17 @@
 """What ``python train.py`` composes, one layer per line: data, tokenizers, model, loader, trainer.
 
-    checks      the config's registry keys (engine, schedule, precision, metric sinks) before any work
-    processes   join the launcher's process group (the engine says whether it needs one alone)
-    run dir     writable, or one line saying so
-    data        the bundled shards, built on rank 0 when the config reads them and they are missing; every
-                source's shards resolved (a pattern that names no file is one line)
-    checkpoint  the one to resume (``latest``, verified; a damaged one skipped with a message), checked against
-                this run (engine, process count, data workers); or a fresh start that may begin here; and
-                ``train.init_from`` found and verified - all before any model is built
-    tokenizers  a code head's image tokenizer, trained first when its directory is missing
-    model       built from ``model.*`` on every rank with the same seed, then ``train.init_from``
-    loader      this rank's share of the packed batches
-    trainer     the loop (resuming with ``--resume``)
+checks      the config's registry keys (engine, schedule, precision, metric sinks) before any work
+processes   join the launcher's process group (the engine says whether it needs one alone)
+run dir     writable, or one line saying so
+data        the bundled shards, built on rank 0 when the config reads them and they are missing; every
+            source's shards resolved (a pattern that names no file is one line)
+checkpoint  the one to resume (``latest``, verified; a damaged one skipped with a message), checked against
+            this run (engine, process count, data workers); or a fresh start that may begin here; and
+            ``train.init_from`` found and verified - all before any model is built
+tokenizers  a code head's image tokenizer, trained first when its directory is missing
+model       built from ``model.*`` on every rank with the same seed, then ``train.init_from``
+loader      this rank's share of the packed batches
+trainer     the loop (resuming with ``--resume``)
 """
 
 from __future__ import annotations
