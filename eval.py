@@ -56,23 +56,13 @@ def check_task_data(tasks: list, eval_cfg) -> None:
             )
 
 
-def check_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test.{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write there ({type(e).__name__}: {e.strerror or e})") from None
-
-
 def prepare(args) -> tuple:
     """(how to load the model, task configs, output folder), every input checked; no model is loaded."""
     # here, not at the top: --help stays fast
     from mm.eval.harness import DEFAULT_TASKS
     from mm.eval.taskfile import DEFAULT_TASK_DIR, load_tasks
     from mm.load import check_release, latest_run, run_config, select_checkpoint
-    from mm.schema import resolve_path
+    from mm.schema import resolve_path, unwritable
 
     overrides = args.overrides + ([f"eval.task_dirs={list(args.task_dir)}"] if args.task_dir else [])
     if args.model:
@@ -92,7 +82,9 @@ def prepare(args) -> tuple:
     except KeyError as e:
         raise UsageError(f"{e.args[0]} (see eval.py --list)") from None
     check_task_data(tasks, eval_cfg)
-    check_out_dir(out)
+    problem = unwritable(out)
+    if problem:
+        raise UsageError(f"--out {out}: cannot write there ({problem})")
     if source[0] == "run":  # the checkpoint last: verifying it reads the weight files
         source += (select_checkpoint(source[1], "latest"),)
     return source, [t.task for t in tasks], out

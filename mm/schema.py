@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,18 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config names an unknown key, has a wrong type or breaks a rule; the message names the key."""
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why ``folder`` (made here when missing) cannot take a new file, or None: checked before any work starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None
 
 
 def resolve_path(path: str | Path) -> Path:

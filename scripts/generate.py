@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _writable(path: Path, what: str) -> str | None:
+    # mm.schema.unwritable's twin: this script checks its arguments before importing mm (torch, transformers)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write_test.{os.getpid()}"

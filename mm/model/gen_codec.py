@@ -26,6 +26,7 @@ part names the kind gives them, so the state-dict keys are ``heads.flow.<part>.*
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -172,7 +173,7 @@ class GenDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class GenCodec(nn.Module):
+class GenCodec(nn.Module, ABC):
     """A codec kind: its children are the flow head's parts (registered there under the same names).
 
     ``embed(z_t, t) -> (tokens [N, g*g, D], time token [N, D], skip)``;
@@ -185,21 +186,24 @@ class GenCodec(nn.Module):
         super().__init__()
         self.cfg, self.latent_channels, self.llm_width = cfg, latent_channels, llm_width
 
+    @abstractmethod
     def embed(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Implemented by each codec kind."""
 
+    @abstractmethod
     def velocity(self, hidden: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Implemented by each codec kind."""
 
     def skip_shape(self, grid: int) -> tuple[int, ...]:
         return (self.cfg.channels, grid, grid)
 
+    @abstractmethod
     def trains_before_llm(self) -> bool:
-        raise NotImplementedError
+        """Implemented by each codec kind."""
 
+    @abstractmethod
     def costs(self, latent_shape: tuple[int, ...], grid: int, llm_out_needs_grad: bool) -> dict[str, tuple]:
         """Per image: part -> (forward FLOPs, backward in forwards) (``mm.train.flops``)."""
-        raise NotImplementedError
 
 
 class ConvNeXtCodec(GenCodec):

@@ -38,7 +38,7 @@ from mm.checkpoint import (
 )
 from mm.config import Config
 from mm.model.unified import build_model
-from mm.schema import ConfigError, resolve_path
+from mm.schema import ConfigError, resolve_path, unwritable
 from mm.train.engine import DistEnv, engine_class, init_distributed
 from mm.train.metrics import check_sinks
 from mm.train.precision import get_precision
@@ -83,16 +83,12 @@ def launch(
 
 def check_run_dir(run_dir: Path) -> None:
     """The run directory exists (made here) and takes a new file; else one line, before anything is built."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_test.{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
+    problem = unwritable(run_dir)
+    if problem:
         raise ConfigError(
-            f"run.dir={run_dir}: cannot write there ({type(e).__name__}: {e.strerror or e}); set run.dir (or "
-            "run.name) to a folder this user can write"
-        ) from None
+            f"run.dir={run_dir}: cannot write there ({problem}); set run.dir (or run.name) to a folder this user can "
+            "write"
+        )
 
 
 def check_shards(cfg: Config) -> None:
