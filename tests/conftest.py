@@ -30,6 +30,16 @@ SMALL = [
 ]  # fmt: skip
 
 
+@pytest.fixture
+def one_thread():
+    """In-process training on one torch thread: on a shared 2-core machine a 2-thread region waits for a
+    descheduled thread at every op of these small models (seconds per step instead of 0.1 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shard_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")

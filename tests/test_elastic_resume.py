@@ -15,7 +15,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 from mm.checkpoint import read_meta
 from mm.config import load_config
@@ -27,12 +26,7 @@ RESAMPLED = ("data.sources=[{name: digits_vqa, kind: conversation, resample: tru
              "{name: digits_t2i, kind: generation, resample: true}]")  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env() -> dict:

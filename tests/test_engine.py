@@ -36,14 +36,7 @@ KEYS = ("loss", "text", "flow", "repa", "grad_norm")
 PORTS = iter(range(29640, 29700))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process training on one thread: on a shared 2-core machine a 2-thread region waits for a
-    descheduled thread at every op of these small models (seconds per step instead of 0.1 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _overrides(shard_dir: Path, run: Path, *extra: str) -> list[str]:

@@ -24,14 +24,7 @@ from mm.train.flops import (
 from mm.train.stage import apply_stage
 from tests.conftest import ROOT, SMALL
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on a shared 2-core machine a 2-thread region waits for a descheduled thread at every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _measured_step_flops(model, batch) -> float:

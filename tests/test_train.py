@@ -15,14 +15,7 @@ from mm.train.launch import launch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process training on one thread: on a shared 2-core machine a 2-thread region waits for a
-    descheduled thread at every op of these small models (seconds per step instead of 0.1 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -46,7 +39,6 @@ def test_resume_gives_the_same_losses_as_uninterrupted(small_cfg, tmp_path):
                 continue
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
     # the EMA weights carried over too, and evaluation loads them
-    import torch
 
     from mm.checkpoint import load_tensors
     from mm.load import load_run
@@ -204,7 +196,6 @@ def test_resume_auto_starts_fresh_then_skips_a_checkpoint_cut_off_mid_write(smal
 def test_next_stage_starts_from_the_previous_one_and_references_frozen_weights(small_cfg, tmp_path):
     """Stage 2 freezes the LLM it got from stage 1 (train.init_from): its checkpoints hold no LLM weights,
     yet load_model_weights returns them (from stage 1's checkpoint)."""
-    import torch
 
     from mm.checkpoint import load_model_weights, load_tensors
     from mm.config import ParamGroupConfig
