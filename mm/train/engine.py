@@ -442,16 +442,20 @@ class ShardedEMA:
     EMA untouched without a host sync.
     """
 
-    def __init__(self, engine: Engine, decay: float):
-        self.engine, self.decay = engine, decay
+    def __init__(self, engine: Engine, decay: float, warmup: bool = True):
+        self.engine, self.decay, self.warmup = engine, decay, warmup
         self.names = [n for n, _ in engine.trainable]
         self.shards = [s.detach().float().clone() for s in engine.local_shards()]
 
+    def decay_at(self, step: int) -> float:
+        """The decay of the update made at optimizer step ``step`` (0-based; a host number, no sync)."""
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self, applied: torch.Tensor) -> None:
+    def update(self, applied: torch.Tensor, step: int) -> None:
         if not self.shards:
             return
-        weight = (1.0 - self.decay) * applied.to(self.shards[0].device, torch.float32)
+        weight = (1.0 - self.decay_at(step)) * applied.to(self.shards[0].device, torch.float32)
         current = self.engine.local_shards()
         if all(c.dtype == torch.float32 for c in current):
             torch._foreach_lerp_(self.shards, current, weight)

@@ -117,7 +117,7 @@ class Trainer:
         self.losses = tuple(model.loss_weights())  # text, then each image head's losses
         engine = engine_class(cfg.engine.kind)
         self.engine: Engine = engine(model, self.stage.groups, t, cfg.engine, env, self.precision)
-        self.ema = ShardedEMA(self.engine, t.ema_decay) if t.ema_decay > 0 else None
+        self.ema = ShardedEMA(self.engine, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
         self.step, self.nonfinite_total = 0, 0
         self.nonfinite_run = torch.zeros((), dtype=torch.float64, device=self.device)
         if ckpt is not None:
@@ -206,7 +206,7 @@ class Trainer:
             if (ckpt / "ema.safetensors").is_file():
                 self.ema.load(load_tensors(ckpt / "ema.safetensors"))  # full tensors: sliced for this layout
             else:  # EMA switched on at this resume: it starts at the current weights
-                self.ema = ShardedEMA(self.engine, self.cfg.train.ema_decay)
+                self.ema = ShardedEMA(self.engine, self.cfg.train.ema_decay, self.cfg.train.ema_warmup)
         old_world = len(meta["loaders"])
         rng = torch.load(ckpt / f"rng_rank{self.rank % old_world}.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
@@ -257,7 +257,7 @@ class Trainer:
             step_local += torch.stack([*parts, loss.detach()]).double()
         result = self.engine.step()
         if self.ema is not None:
-            self.ema.update(result.applied)
+            self.ema.update(result.applied, self.step)
         self.step += 1
 
         applied = result.applied.to(self.device)
