@@ -56,6 +56,10 @@ class FlowHeadConfig:
     repa_weight: float = 1.0
     repa_hidden: int = 256
     loss_weight: float = 1.0
+    # the image's tokens see each other (as Transfusion and BAGEL do) instead of only earlier ones (JanusFlow):
+    # every slot of a layout then reads every other while they are drawn together, which prompts about several
+    # objects need (counts, relations)
+    full_attention: bool = False
 
     def __post_init__(self) -> None:
         self.autoencoder.fill_shapes()  # channels and downsampling from the autoencoder's folder
@@ -100,7 +104,9 @@ class FlowHead(ImageHead):
         object.__setattr__(self, "codec", codec)  # not a child: its modules are registered above
         # REPA's projector exists only when REPA trains (a released JanusFlow holds none)
         self.repa_proj = mlp([d, cfg.repa_hidden, cfg.repa_hidden, ctx.und_width]) if cfg.repa_weight > 0 else None
-        self.template = ImageTemplate(name, ae.image_size, ae.image_channels, (self.grid**2,), begin="bog")
+        self.template = ImageTemplate(
+            name, ae.image_size, ae.image_channels, (self.grid**2,), full_blocks=cfg.full_attention, begin="bog"
+        )
 
     @property
     def grid(self) -> int:
@@ -216,7 +222,8 @@ class FlowHead(ImageHead):
     ) -> torch.Tensor:
         """Text -> [0,1] images with the Euler sampler and classifier-free guidance.
 
-        The prompt prefix (conditional and unconditional rows together) runs through the LLM once;
+        The prompt prefix (conditional and unconditional rows together; at ``cfg_scale`` 1 only the
+        conditional ones, whose velocity is then the guided one) runs through the LLM once;
         each step feeds only the time token and the latent tokens against that KV cache without
         extending it. ``use_cache=False`` recomputes the whole sequence every step (the reference the
         cached path is tested against).
@@ -227,7 +234,9 @@ class FlowHead(ImageHead):
             raise ValueError(f"flow sampling needs steps >= 1, got {steps}")
         dev, n, m = host.device, len(prompts), self.grid**2
         cond = [image_generation_sample(self.vocab, self.template, None, p) for p in prompts]
-        batch = left_padded(cond + unconditional(cond, self.vocab.pad), self.vocab.pad).to(dev)
+        guided = cfg_scale != 1.0  # w = 1 is the conditional velocity alone: no unconditional rows to run
+        rows = cond + unconditional(cond, self.vocab.pad) if guided else cond
+        batch = left_padded(rows, self.vocab.pad).to(dev)
         ids, pos, kinds = batch.input_ids, batch.position_ids, batch.token_kinds
         prefix = ids.shape[1] - (m + 1)  # everything before <begin_of_generation>
         spec = batch.attention()
@@ -240,10 +249,12 @@ class FlowHead(ImageHead):
             host.decode(text_embeds[:, :prefix], pos[:, :prefix], AttentionSpec.packed(batch.sample_ids[:, :prefix]),
                         kinds[:, :prefix], cache=cache)  # fmt: skip
             sid, q_idx = batch.sample_ids[:, prefix:], spec.q_index[:, prefix:]
-            step_spec = AttentionSpec(sid, sid, q_idx, q_idx)  # the step's tokens read the prefix, are not kept
+            blocks = None if spec.q_blocks is None else spec.q_blocks[:, prefix:]
+            # the step's tokens read the prefix, are not kept
+            step_spec = AttentionSpec(sid, sid, q_idx, q_idx, blocks, blocks)
 
         def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            z2, t2 = torch.cat([z, z]), torch.cat([t, t]).to(dev)
+            z2, t2 = (torch.cat([z, z]), torch.cat([t, t]).to(dev)) if guided else (z, t.to(dev))
             embeds, skip, temb = self.embed_latents(text_embeds, z2, t2, gen_mask, time_mask, inputs)
             if use_cache:
                 h = host.decode(embeds[:, prefix:], pos[:, prefix:], step_spec, kinds[:, prefix:], cache=cache,
@@ -251,7 +262,7 @@ class FlowHead(ImageHead):
             else:
                 h = host.decode(embeds, pos, spec, kinds).last_hidden_state[:, prefix:]
             v = self.codec.velocity(h[:, 1:], skip, temb)  # h[:, 0] is the time token
-            return cfg_combine(v[:n], v[n:], cfg_scale)
+            return cfg_combine(v[:n], v[n:], cfg_scale) if guided else v
 
         if noise is None:
             noise = torch.randn((n, *self.latent_shape), generator=generator)
