@@ -107,7 +107,7 @@ def test_export_then_auto_classes_give_identical_logits_and_images(tiny_run, rel
     img_b = hf.generate_images(["draw the digit 3", "draw the digit 8"], generator=torch.Generator().manual_seed(7))
     assert torch.equal(img_a, img_b)
     card = (release / "README.md").read_text()
-    assert "## Training summary" in card and "ema_decay: 0.5" in card and "steps 30, cfg_scale 1.2" in card
+    assert "## Training summary" in card and "ema_decay: 0.5" in card and "steps 60, cfg_scale 1.0" in card
 
 
 def test_release_is_self_contained_when_parts_came_from_local_weights(tmp_path, vocab):

@@ -25,10 +25,10 @@ def test_default_training_reaches_the_floors(tmp_path):
     assert res["digits_vqa"]["accuracy"] >= 0.95
     t2i = res["digits_t2i"]
     assert t2i["classifier_accuracy"] >= 0.95
-    assert t2i["fd_real_floor"] < t2i["fd"] <= 2 * t2i["fd_real_floor"]  # sharp: within 2x the real-vs-real floor
-    # issue 15 asks for 0.9x the real digits' diversity; CFG 1.2 reaches 0.86x (CFG 2: 0.72x, CFG 1.0: 0.91x but the
-    # judge's accuracy falls to 0.938): this pins the gain, not the goal
-    assert t2i["diversity"] >= 0.8 * t2i["real_diversity"]
+    # sharp: within 2x the real-vs-real floor (measured 0.69 against a floor of 0.69: two finite samples of one
+    # distribution, so no lower bound)
+    assert t2i["fd"] <= 2 * t2i["fd_real_floor"]
+    assert t2i["diversity"] >= 0.9 * t2i["real_diversity"]  # measured 0.150 against 0.165 (0.91x)
 
 
 @pytest.mark.slow
@@ -52,4 +52,5 @@ def test_generalist_recipe_reaches_the_floors(tmp_path):
         assert mme[f"mme_{category}_acc_plus"] >= 0.6, category
     assert res["digits_t2i"]["classifier_accuracy"] >= 0.90
     geneval = res["digits_geneval"]
-    assert geneval["geneval_overall"] >= 0.4 and geneval["geneval_two_object"] >= 0.4  # measured 0.444, 0.425
+    # measured at CFG 3: overall 0.484, two objects 0.538 (issue 15's 0.5 reached), counting 0.288, position 0.125
+    assert geneval["geneval_overall"] >= 0.45 and geneval["geneval_two_object"] >= 0.5
