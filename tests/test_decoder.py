@@ -92,5 +92,16 @@ def test_unsupported_decoder_is_named():
         check_decoder(torch.nn.Module())
 
 
+def test_sliding_window_layers_are_refused_with_the_fix():
+    """Qwen2 with use_sliding_window: our loop would attend beyond the window, so it refuses and names the key."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    common = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, sliding_window=8, max_window_layers=1)  # fmt: skip
+    with pytest.raises(NotImplementedError, match=r"use_sliding_window=True \(sliding_window=8\).*set use_sliding_w"):
+        check_decoder(Qwen2Model(Qwen2Config(use_sliding_window=True, **common)))
+    check_decoder(Qwen2Model(Qwen2Config(use_sliding_window=False, **common)))  # the same model without it runs
+
+
 def test_every_listed_backend_is_a_function():
     assert set(CPU_BACKENDS) <= set(ATTENTION_BACKENDS) and {"flex", "flash_attention_2"} <= set(ATTENTION_BACKENDS)

@@ -107,7 +107,13 @@ def check_decoder(decoder: nn.Module) -> None:
             obj = getattr(obj, part)
     window = getattr(decoder.config, "sliding_window", None)
     if getattr(decoder.config, "use_sliding_window", False) and window:
-        raise NotImplementedError("sliding-window attention layers are not supported by the decoder loop")
+        # a refusal, not a stub: every attention backend here (sdpa masks, flex, flash varlen, the KV cache) sees
+        # whole samples; a window would be one more per-layer term in AttentionSpec (README, Known limits)
+        raise NotImplementedError(
+            f"{type(decoder).__name__}: use_sliding_window=True (sliding_window={window}) is not supported by the "
+            "decoder loop, which attends over whole samples; set use_sliding_window=false in the LLM config "
+            "(Qwen2 checkpoints train and run with full attention) or use a model without sliding-window layers"
+        )
 
 
 def _rotary_fn(attn: nn.Module):
