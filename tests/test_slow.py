@@ -53,4 +53,15 @@ def test_generalist_recipe_reaches_the_floors(tmp_path):
     assert res["digits_t2i"]["classifier_accuracy"] >= 0.90
     geneval = res["digits_geneval"]
     # measured at CFG 3: overall 0.484, two objects 0.538 (issue 15's 0.5 reached), counting 0.288, position 0.125
+    # (the recipe's sampler draws every slot together)
     assert geneval["geneval_overall"] >= 0.45 and geneval["geneval_two_object"] >= 0.5
+    # the Diffusion Forcing tail (configs/tiny_generalist_df.yaml, 2000 more steps, ~5 min; over the 30-minute
+    # budget): measured GenEval 0.544 with counting 0.6375 above its floor, every understanding floor kept
+    res = _train_and_eval(tmp_path / "tiny_generalist_df", "--config", "configs/tiny_generalist_df.yaml",
+                          f"train.init_from={run}")  # fmt: skip
+    assert res["digits_vqa"]["accuracy"] >= 0.95 and res["digits_mcq"]["circular_accuracy"] >= 0.70
+    assert min(res[f"digits_pope_{s}"]["pope_accuracy"] for s in ("random", "popular", "adversarial")) >= 0.85
+    assert min(res["digits_mme"][f"mme_{c}_acc_plus"] for c in ("existence", "count", "position", "recognition")) >= 0.6
+    assert res["digits_t2i"]["classifier_accuracy"] >= 0.90
+    geneval = res["digits_geneval"]
+    assert geneval["geneval_counting"] >= 0.5 and geneval["geneval_overall"] >= 0.5

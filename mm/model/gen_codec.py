@@ -69,6 +69,11 @@ class GenCodecConfig:
                                   f"in_kernel >= patch_size (got {self.in_kernel})")  # fmt: skip
 
 
+def time_token(temb: torch.Tensor) -> torch.Tensor:
+    """The embedding at <begin_of_generation>: the image's, or with one time per slot their mean over the grid."""
+    return temb if temb.ndim == 2 else temb.mean(dim=(1, 2))
+
+
 def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
     """[cos | sin] of t*1000 at ``dim/2`` geometric frequencies (diffusers' Timesteps, flip_sin_to_cos)."""
     half = dim // 2
@@ -120,7 +125,8 @@ class ConvNeXtFiLMBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h = self.norm(rearrange(self.dwconv(x), "n c h w -> n h w c"))
-        scale, shift = self.film(cond)[:, None, None, :].chunk(2, dim=-1)
+        film = self.film(cond)  # cond [N, D] (one time per image) or [N, h, w, D] (one per slot)
+        scale, shift = (film[:, None, None, :] if film.ndim == 2 else film).chunk(2, dim=-1)
         h = h * (1 + scale) + shift
         h = self.fc2(self.grn(self.act(self.fc1(h))))
         return x + rearrange(h, "n h w c -> n c h w")
@@ -176,11 +182,13 @@ class GenDecoder(nn.Module):
 class GenCodec(nn.Module, ABC):
     """A codec kind: its children are the flow head's parts (registered there under the same names).
 
-    ``embed(z_t, t) -> (tokens [N, g*g, D], time token [N, D], skip)``;
-    ``velocity(hidden [N, g*g, D], skip, time token) -> [N, C, h, w]``.
+    ``embed(z_t, t) -> (tokens [N, g*g, D], time embedding, skip)``;
+    ``velocity(hidden [N, g*g, D], skip, time embedding) -> [N, C, h, w]``. The time embedding is [N, D]
+    for times [N]; a kind with ``SLOT_TIMES`` also takes times [N, g*g] (one per slot) and returns [N, g, g, D].
     """
 
     PART_NAMES: ClassVar[tuple[str, ...]]
+    SLOT_TIMES: ClassVar[bool] = False  # takes one time per slot (Diffusion Forcing)
 
     def __init__(self, cfg: GenCodecConfig, latent_channels: int, llm_width: int):
         super().__init__()
@@ -210,6 +218,7 @@ class ConvNeXtCodec(GenCodec):
     """Ours (the tiny default): a separate time embedding, ConvNeXt-v2 encoder/decoder with FiLM."""
 
     PART_NAMES = ("time_embed", "gen_encoder", "gen_decoder")
+    SLOT_TIMES = True  # FiLM is per position: each slot can carry its own time
 
     def __init__(self, cfg: GenCodecConfig, latent_channels: int, llm_width: int):
         super().__init__(cfg, latent_channels, llm_width)
@@ -218,7 +227,11 @@ class ConvNeXtCodec(GenCodec):
         self.gen_decoder = GenDecoder(cfg, latent_channels, llm_width)
 
     def embed(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        temb = self.time_embed(t)
+        if t.ndim == 2:  # one time per slot: [N, g*g] -> FiLM conditions [N, g, g, D]
+            g = math.isqrt(t.shape[1])
+            temb = self.time_embed(t.flatten()).view(t.shape[0], g, g, -1)
+        else:
+            temb = self.time_embed(t)
         tokens, skip = self.gen_encoder(z_t, temb)
         return tokens, temb, skip
 
