@@ -59,22 +59,11 @@ def staggered_times(steps: int, slots: int, stagger: float) -> torch.Tensor:
     """[K+1, slots] times of a staggered schedule: slot k runs from 0 to 1 in one unit, starting ``stagger * k``
     units after slot 0 (0: all together, the plain sampler; 1: one slot after another). The span is cut into
     K = ceil(steps * span) equal Euler steps, so every slot moves over about ``steps`` of them."""
-    span = stagger_span(slots, stagger)
-    k = math.ceil(steps * span - 1e-9)
-    return times_at(torch.linspace(0.0, span, k + 1, dtype=torch.float64), slots, stagger).float()
-
-
-def stagger_span(slots: int, stagger: float) -> float:
-    """Length of a staggered schedule in units of one slot's run (:func:`staggered_times`)."""
     if not 0.0 <= stagger <= 1.0:
         raise ValueError(f"stagger={stagger} must be in [0, 1]")
-    return 1.0 + stagger * (slots - 1)
-
-
-def times_at(tau: torch.Tensor, slots: int, stagger: float) -> torch.Tensor:
-    """The slots' times [..., slots] at points ``tau`` [...] of a staggered schedule (0 <= tau <= span)."""
-    offsets = stagger * torch.arange(slots, dtype=tau.dtype, device=tau.device)
-    return (tau[..., None] - offsets).clamp(0.0, 1.0)
+    span = 1.0 + stagger * (slots - 1)
+    tau = torch.linspace(0.0, span, math.ceil(steps * span - 1e-9) + 1, dtype=torch.float64)
+    return (tau[:, None] - stagger * torch.arange(slots, dtype=torch.float64)).clamp(0.0, 1.0).float()
 
 
 def euler_sample_slots(
