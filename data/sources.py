@@ -11,7 +11,8 @@ Shard layouts the bundled kinds read (``make_shards.py`` writes them):
 
 * ``generation``: one image (``jpg``/``png``/``webp``...) + caption (``txt``, or ``caption``
   in ``json``) -> prompt -> image sample in the layout of the model's first image head;
-  ``generation:<head>`` (``generation:nextfreq``, ...) names the head that trains on it;
+  ``generation:<head>`` (``generation:nextfreq``, ...) names the head that trains on it; with
+  ``options.plan`` a ``plan.txt`` member is text the model learns to write before the image;
 * ``conversation``: ``json`` with a LLaVA/InternVL ``conversations`` list (``from``/``value``
   or ``role``/``content``; ``human``/``user`` and ``gpt``/``assistant``), ``<image>`` markers
   in user turns, images as ``jpg`` or ``0.jpg``, ``1.jpg``, ... in marker order; loss on
@@ -123,6 +124,9 @@ def image_members(raw: dict) -> list[bytes]:
 @dataclass
 class GenerationOptions:
     head: str = ""  # the image head that trains on these samples; "" = the model's first
+    # read each sample's plan (``plan.txt``): text the model learns to write before it draws (the head's
+    # plan_tokens bounds it); a sample without one teaches it to draw at once. False: plans are not read
+    plan: bool = False
 
 
 def build_generation(raw: dict, ctx: BuildContext, options: GenerationOptions) -> list[Sample]:
@@ -142,8 +146,16 @@ def build_generation(raw: dict, ctx: BuildContext, options: GenerationOptions) -
             f"source kind generation:{head}: the model has no {head!r} head (it has {list(s.gen_templates)})"
         )
     t = s.gen_templates[head]
+    plan = None
+    if options.plan:
+        if not t.plan_tokens:
+            raise ValueError(f"source kind generation with options.plan: the {head!r} head writes no plan "
+                             f"(set model.heads.{head}.plan_tokens)")  # fmt: skip
+        plan = (_text(raw, "plan.txt") or "").strip()
+        if len(ctx.vocab.encode(plan)) > t.plan_tokens:
+            raise BadSample("plan_too_long", f"{len(ctx.vocab.encode(plan))} tokens > plan_tokens={t.plan_tokens}")
     image = load_image(images[0], generation_preprocess(t.image_size, t.image_channels), ctx.max_pixels)
-    return [image_generation_sample(ctx.vocab, t, image, caption.strip(), key=raw["__key__"])]
+    return [image_generation_sample(ctx.vocab, t, image, caption.strip(), key=raw["__key__"], plan=plan)]
 
 
 ROLES = {"human": ROLE_USER, "user": ROLE_USER, "gpt": ROLE_ASSISTANT, "assistant": ROLE_ASSISTANT}

@@ -394,7 +394,7 @@ def wrap(unified: UnifiedModel, model_cfg: ModelConfig) -> UnifiedMMModel:
 
 
 # Recipe keys that are sampler arguments of ``UnifiedModel.generate`` (the rest describe the recipe).
-SAMPLER_KEYS = ("steps", "cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p")
+SAMPLER_KEYS = ("steps", "cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "plan_temperature")
 
 
 def sampler_kwargs(recipe: dict) -> dict:

@@ -168,7 +168,10 @@ def load_run_model(
     return LoadedModel(model, processor, cfg, source)
 
 
-RELEASE_OVERRIDES = {"model.heads.flow.sample_steps": (int, 1), "model.heads.flow.cfg_scale": (float, 0.0)}
+RELEASE_OVERRIDES = {
+    "model.heads.flow.sample_steps": (int, 1), "model.heads.flow.cfg_scale": (float, 0.0),
+    "model.heads.flow.plan_temperature": (float, 0.0),
+}  # fmt: skip
 
 
 def check_release(folder: Path, overrides: list[str] | None = None) -> EvalConfig:

@@ -10,7 +10,8 @@ Generation sample (prompt -> image), in the layout its image head's :class:`Imag
 
 (the flow head: ``<begin_of_generation>``'s slot carries the flow time embedding, JanusFlow's time
 token, and the M placeholders the generation encoder's latent tokens; code heads open with
-``<begin_of_image>`` and close the image).
+``<begin_of_image>`` and close the image). A head with ``plan_tokens`` has the model write a plan first:
+``... <|assistant|> plan <begin_of_generation> ...`` (:class:`ImageTemplate`).
 Targets are next-token ids at positions whose next token is part of the answer
 (answer + <eos>); everything else is IGNORE. Tokenizers only ever load from a
 local directory: nothing comes from a hub.
@@ -272,6 +273,11 @@ class ImageTemplate:
     unconditional row). ``blocks`` are the token counts of the image's successive blocks (NFIG: one per stage);
     with ``full_blocks`` the tokens of one block see each other (block-causal attention), else every image
     token is an ordinary causal token.
+
+    A *plan* is text the model writes before it draws (BAGEL's thinking before generating; here a layout):
+    ``... prompt <|assistant|> plan begin <gen_placeholder>*...``. Its tokens, and the begin token after
+    them, are next-token targets; they are part of the prompt for classifier-free guidance (dropped with
+    it), so the guided velocity follows the plan. An empty plan teaches the model to draw at once.
     """
 
     head: str
@@ -283,35 +289,58 @@ class ImageTemplate:
     end: bool = False  # close the image with <end_of_image>
     prompt_format: str = ""  # the head's own prompt text around "{prompt}"; "" = the vocab's chat layout
     bos_token: str = ""  # with prompt_format: the token before it ("" = the vocab's bos)
+    plan_tokens: int = 0  # the most text tokens the model writes between the prompt and the image (0: none)
 
     @property
     def image_tokens(self) -> int:
         return sum(self.blocks)
 
 
-def image_generation_sample(
-    vocab: Vocab, template: ImageTemplate, image: torch.Tensor | None, prompt: str, key: str = ""
-) -> Sample:
-    """Prompt -> image in ``template``'s layout; ``image=None`` builds the inference sequence (slots unfilled)."""
+def generation_prompt(vocab: Vocab, template: ImageTemplate, prompt: str) -> tuple[list[int], list[bool]]:
+    """The ids before a generation sample's plan and begin token, and which of them are the prompt (CFG)."""
     if template.begin not in ("bog", "boi"):
         raise ValueError(f"ImageTemplate.begin={template.begin!r}; known: bog, boi")
     t = template
-    begin = getattr(vocab, t.begin)
     if t.prompt_format:
         bos = vocab.tokenizer.convert_tokens_to_ids(t.bos_token) if t.bos_token else vocab.bos
         text = vocab.encode(t.prompt_format.format(prompt=prompt))
         first = [] if bos is None else [bos]
-        head_ids, prompt_mask = first + text + [begin], [False] * len(first) + [True] * len(text) + [False]
-    elif vocab.chat:
+        return first + text, [False] * len(first) + [True] * len(text)
+    if vocab.chat:
         literals, _ = vocab.turn_literals(1, generation_prompt=True)
         before, text, after = vocab.encode(literals[0]), vocab.encode(prompt), vocab.encode(literals[1])
-        head_ids = before + text + after + [begin]
-        prompt_mask = [False] * len(before) + [True] * len(text) + [False] * (len(after) + 1)
-    else:
-        text = vocab.encode(prompt)
-        head_ids = vocab.prefix + [vocab.user] + text + [vocab.assistant, begin]
-        prompt_mask = [False] * (len(vocab.prefix) + 1) + [True] * len(text) + [False] * 2
-    return _image_sample(vocab, t.head, t.blocks, t.full_blocks, head_ids, prompt_mask, t.end, image, key)
+        return before + text + after, [False] * len(before) + [True] * len(text) + [False] * len(after)
+    text = vocab.encode(prompt)
+    ids = vocab.prefix + [vocab.user] + text + [vocab.assistant]
+    return ids, [False] * (len(vocab.prefix) + 1) + [True] * len(text) + [False]
+
+
+def image_generation_sample(
+    vocab: Vocab,
+    template: ImageTemplate,
+    image: torch.Tensor | None,
+    prompt: str,
+    key: str = "",
+    plan: str | None = None,
+) -> Sample:
+    """Prompt -> image in ``template``'s layout; ``image=None`` builds the inference sequence (slots unfilled).
+
+    ``plan``: the text the model writes before the image (``""``: none, it learns to draw at once), supervised
+    up to the begin token; ``None``: no text targets (a template without plans)."""
+    t = template
+    head_ids, prompt_mask = generation_prompt(vocab, t, prompt)
+    plan_ids = vocab.encode(plan) if plan else []
+    if plan is not None and len(plan_ids) > t.plan_tokens:
+        raise ValueError(f"a plan of {len(plan_ids)} tokens; the {t.head!r} head writes at most {t.plan_tokens} "
+                         f"(its plan_tokens): {plan!r}")  # fmt: skip
+    written = len(head_ids)  # the plan and the begin token are what the model writes
+    head_ids = head_ids + plan_ids + [getattr(vocab, t.begin)]
+    prompt_mask = prompt_mask + [True] * len(plan_ids) + [False]
+    s = _image_sample(vocab, t.head, t.blocks, t.full_blocks, head_ids, prompt_mask, t.end, image, key)
+    if plan is not None:
+        for i in range(written - 1, len(head_ids) - 1):  # logits at i predict token i + 1
+            s.targets[i] = head_ids[i + 1]
+    return s
 
 
 def _image_sample(

@@ -24,6 +24,7 @@ from data.bundled.generalist import (
     LIST_QUESTION,
     MULTI_QUESTION,
     ORDINALS,
+    PLAN_BLANK,
     SAMPLES,
     Generator,
     build_generalist_shards,
@@ -80,7 +81,8 @@ def test_training_prompts_are_the_benchmarks_prompts(eval_prompts):
 def test_tokenizer_knows_every_word_and_keeps_letters(gvocab, eval_prompts):
     unk = gvocab.tokenizer.unk_token_id
     texts = eval_prompts + generalist_texts() + [q + " " + a for _, turns in _records(50) for q, a in turns]
-    texts += [Generator(seed=1).gen_canvas()[1] for _ in range(200)]
+    gen = Generator(seed=1)
+    texts += [t for _ in range(200) for t in gen.gen_canvas()[1:]]  # prompts and layout plans
     assert not [t for t in texts if unk in gvocab.encode(t)]
     assert [gvocab.decode(gvocab.encode(x)) for x in ("A", "B", "C", "D", "yes", "no")] == ["A", "B", "C", "D", "yes",
                                                                                              "no"]  # fmt: skip
@@ -102,8 +104,14 @@ def test_images_come_from_the_training_split_only():
         assert canvas.shape == (32, 32) and slots(canvas) and all(s in train and s not in held for s in slots(canvas))
         digit, _ = gen.gen_single()
         assert digit.tobytes() in train
-        canvas, _ = gen.gen_canvas()
+        canvas, _, plan = gen.gen_canvas()
         assert len(slots(canvas)) >= 2 and all(s in train for s in slots(canvas))
+        # the plan names each slot's digit, in reading order, and nothing where the slot is empty
+        pool = digit_pool("train")
+        for word, (y, x) in zip(plan.split(" "), [(y, x) for y in SLOTS for x in SLOTS], strict=True):
+            patch = canvas[y : y + 8, x : x + 8]
+            assert (word == PLAN_BLANK) == (not patch.any())
+            assert word == PLAN_BLANK or any(np.array_equal(patch, d) for d in pool[int(word)])
 
 
 def test_generation_targets_keep_digits_and_slots():

@@ -102,8 +102,8 @@ def test_a_generation_rerun_clears_its_image_folder(tmp_path, monkeypatch):
         "doc_to_text: prompt\nprocess_results: !function gen_utils.process_results\nmetric_list:\n  - metric: score\n"
     )
     monkeypatch.setattr(harness, "sampling_recipe", lambda model, kw: {"head": "stub"})
-    monkeypatch.setattr(harness, "generate_all", lambda model, prompts, k, *a, **kw: [
-        [np.full((1, 8, 8), 0.5, np.float32)] * k for _ in prompts])  # fmt: skip
+    monkeypatch.setattr(harness, "generate_all", lambda model, prompts, k, *a, **kw: (
+        [[np.full((1, 8, 8), 0.5, np.float32)] * k for _ in prompts], [[] for _ in prompts]))  # fmt: skip
     out = tmp_path / "eval"
     loaded = Loaded({"run": "runs/x", "step": 1})
     for limit in (5, 2):

@@ -287,15 +287,20 @@ def geneval_metadata(seed: int = 0, per_tag: int = 20) -> list[dict]:
     return out
 
 
-def render_geneval(metadata: dict, sampler: Sampler) -> np.ndarray:
-    """A real canvas that satisfies one GenEval prompt (the judge's ceiling)."""
+def geneval_layout(metadata: dict, sampler: Sampler) -> tuple[list[int], list[tuple[int, int]]]:
+    """A layout that satisfies one GenEval prompt: its digits and their slots (row, column), drawn at random."""
     inc = metadata["include"]
     if metadata["tag"] == "position":
         rel = inc[1]["position"][0]
         sa, sb = relation_slots(rel, sampler.rng)
-        return sampler.canvas([int(inc[1]["class"]), int(inc[0]["class"])], [sa, sb])
+        return [int(inc[1]["class"]), int(inc[0]["class"])], [sa, sb]
     labels = [int(r["class"]) for r in inc for _ in range(r["count"])]
-    return sampler.canvas(labels)
+    return labels, sampler.slots(len(labels))
+
+
+def render_geneval(metadata: dict, sampler: Sampler) -> np.ndarray:
+    """A real canvas that satisfies one GenEval prompt (the judge's ceiling)."""
+    return sampler.canvas(*geneval_layout(metadata, sampler))
 
 
 def build_geneval(seed: int = 0) -> dict[str, list[dict]]:

@@ -55,8 +55,8 @@ from data.bundled.benchmark import (
     Sampler,
     bench_texts,
     class_similarity_order,
+    geneval_layout,
     relation_slots,
-    render_geneval,
 )
 from data.bundled.digits import DIGIT_NAMES, PROMPTS, QUESTIONS, all_texts
 from data.bundled.longctx import album_prompt
@@ -67,12 +67,13 @@ ORDINALS = ("first", "second", "third")
 MULTI_QUESTION = "What digit is the {nth} image?"
 LIST_QUESTION = "What digits are in the image?"  # not a benchmark form: every slot's digit, in reading order
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+PLAN_BLANK = "."  # an empty slot in a layout plan (a word the tokenizer has)
 SIZE = 33  # the recipe's image size: a 3x3 grid of 11 px patches, one canvas slot per patch
 SAMPLES = {"und_single": 15000, "und_canvas": 50000, "und_multi": 5000, "gen_single": 15000, "gen_canvas": 40000}
 SHARDS_PER_SOURCE = 4
 SCHEMA = (
-    "generalist-v4: 33 px, canvas lists, raw understanding images; und_single, und_canvas, und_multi "
-    "(conversation), gen_single, gen_canvas (generation)"
+    "generalist-v5: 33 px, canvas lists, raw understanding images; und_single, und_canvas, und_multi "
+    "(conversation), gen_single, gen_canvas (generation, layout plans)"
 )
 SCHEMA_FILE = "SCHEMA"
 
@@ -197,7 +198,8 @@ class Generator:
         prompt = PROMPTS[int(self.rng.integers(len(PROMPTS)))].format(d=d, name=DIGIT_NAMES[d])
         return self.s.digit(d), prompt
 
-    def gen_canvas(self) -> tuple[np.ndarray, str]:
+    def gen_canvas(self) -> tuple[np.ndarray, str, str]:
+        """A canvas, its prompt, and its layout plan (:func:`slot_plan`)."""
         tag = ("two_object", "counting", "position")[int(self.rng.integers(3))]
         a, b = [int(d) for d in self.rng.choice(10, size=2, replace=False)]
         if tag == "two_object":
@@ -212,7 +214,18 @@ class Generator:
             meta = {"tag": tag, "include": [{"class": str(b), "count": 1}, {"class": str(a), "count": 1,
                                                                           "position": [rel, 0]}]}  # fmt: skip
             prompt = GENEVAL_PROMPTS[tag].format(a=a, rel=rel, b=b)
-        return render_geneval(meta, self.s), prompt
+        labels, slots = geneval_layout(meta, self.s)
+        return self.s.canvas(labels, slots), prompt, slot_plan(labels, slots)
+
+
+def slot_plan(labels: list[int], slots: list[tuple[int, int]]) -> str:
+    """A canvas layout as the text the model writes before drawing it: the 3x3 slots in reading order, each its
+    digit or :data:`PLAN_BLANK` (". 3 . . . . . 7 ." = a 3 top middle, a 7 bottom middle). One word per slot: the
+    image token that draws slot k reads word k, always the same distance back."""
+    words = [PLAN_BLANK] * 9
+    for d, (r, c) in zip(labels, slots):
+        words[3 * r + c] = str(d)
+    return " ".join(words)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -239,8 +252,10 @@ def _conversation_sample(key: str, images: list[np.ndarray], turns: list[Turn]) 
     return sample
 
 
-def _generation_sample(key: str, image: np.ndarray, prompt: str) -> dict:
-    return {"__key__": key, "png": _png(for_generation(image)), "txt": prompt}
+def _generation_sample(key: str, image: np.ndarray, prompt: str, plan: str = "") -> dict:
+    """A generation sample; ``plan`` (a canvas's layout) goes in ``plan.txt``, read by sources with options.plan."""
+    sample = {"__key__": key, "png": _png(for_generation(image)), "txt": prompt}
+    return sample | ({"plan.txt": plan} if plan else {})
 
 
 def source_builders(gen: Generator) -> dict[str, Callable[[str], dict]]:

@@ -148,18 +148,27 @@ def sampling_recipe(model, gen_kwargs: dict) -> dict:
 
 
 def generate_all(model, prompts: list[str], per_prompt: int, recipe: dict, seed: int, batch_size: int,
-                 desc: str = "generate") -> list[list[np.ndarray]]:  # fmt: skip
-    """``per_prompt`` images ([C,H,W] floats in [0,1]) for each prompt, seeded, batched, with ``recipe``'s head."""
+                 desc: str = "generate") -> tuple[list[list[np.ndarray]], list[list[str]]]:  # fmt: skip
+    """``per_prompt`` images ([C,H,W] floats in [0,1]) for each prompt, seeded, batched, with ``recipe``'s head;
+    and the plan the model wrote before each (none where the head writes no plans)."""
     flat = [i for i in range(len(prompts)) for _ in range(per_prompt)]
     gen = torch.Generator().manual_seed(seed)
     out: list[list[np.ndarray]] = [[] for _ in prompts]
+    plans: list[list[str]] = [[] for _ in prompts]
+    planned = bool(model.head(recipe.get("head")).template.plan_tokens)
     chunks = [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
     with torch.no_grad():
         for chunk in tqdm(chunks, desc=desc, unit="batch", dynamic_ncols=True):
-            images = model.generate([prompts[i] for i in chunk], generator=gen, **sampler_kwargs(recipe))
+            kwargs = sampler_kwargs(recipe)
+            if planned:  # written here (as generate would) to be reported beside the images
+                temperature = kwargs.pop("plan_temperature", 0.0)
+                kwargs["plans"] = model.plan([prompts[i] for i in chunk], recipe.get("head"), temperature, gen)
+                for i, plan in zip(chunk, kwargs["plans"]):
+                    plans[i].append(plan)
+            images = model.generate([prompts[i] for i in chunk], generator=gen, **kwargs)
             for i, img in zip(chunk, images.float().cpu().numpy()):
                 out[i].append(img)
-    return out
+    return out, plans
 
 
 # ---------------------------------------------------------------------------------
@@ -240,7 +249,7 @@ def run_task(task: TaskConfig, loaded, eval_cfg: EvalConfig, out_dir: Path) -> t
     else:
         per_prompt = eval_cfg.images_per_prompt or int(gen_kwargs.get("images_per_prompt", 1))
         sampling = sampling_recipe(model, gen_kwargs)
-        images = generate_all(model, prompts, per_prompt, sampling, seed, eval_cfg.batch_size, desc=task.task)
+        images, plans = generate_all(model, prompts, per_prompt, sampling, seed, eval_cfg.batch_size, task.task)
         layout = out_dir / task.task
         meta = [json.loads(d["metadata"]) if "metadata" in d else {"prompt": p} for d, p in zip(docs, prompts)]
         clear_image_folder(layout)  # a smaller rerun must not leave the previous run's extra prompts behind
@@ -254,6 +263,7 @@ def run_task(task: TaskConfig, loaded, eval_cfg: EvalConfig, out_dir: Path) -> t
             ]
             samples.append(
                 {"doc_id": i, "prompt": p, "target": _jsonable(t), "images": paths, "results": _jsonable(res)}
+                | ({"plans": plans[i]} if plans[i] else {})
             )
     ctx = EvalContext(task.task, out_dir, eval_cfg, seed)
     metrics = aggregate(task, per_doc, ctx)
@@ -264,7 +274,7 @@ def run_task(task: TaskConfig, loaded, eval_cfg: EvalConfig, out_dir: Path) -> t
         str(task.yaml_path.relative_to(REPO_ROOT)) if task.yaml_path.is_relative_to(REPO_ROOT) else str(task.yaml_path)
     )
     metrics["recipe"] = recipe
-    metrics["examples"] = [{k: s[k] for k in ("target", "response", "images") if k in s} for s in samples[:10]]
+    metrics["examples"] = [{k: s[k] for k in ("target", "response", "images", "plans") if k in s} for s in samples[:10]]
     return metrics, samples
 
 

@@ -41,11 +41,14 @@ from mm.sequence import (
     IGNORE,
     IMAGE_MARKER,
     ROLE_USER,
+    TASK_GEN,
     TOKEN_GEN_IMAGE,
     TOKEN_TEXT,
     TOKEN_UND_IMAGE,
+    Sample,
     Vocab,
     conversation_sample,
+    generation_prompt,
     load_vocab,
 )
 
@@ -161,19 +164,22 @@ class UnifiedModel(nn.Module):
 
     # ---- training -----------------------------------------------------------------
     def add_draws(self, batch: Batch, generator: torch.Generator) -> Batch:
-        """Every head's seeded draws for its images (flow: t, noise; all: prompt dropout), heads in order."""
-        input_ids, draws = batch.input_ids, dict(batch.draws)
+        """Every head's seeded draws for its images (flow: t, noise; all: prompt dropout), heads in order.
+
+        Draw before :meth:`loss_counts`: a dropped prompt takes its plan's text targets with it."""
+        input_ids, targets, draws = batch.input_ids, batch.targets, dict(batch.draws)
         for name, head in self.heads.items():
             inputs = batch.images.get(name)
             if inputs is None or not len(inputs):
                 continue
             d = head.draw(inputs, generator)
             dropped = inputs.sample_ids[d.pop("drop")]
-            if len(dropped):  # classifier-free guidance: the dropped samples' prompts become pad
-                hit = batch.prompt_mask & torch.isin(batch.sample_ids, dropped)
-                input_ids = input_ids.masked_fill(hit, self.vocab.pad)
+            if len(dropped):  # classifier-free guidance: the dropped samples' prompts (and plans) become pad
+                in_dropped = torch.isin(batch.sample_ids, dropped)
+                input_ids = input_ids.masked_fill(batch.prompt_mask & in_dropped, self.vocab.pad)
+                targets = targets.masked_fill(in_dropped, IGNORE)  # a plan is not predicted from pads
             draws[name] = d
-        return replace(batch, input_ids=input_ids, draws=draws, _spec=None)
+        return replace(batch, input_ids=input_ids, targets=targets, draws=draws, _spec=None)
 
     def loss_weights(self) -> dict[str, float]:
         out = {"text": self.cfg.text_loss_weight}
@@ -190,10 +196,19 @@ class UnifiedModel(nn.Module):
         heads: predicted codes.
         """
         mask = batch.targets != IGNORE
-        out = {"text": float(batch.loss_weights[mask].sum())}
+        plan = self._plan_targets(batch) & mask
+        out = {"text": float(batch.loss_weights[mask & ~plan].sum())}
         for name, head in self.heads.items():
             out.update(head.loss_counts(batch.images.get(name)))
-        return out
+        return out | ({"plan": float(batch.loss_weights[plan].sum())} if "plan" in self.loss_weights() else {})
+
+    def _plan_targets(self, batch: Batch) -> torch.Tensor:
+        """[B, L] bool: the tokens of generation samples (their only targets are plans) when a head writes plans
+        (they are then the ``plan`` loss, not the answers' ``text``); all False otherwise."""
+        gen = [i.sample_ids for i in batch.images.values() if i is not None and len(i)]
+        if "plan" not in self.loss_weights() or not gen:
+            return torch.zeros_like(batch.targets, dtype=torch.bool)
+        return torch.isin(batch.sample_ids, torch.cat(gen).to(batch.sample_ids.device))
 
     def combine(self, out: dict[str, torch.Tensor], counts: dict[str, float]) -> torch.Tensor:
         """sum_k weight_k * sum_k / count_k over the losses that have a count.
@@ -276,21 +291,34 @@ class UnifiedModel(nn.Module):
             )
 
     def _text_loss(self, hidden: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """The answers' next-token loss (``text``) and, where a head writes plans, the plans' (``plan``)."""
         zero = hidden.new_zeros((), dtype=torch.float32)
         out = {"text_sum": zero, "text_count": zero}
         supervised = any(s.supervised for row in batch.spans for s in row)
         if not (self.every_module or supervised):
             return out
         mask = batch.targets != IGNORE
-        head = self.llm.get_output_embeddings()
+        if "plan" not in self.loss_weights() or not batch.images:
+            return out | self._lm_loss(hidden, batch, mask, supervised)
+        plan = self._plan_targets(batch)
+        spans = [s for row in batch.spans for s in row]  # on the host: which kind of sample has targets
+        answered = any(s.supervised and not s.kinds[TOKEN_GEN_IMAGE] for s in spans)
+        planned = any(s.supervised and s.kinds[TOKEN_GEN_IMAGE] for s in spans)
+        plans = self._lm_loss(hidden, batch, mask & plan, planned)
+        return (
+            out
+            | self._lm_loss(hidden, batch, mask & ~plan, answered)
+            | {k.replace("text_", "plan_"): v for k, v in plans.items()}
+        )
+
+    def _lm_loss(self, hidden: torch.Tensor, batch: Batch, mask: torch.Tensor, supervised: bool) -> dict:
+        """``text_sum``, ``text_count``, ``text_per_token`` of the targets in ``mask``."""
         if self.cfg.llm.kernels == "fused" and use_kernels("fused", hidden):
-            return out | self._fused_text_loss(hidden, batch, mask, supervised)
-        logits = head(hidden[mask]).float()
+            return self._fused_text_loss(hidden, batch, mask, supervised)
+        logits = self.llm.get_output_embeddings()(hidden[mask]).float()
         per_token = F.cross_entropy(logits, batch.targets[mask], reduction="none")
         w = batch.loss_weights[mask].float()
-        out["text_sum"], out["text_count"] = (per_token * w).sum(), w.sum().detach()
-        out["text_per_token"] = per_token.detach()
-        return out
+        return {"text_sum": (per_token * w).sum(), "text_count": w.sum().detach(), "text_per_token": per_token.detach()}
 
     def _fused_text_loss(
         self, hidden: torch.Tensor, batch: Batch, mask: torch.Tensor, supervised: bool
@@ -343,6 +371,23 @@ class UnifiedModel(nn.Module):
             raise ValueError(f"answer: sampling needs temperature > 0, top_p in (0, 1], top_k >= 0; got "
                              f"temperature={temperature}, top_p={top_p}, top_k={top_k}")  # fmt: skip
         samples, flat = self._answer_samples(images, questions)
+        sampling = (temperature, top_k, top_p, generator) if do_sample else None
+        out = self._continue(samples, flat, self.vocab.stop_ids, max_new_tokens, on_token, use_cache, sampling)
+        return [self.vocab.decode(o) for o in out]
+
+    def _continue(
+        self,
+        samples: list,
+        flat: list[torch.Tensor],
+        stop_ids: Sequence[int],
+        max_new_tokens: int,
+        on_token: Callable[[int, int], None] | None = None,
+        use_cache: bool = True,
+        sampling: tuple | None = None,
+    ) -> list[list[int]]:
+        """The text tokens that follow each inference sample (which ends in text), up to a token of ``stop_ids``
+        (not kept) or ``max_new_tokens``; greedy, or drawn with ``sampling`` (temperature, top_k, top_p,
+        generator)."""
         dev = self.device
         batch = left_padded(samples, self.vocab.pad).to(dev)
         ids, pos, sid, kinds = batch.input_ids, batch.position_ids, batch.sample_ids, batch.token_kinds
@@ -352,11 +397,11 @@ class UnifiedModel(nn.Module):
         cache = KVCache() if use_cache else None
         h = self.decode(embeds, pos, spec, kinds, cache=cache, spans=batch.spans).last_hidden_state[:, -1]
         done = torch.zeros(len(samples), dtype=torch.bool, device=dev)
-        stop = set(self.vocab.stop_ids)
+        stop = set(stop_ids)
         out: list[list[int]] = [[] for _ in samples]
         for step in range(max_new_tokens):
             logits = self.llm.get_output_embeddings()(h)
-            nxt = sample_logits(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
+            nxt = sample_logits(logits, *sampling) if sampling else logits.argmax(-1)
             for i, tok in enumerate(nxt.tolist()):
                 if not done[i]:
                     if tok in stop:  # <eos>, or the token that closes a turn of the tokenizer's chat template
@@ -380,7 +425,7 @@ class UnifiedModel(nn.Module):
             spec = AttentionSpec.packed(sid)
             if not use_cache:  # the reference: the whole sequence again
                 h = self.decode(embeds, pos, spec, kinds).last_hidden_state[:, -1]
-        return [self.vocab.decode(o) for o in out]
+        return out
 
     def _answer_samples(self, images, questions: list[str]) -> tuple[list, list[torch.Tensor]]:
         if len(images) != len(questions):
@@ -451,10 +496,36 @@ class UnifiedModel(nn.Module):
     ) -> torch.Tensor:
         """Text -> [0,1] images with image head ``head`` (None: the first configured one).
 
-        ``kwargs`` are the head's sampler settings: flow ``cfg_scale, steps, use_cache, noise``;
-        nextfreq/raster ``cfg_scale, cfg_schedule, temperature, top_k, top_p, use_cache``.
+        ``kwargs`` are the head's sampler settings: flow ``cfg_scale, steps, use_cache, noise, plans``;
+        nextfreq/raster ``cfg_scale, cfg_schedule, temperature, top_k, top_p, use_cache``. A head with
+        ``plan_tokens`` draws after the plan the model writes first (:meth:`plan`, at ``plan_temperature``, the
+        head's by default, from ``generator``), unless ``plans`` are given.
         """
-        return self.head(head).generate(self, prompts, generator=generator, **kwargs)
+        h = self.head(head)
+        temperature = kwargs.pop("plan_temperature", None)
+        if h.template.plan_tokens and kwargs.get("plans") is None:
+            temperature = h.plan_temperature if temperature is None else temperature
+            kwargs["plans"] = self.plan(prompts, head, temperature, generator)
+        return h.generate(self, prompts, generator=generator, **kwargs)
+
+    @torch.no_grad()
+    def plan(
+        self, prompts: list[str], head: str | None = None, temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> list[str]:  # fmt: skip
+        """The text the model writes between each prompt and its image (the head's plan): up to the token that
+        opens the image, or the head's ``plan_tokens`` (then the image opens after them); greedy at
+        ``temperature`` 0, else drawn at that temperature from ``generator``."""
+        t = self.head(head).template
+        if not t.plan_tokens:
+            raise ValueError(f"image head {t.head!r} writes no plan (its plan_tokens is 0)")
+        samples = []
+        for p in prompts:
+            ids, mask = generation_prompt(self.vocab, t, p)
+            samples.append(Sample(ids, [IGNORE] * len(ids), TASK_GEN, prompt_mask=mask))
+        stop = [getattr(self.vocab, t.begin), *self.vocab.stop_ids]
+        sampling = (temperature, 0, 1.0, generator) if temperature > 0 else None
+        return [self.vocab.decode(o) for o in self._continue(samples, [], stop, t.plan_tokens, sampling=sampling)]
 
 
 class FusedLMHeadLoss(nn.Module):

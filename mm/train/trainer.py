@@ -231,6 +231,9 @@ class Trainer:
             micro.append(next(batches))
             wait += time.perf_counter() - t0
         window.host["data_wait"] += wait
+        for i, b in enumerate(micro):  # the draws first: prompt dropout removes a dropped plan's text targets
+            gen = torch.Generator().manual_seed(draw_seed(t.seed, self.step, self.rank * accum + i))
+            micro[i] = self.model.add_draws(b, gen)
         local = [self.model.loss_counts(b) for b in micro]
         counts_t = env.sum_host(torch.tensor([sum(c[k] for c in local) for k in self.losses], dtype=torch.float64))
         counts = dict(zip(self.losses, counts_t.tolist()))  # global: summed over ranks and micro-steps
@@ -246,8 +249,7 @@ class Trainer:
         self.model.train()
         step_local = torch.zeros(len(self.losses) + 1, dtype=torch.float64, device=self.device)
         for i, batch in enumerate(micro):
-            gen = torch.Generator().manual_seed(draw_seed(t.seed, self.step, self.rank * accum + i))
-            batch = self.model.add_draws(batch, gen).to(self.device, non_blocking=True)
+            batch = batch.to(self.device, non_blocking=True)
             with self.engine.micro_step(last=i == accum - 1):
                 with self.precision.autocast(self.device):
                     out = self.engine.forward(batch)

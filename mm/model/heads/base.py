@@ -85,6 +85,7 @@ class PartCost:
 class ImageHead(nn.Module, ABC):
     Config: ClassVar[type]
     template: ImageTemplate
+    plan_temperature: float = 0.0  # how the model writes a plan first (template.plan_tokens > 0): 0 = greedy
 
     def __init__(self, name: str, cfg: Any, ctx: HeadContext):
         super().__init__()

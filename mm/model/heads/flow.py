@@ -79,11 +79,23 @@ class FlowHeadConfig:
     # they are nearly clean; it needs a model trained with slot_times > 0 and costs ~(1 + stagger*(m-1)) x steps.
     slot_times: float = 0.0
     stagger: float = 0.0
+    # the most text tokens the model writes before it draws: its plan (mm.sequence.ImageTemplate), trained by
+    # generation sources with options.plan and written by UnifiedModel.generate (greedily at plan_temperature 0,
+    # else drawn at that temperature: plans as varied as the training data's); 0: it draws at once
+    plan_tokens: int = 0
+    plan_temperature: float = 0.0
+    # the plan's next-token loss, apart from the answers' text loss (each normalised by its own count, so plans
+    # do not dilute the answers' share; a plan of random layouts carries ~0.4 nats per token that nothing can learn)
+    plan_loss_weight: float = 0.5
 
     def __post_init__(self) -> None:
         self.autoencoder.fill_shapes()  # channels and downsampling from the autoencoder's folder
         if not 0 <= self.prompt_dropout < 1:
             raise ConfigError(f"model.heads.flow.prompt_dropout={self.prompt_dropout} must be in [0, 1)")
+        if min(self.plan_tokens, self.plan_temperature, self.plan_loss_weight) < 0:
+            raise ConfigError(f"model.heads.flow: plan_tokens={self.plan_tokens}, plan_temperature="
+                              f"{self.plan_temperature}, plan_loss_weight={self.plan_loss_weight}: each must be "
+                              f">= 0")  # fmt: skip
         for key in ("slot_times", "stagger"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ConfigError(f"model.heads.flow.{key}={getattr(self, key)} must be in [0, 1]")
@@ -132,8 +144,10 @@ class FlowHead(ImageHead):
         # REPA's projector exists only when REPA trains (a released JanusFlow holds none)
         self.repa_proj = mlp([d, cfg.repa_hidden, cfg.repa_hidden, ctx.und_width]) if cfg.repa_weight > 0 else None
         self.template = ImageTemplate(
-            name, ae.image_size, ae.image_channels, (self.grid**2,), full_blocks=cfg.full_attention, begin="bog"
-        )
+            name, ae.image_size, ae.image_channels, (self.grid**2,), full_blocks=cfg.full_attention, begin="bog",
+            plan_tokens=cfg.plan_tokens,
+        )  # fmt: skip
+        self.plan_temperature = cfg.plan_temperature
 
     @property
     def grid(self) -> int:
@@ -147,7 +161,10 @@ class FlowHead(ImageHead):
     @staticmethod
     def recipe(cfg: FlowHeadConfig) -> dict:
         out = {"sampler": "euler", "steps": cfg.sample_steps, "cfg_scale": cfg.cfg_scale, "cfg_rule": "u + w(c - u)"}
-        return out | ({"stagger": cfg.stagger} if cfg.stagger else {})
+        out |= {"stagger": cfg.stagger} if cfg.stagger else {}
+        return out | (
+            {"plan_tokens": cfg.plan_tokens, "plan_temperature": cfg.plan_temperature} if cfg.plan_tokens else {}
+        )
 
     def euler_steps(self, steps: int) -> int:
         """LLM passes of the Euler loop: ``steps``, or the staggered schedule's length."""
@@ -162,7 +179,8 @@ class FlowHead(ImageHead):
         return self.cfg.repa_weight > 0
 
     def loss_weights(self) -> dict[str, float]:
-        return {"flow": self.cfg.loss_weight, "repa": self.cfg.repa_weight}
+        plan = {"plan": self.cfg.plan_loss_weight} if self.cfg.plan_tokens else {}  # UnifiedModel computes it
+        return {"flow": self.cfg.loss_weight, "repa": self.cfg.repa_weight} | plan
 
     def loss_counts(self, inputs: ImageInputs | None) -> dict[str, float]:
         n = float(len(inputs)) if inputs is not None else 0.0
@@ -265,8 +283,12 @@ class FlowHead(ImageHead):
         steps: int | None = None,
         use_cache: bool = True,
         noise: torch.Tensor | None = None,
+        plans: list[str] | None = None,
     ) -> torch.Tensor:
         """Text -> [0,1] images with the Euler sampler and classifier-free guidance.
+
+        ``plans``: per prompt, the text the model wrote before drawing (``UnifiedModel.plan``); it joins the
+        prompt (and leaves the unconditional rows with it). None: no plan.
 
         The prompt prefix (conditional and unconditional rows together; at ``cfg_scale`` 1 only the
         conditional ones, whose velocity is then the guided one) runs through the LLM once;
@@ -279,7 +301,10 @@ class FlowHead(ImageHead):
         if steps < 1:
             raise ValueError(f"flow sampling needs steps >= 1, got {steps}")
         dev, n, m = host.device, len(prompts), self.grid**2
-        cond = [image_generation_sample(self.vocab, self.template, None, p) for p in prompts]
+        if plans is not None and len(plans) != n:
+            raise ValueError(f"flow generate: {len(plans)} plans for {n} prompts")
+        cond = [image_generation_sample(self.vocab, self.template, None, p, plan=None if plans is None else plans[i])
+                for i, p in enumerate(prompts)]  # fmt: skip
         guided = cfg_scale != 1.0  # w = 1 is the conditional velocity alone: no unconditional rows to run
         rows = cond + unconditional(cond, self.vocab.pad) if guided else cond
         batch = left_padded(rows, self.vocab.pad).to(dev)
