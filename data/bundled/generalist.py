@@ -69,11 +69,12 @@ LIST_QUESTION = "What digits are in the image?"  # not a benchmark form: every s
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 PLAN_BLANK = "."  # an empty slot in a layout plan (a word the tokenizer has)
 SIZE = 33  # the recipe's image size: a 3x3 grid of 11 px patches, one canvas slot per patch
+POSITION_SHARE = 0.5  # of und_canvas: two digits in one row or column and questions about their relation
 SAMPLES = {"und_single": 15000, "und_canvas": 50000, "und_multi": 5000, "gen_single": 15000, "gen_canvas": 40000}
 SHARDS_PER_SOURCE = 4
 SCHEMA = (
-    "generalist-v5: 33 px, canvas lists, raw understanding images; und_single, und_canvas, und_multi "
-    "(conversation), gen_single, gen_canvas (generation, layout plans)"
+    "generalist-v6: 33 px, canvas lists, raw understanding images, half the canvases about positions; und_single, "
+    "und_canvas, und_multi (conversation), gen_single, gen_canvas (generation, layout plans)"
 )
 SCHEMA_FILE = "SCHEMA"
 
@@ -138,7 +139,7 @@ class Generator:
         return [self.s.digit(d)], self._some(turns)
 
     def canvas(self) -> tuple[list[np.ndarray], list[Turn]]:
-        if self.rng.random() < 0.3:
+        if self.rng.random() < POSITION_SHARE:
             return self._position_canvas()
         n = int(self.rng.integers(1, 5))
         distinct = self.rng.random() < 0.6
@@ -163,16 +164,21 @@ class Generator:
         a, b = [int(d) for d in self.rng.choice(10, size=2, replace=False)]
         rel = RELATIONS[int(self.rng.integers(4))]
         sa, sb = relation_slots(rel, self.rng)
-        wrong = OPPOSITE[rel] if self.rng.random() < 0.6 else str(self.rng.choice([r for r in RELATIONS if r != rel]))
+        # Mostly the opposite relation as the "no" (MME's pairs); the rest ask across the axis
+        wrong = OPPOSITE[rel] if self.rng.random() < 0.8 else str(self.rng.choice([r for r in RELATIONS if r != rel]))
         q = MME_QUESTIONS["position"]
         turns = [
             yes_no(self.rng, q.format(a=a, rel=rel, b=b) + SHORT_POST, q.format(a=a, rel=wrong, b=b) + SHORT_POST),
             yes_no(self.rng, q.format(a=b, rel=OPPOSITE[rel], b=a) + SHORT_POST,
                    q.format(a=b, rel=rel, b=a) + SHORT_POST),
-            yes_no(self.rng, POPE_QUESTION.format(d=a) + SHORT_POST,
-                   POPE_QUESTION.format(d=self.absent_digit([a, b])) + SHORT_POST),
         ]  # fmt: skip
-        return [self.s.canvas([a, b], [sa, sb])], self._with_list(self._some(turns), [a, b], [sa, sb])
+        if self.rng.random() < 0.5:
+            turns.append(yes_no(self.rng, POPE_QUESTION.format(d=a) + SHORT_POST,
+                                POPE_QUESTION.format(d=self.absent_digit([a, b])) + SHORT_POST))  # fmt: skip
+        # Both position questions every time: comparing two slots appears late (a step change after thousands of
+        # steps) and is the last skill of the mix to appear; other turns of a canvas are learned early
+        turns = [turns[i] for i in self.rng.permutation(len(turns))]
+        return [self.s.canvas([a, b], [sa, sb])], self._with_list(turns, [a, b], [sa, sb])
 
     def multi(self) -> tuple[list[np.ndarray], list[Turn]]:
         k = int(self.rng.integers(2, 4))
