@@ -152,8 +152,8 @@ def build_generation(raw: dict, ctx: BuildContext, options: GenerationOptions) -
             raise ValueError(f"source kind generation with options.plan: the {head!r} head writes no plan "
                              f"(set model.heads.{head}.plan_tokens)")  # fmt: skip
         plan = (_text(raw, "plan.txt") or "").strip()
-        if len(ctx.vocab.encode(plan)) > t.plan_tokens:
-            raise BadSample("plan_too_long", f"{len(ctx.vocab.encode(plan))} tokens > plan_tokens={t.plan_tokens}")
+        if (n := len(ctx.vocab.encode(plan))) > t.plan_tokens:
+            raise BadSample("plan_too_long", f"{n} tokens > plan_tokens={t.plan_tokens}")
     image = load_image(images[0], generation_preprocess(t.image_size, t.image_channels), ctx.max_pixels)
     return [image_generation_sample(ctx.vocab, t, image, caption.strip(), key=raw["__key__"], plan=plan)]
 

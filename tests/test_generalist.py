@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.bundled.benchmark import BENCH_DATASETS, SLOTS, digit_pool, render_canvas
+from data.bundled.benchmark import BENCH_DATASETS, SLOTS, digit_pool, render_canvas, slot_relation
 from data.bundled.digits import QUESTIONS
 from data.bundled.generalist import (
     LIST_QUESTION,
     MULTI_QUESTION,
     ORDINALS,
     PLAN_BLANK,
+    POSITION_SHARE,
     SAMPLES,
     Generator,
     build_generalist_shards,
@@ -112,6 +113,29 @@ def test_images_come_from_the_training_split_only():
             patch = canvas[y : y + 8, x : x + 8]
             assert (word == PLAN_BLANK) == (not patch.any())
             assert word == PLAN_BLANK or any(np.array_equal(patch, d) for d in pool[int(word)])
+
+
+def test_position_answers_match_the_canvas():
+    """Every position question's answer is what the canvas shows: each digit's slot found by its pixels (the
+    training image in it), the relation read off the slots; and position questions make up the share they should."""
+    pool = digit_pool("train")
+    question = re.compile(r"^Is the (\d) (left of|right of|above|below) the (\d)\?")
+    gen, asked, canvases = Generator(seed=3), 0, 400
+    for _ in range(canvases):
+        (canvas,), turns = gen.canvas()
+        where = {}
+        for r, y in enumerate(SLOTS):
+            for c, x in enumerate(SLOTS):
+                patch = canvas[y : y + 8, x : x + 8]
+                for d in range(10) if patch.any() else ():
+                    if any(np.array_equal(patch, img) for img in pool[d]):
+                        where.setdefault(d, []).append((r, c))
+        for q, answer in turns:
+            if m := question.match(q):
+                (sa,), (sb,) = where[int(m[1])], where[int(m[3])]
+                assert answer == ("yes" if slot_relation(sa, sb) == m[2] else "no"), (q, sa, sb)
+                asked += 1
+    assert 0.8 * POSITION_SHARE * 2 * canvases < asked < 1.2 * POSITION_SHARE * 2 * canvases  # both questions each
 
 
 def test_generation_targets_keep_digits_and_slots():

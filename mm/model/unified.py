@@ -68,6 +68,8 @@ class UnifiedModel(nn.Module):
         tower, layers = self.und.tower, self.llm.config.num_hidden_layers
         ctx = HeadContext(vocab, d, layers, tower.width, tower.image_size // tower.patch_size)
         self.heads = nn.ModuleDict({name: head_class(name)(name, c, ctx) for name, c in cfg.heads.items()})
+        # a head writes plans: their targets are the "plan" loss (FlowHead.loss_weights), not the answers' "text"
+        self.writes_plans = any(h.template.plan_tokens for h in self.heads.values())
         self.position_policy = PositionPolicy.from_config(cfg.v2pe)
         # no parameters of its own: the fused text loss as a module, so ZeRO-3 gathers the LM head for it
         self.fused_text_loss = FusedLMHeadLoss()
@@ -200,13 +202,13 @@ class UnifiedModel(nn.Module):
         out = {"text": float(batch.loss_weights[mask & ~plan].sum())}
         for name, head in self.heads.items():
             out.update(head.loss_counts(batch.images.get(name)))
-        return out | ({"plan": float(batch.loss_weights[plan].sum())} if "plan" in self.loss_weights() else {})
+        return out | ({"plan": float(batch.loss_weights[plan].sum())} if self.writes_plans else {})
 
     def _plan_targets(self, batch: Batch) -> torch.Tensor:
         """[B, L] bool: the tokens of generation samples (their only targets are plans) when a head writes plans
         (they are then the ``plan`` loss, not the answers' ``text``); all False otherwise."""
         gen = [i.sample_ids for i in batch.images.values() if i is not None and len(i)]
-        if "plan" not in self.loss_weights() or not gen:
+        if not (self.writes_plans and gen):
             return torch.zeros_like(batch.targets, dtype=torch.bool)
         return torch.isin(batch.sample_ids, torch.cat(gen).to(batch.sample_ids.device))
 
@@ -298,7 +300,7 @@ class UnifiedModel(nn.Module):
         if not (self.every_module or supervised):
             return out
         mask = batch.targets != IGNORE
-        if "plan" not in self.loss_weights() or not batch.images:
+        if not (self.writes_plans and batch.images):
             return out | self._lm_loss(hidden, batch, mask, supervised)
         plan = self._plan_targets(batch)
         spans = [s for row in batch.spans for s in row]  # on the host: which kind of sample has targets
